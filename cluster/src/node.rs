@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{broadcast, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use colony_certs::{AllowedNodes, NodeIdentity};
 use colony_config::{Address, ClusterConfig};
@@ -232,7 +232,7 @@ impl Cluster {
             stopping: AtomicBool::new(false),
         });
         if inner.listen.is_some() {
-            tokio::spawn(accept_loop(inner.clone()));
+            tokio::spawn(accept_loop(inner.clone()).in_current_span());
         }
         let to_dial: Vec<String> = read(&inner.peers)
             .values()
@@ -242,7 +242,7 @@ impl Cluster {
         for peer in to_dial {
             inner.spawn_dialler(peer);
         }
-        tokio::spawn(crate::relay::maintain(inner.clone()));
+        tokio::spawn(crate::relay::maintain(inner.clone()).in_current_span());
         Ok(Cluster { inner })
     }
 
@@ -362,11 +362,8 @@ impl Cluster {
             let deliver = self.inner.deliver_local(&path, delivery);
             match tokio::time::timeout(timeout, deliver).await {
                 Err(_) => return Err(timeout_err()),
-                Ok(Err((e, mut d))) => {
-                    // Answered here; keep the handle from answering again.
-                    d.reply.take().map(std::mem::forget);
-                    return Err(e);
-                }
+                // The undelivered call's reply handle answers into a channel nobody reads.
+                Ok(Err((e, _undelivered))) => return Err(e),
                 Ok(Ok(())) => {}
             }
             return match tokio::time::timeout(timeout, rx).await {
@@ -686,7 +683,7 @@ impl Inner {
 
     fn spawn_dialler(self: &Arc<Self>, peer: String) {
         let inner = self.clone();
-        tokio::spawn(async move { dial_loop(inner, peer).await });
+        tokio::spawn(async move { dial_loop(inner, peer).await }.in_current_span());
     }
 
     /// Makes `conn` the link to `peer`, replacing an older one, and runs it until it closes.
@@ -718,9 +715,9 @@ impl Inner {
             via: None,
         });
 
-        let writer = tokio::spawn(run_writer(conn.clone(), rx));
-        let reader = tokio::spawn(run_reader(self.clone(), link.clone()));
-        let datagrams = tokio::spawn(run_datagrams(self.clone(), link.clone()));
+        let writer = tokio::spawn(run_writer(conn.clone(), rx).in_current_span());
+        let reader = tokio::spawn(run_reader(self.clone(), link.clone()).in_current_span());
+        let datagrams = tokio::spawn(run_datagrams(self.clone(), link.clone()).in_current_span());
         let reason = conn.closed().await;
         reader.abort();
         datagrams.abort();
@@ -801,11 +798,16 @@ impl Inner {
                 }
             }
             FrameKind::Reply => {
-                let pending = lock(&self.pending).remove(&frame.correlation);
-                if let Some(p) = pending {
-                    if &*p.node == from_node {
-                        let _ = p.tx.send(decode_reply(&frame.payload));
+                // Only the node a call went to may answer it.
+                let pending = {
+                    let mut pending = lock(&self.pending);
+                    match pending.get(&frame.correlation) {
+                        Some(p) if &*p.node == from_node => pending.remove(&frame.correlation),
+                        _ => None,
                     }
+                };
+                if let Some(p) = pending {
+                    let _ = p.tx.send(decode_reply(&frame.payload));
                 }
             }
             FrameKind::Relay => {
@@ -897,7 +899,7 @@ fn peer_name(conn: &quinn::Connection) -> Result<String, String> {
 async fn accept_loop(inner: Arc<Inner>) {
     while let Some(incoming) = inner.endpoint.accept().await {
         let inner = inner.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -930,7 +932,8 @@ async fn accept_loop(inner: Arc<Inner>) {
                 return;
             }
             inner.run_link(name, conn).await;
-        });
+        };
+        tokio::spawn(task.in_current_span());
     }
 }
 

@@ -156,6 +156,11 @@ impl Registry {
         rx
     }
 
+    /// Registers an existing mailbox at `path` (an actor coming back after removal).
+    pub fn insert(&self, path: &str, mailbox: MailboxSender) {
+        self.write_mailboxes().insert(path.to_owned(), mailbox);
+    }
+
     /// Removes `path`.
     pub fn unregister(&self, path: &str) {
         self.write_mailboxes().remove(path);

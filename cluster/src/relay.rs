@@ -161,6 +161,8 @@ fn nonce(counter: u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
+type SessionVia = (Arc<Session>, Arc<Link>);
+
 struct PendingHello {
     key: EphemeralPrivateKey,
     public: Vec<u8>,
@@ -173,7 +175,8 @@ pub(crate) struct RelayHub {
     signer: Option<Arc<dyn SigningKey>>,
     verifier: Option<Arc<WebPkiServerVerifier>>,
     rng: SystemRandom,
-    sessions: Mutex<HashMap<String, (Arc<Session>, Arc<Link>)>>,
+    /// Established sessions by peer, with the link to the relay carrying each.
+    sessions: Mutex<HashMap<String, SessionVia>>,
     pending: Mutex<HashMap<String, PendingHello>>,
 }
 

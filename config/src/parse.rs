@@ -149,7 +149,7 @@ fn parse_config(
         Some(_) => errors.push(ConfigError::at(
             name,
             src,
-            located.span(&key_path!["actor"]),
+            located.span(&[Seg::Key("actor")]),
             "`actor` must be an array of tables, written [[actor]]".to_owned(),
         )),
     }

@@ -163,10 +163,8 @@ fn node_rules(config: &ClusterConfig, checks: FileChecks, p: &mut Problems) {
     if config.nodes.len() > 1 && config.nodes.iter().all(|n| n.listen.is_none()) {
         p.add(key_path!["node", 0], "no node has a listen address, so no node can reach another; give at least one node `listen`");
     }
-    if checks == FileChecks::Check {
-        if let Some(ca) = &config.cluster.ca {
-            check_file(config, ca, key_path!["cluster", "ca"], p);
-        }
+    if let (FileChecks::Check, Some(ca)) = (checks, &config.cluster.ca) {
+        check_file(config, ca, key_path!["cluster", "ca"], p);
     }
 }
 
@@ -347,7 +345,7 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
             );
         }
         ActorSettings::Collector(c) => {
-            if c.source.broker.is_some() != !c.source.topics.is_empty() {
+            if c.source.broker.is_some() == c.source.topics.is_empty() {
                 p.add(
                     key_path!["actor", i, "source"],
                     "a collector's `source` needs both `broker` and `topics`, or neither",

@@ -1,0 +1,62 @@
+//! Colony's kinds of actor: broker, bridge, tunnel, sensor group, balancer, collector.
+//!
+//! Each kind is a module with a pure core (no I/O, no clock: it takes events and `now` and
+//! returns decisions) and a thin actor around it that owns the mailbox, timers and sockets. The
+//! runtime hosts every kind the same way, through [`run`] and an [`ActorContext`]; what a kind
+//! needs of the rest of the cluster it reaches by address through the context's cluster handle.
+//!
+//! This crate knows nothing of supervision, processes or the control socket: an actor returns
+//! `Err` (or panics) when it fails and its supervisor decides what happens next.
+
+pub mod balancer;
+pub mod host;
+
+use colony_config::ActorKind;
+use futures::future::BoxFuture;
+
+pub use host::{ActorContext, ActorEnv, ActorEvent, ActorFailure, ActorStats, StartSignal};
+
+/// True when this build can host `kind`. Kinds arrive one by one; a config that places an
+/// unavailable kind on a node is refused when that node starts.
+pub fn is_available(kind: ActorKind) -> bool {
+    matches!(kind, ActorKind::Balancer)
+}
+
+/// Runs the actor described by the context's settings until it stops or fails.
+pub fn run(mut ctx: ActorContext) -> BoxFuture<'static, Result<(), ActorFailure>> {
+    match ctx.settings().kind() {
+        ActorKind::Balancer => Box::pin(balancer::run(ctx)),
+        kind => Box::pin(async move {
+            Err(ActorFailure::new(format!(
+                "kind {kind} is not available in this build"
+            )))
+        }),
+    }
+}
+
+/// True when a change of `fields` in an actor of `kind` can be applied without restarting it.
+pub fn changes_in_place(kind: ActorKind, fields: &[String]) -> bool {
+    let in_place: &[&str] = match kind {
+        ActorKind::Balancer => &[
+            "weights",
+            "anti_flap_threshold",
+            "anti_flap_hold_secs",
+            "report_interval_secs",
+            "max_bandwidth_mbps",
+            "max_connections",
+        ],
+        _ => &[],
+    };
+    fields.iter().all(|f| in_place.contains(&f.as_str()))
+}
+
+/// Checks that `message` (as JSON) is a message `kind` accepts, before it is sent.
+pub fn check_message(kind: ActorKind, message: &serde_json::Value) -> Result<(), String> {
+    let result = match kind {
+        ActorKind::Balancer => {
+            serde_json::from_value::<balancer::BalancerMessage>(message.clone()).map(drop)
+        }
+        kind => return Err(format!("kind {kind} is not available in this build")),
+    };
+    result.map_err(|e| format!("not a {kind} message: {e}"))
+}

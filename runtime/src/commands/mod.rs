@@ -1,0 +1,7 @@
+//! One module per `colony` subcommand; each exposes `run(args) -> anyhow::Result<ExitCode>`.
+
+pub mod certs;
+pub mod check;
+pub mod ctl;
+pub mod node;
+pub mod up;

@@ -1,0 +1,273 @@
+//! Support for Colony's end-to-end tests: they run the real `colony` binary as a user would —
+//! nodes as separate processes on loopback with ephemeral ports, `colony ctl` for status — and
+//! clean up every process they start (by PID) and every file, even when a test fails.
+//!
+//! The binary must be built first (`cargo build --bins`, which the README's test command does);
+//! [`colony_bin`] finds it next to the test executables.
+
+use std::io::Write;
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `colony` binary of this build.
+pub fn colony_bin() -> PathBuf {
+    // Test executables live in target/<profile>/deps; the binary in target/<profile>.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = profile_dir.join("colony");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --bins`",
+        bin.display()
+    );
+    bin
+}
+
+/// A free UDP port on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind UDP")
+        .port()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind TCP")
+        .port()
+}
+
+/// Polls `f` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A test's own directory with a cluster config and certificates.
+pub struct Workdir {
+    /// The temporary directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+}
+
+impl Workdir {
+    /// Writes `config` as `cluster.toml` in a fresh directory and issues a CA and a certificate
+    /// for every node with `colony certs`.
+    pub fn new(config: &str) -> Workdir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, config).expect("write config");
+        let w = Workdir { dir, config: path };
+        w.colony_ok(&["certs", "init", "--config", w.config_str()]);
+        w.colony_ok(&["certs", "issue", "--all", "--config", w.config_str()]);
+        w
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The config path as a string.
+    pub fn config_str(&self) -> &str {
+        self.config.to_str().expect("utf-8 path")
+    }
+
+    /// Runs `colony ARGS` and returns its output.
+    pub fn colony(&self, args: &[&str]) -> Output {
+        Command::new(colony_bin())
+            .args(args)
+            .current_dir(self.path())
+            .output()
+            .expect("run colony")
+    }
+
+    /// Runs `colony ARGS`, which must succeed; returns stdout.
+    pub fn colony_ok(&self, args: &[&str]) -> String {
+        let out = self.colony(args);
+        assert!(
+            out.status.success(),
+            "colony {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `colony ctl --config CONFIG --node NODE ARGS`.
+    pub fn ctl(&self, node: &str, args: &[&str]) -> Output {
+        let mut all = vec!["ctl", "--config", self.config_str(), "--node", node];
+        all.extend_from_slice(args);
+        self.colony(&all)
+    }
+
+    /// `colony ctl … --json ARGS`, which must succeed, parsed.
+    pub fn ctl_json(&self, node: &str, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.ctl(node, &all);
+        assert!(
+            out.status.success(),
+            "ctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ctl printed JSON")
+    }
+
+    /// Cluster status as `node` answers it, or `None` if it does not answer.
+    pub fn status(&self, node: &str) -> Option<serde_json::Value> {
+        let out = self.ctl(node, &["status", "--json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    /// Starts `colony node` for `name`, logging to `<name>.log` here.
+    pub fn start_node(&self, name: &str) -> NodeProc {
+        let log_path = self.path().join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log file");
+        let child = Command::new(colony_bin())
+            .args(["node", "--config", self.config_str(), "--name", name])
+            .current_dir(self.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn colony node");
+        NodeProc {
+            name: name.to_owned(),
+            child: Some(child),
+            log: log_path,
+        }
+    }
+}
+
+/// One `colony node` process; killed (SIGKILL, by its PID) when dropped.
+pub struct NodeProc {
+    /// The node's name.
+    pub name: String,
+    child: Option<Child>,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl NodeProc {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            send_signal(c.id(), sig);
+        }
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits up to `limit` for it to exit; its exit code, or `None` if it did not exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let mut stderr = std::io::stderr();
+            let _ = writeln!(
+                stderr,
+                "--- log of node {} ---\n{}",
+                self.name,
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// Sends `sig` to `pid` (a process this test started).
+#[allow(unsafe_code)] // kill(2) has no safe wrapper in std; it touches no memory of ours.
+pub fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes any pid and signal number; it only affects our own child here.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// The actors in a status JSON, by address.
+pub fn actor<'a>(status: &'a serde_json::Value, address: &str) -> Option<&'a serde_json::Value> {
+    status["nodes"]
+        .as_array()?
+        .iter()
+        .filter_map(|n| n["status"]["actors"].as_array())
+        .flatten()
+        .find(|a| a["address"] == address)
+}
+
+/// A node's entry in a status JSON.
+pub fn node_entry<'a>(status: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
+    status["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["node"] == node)
+}
+
+/// True when every node is reachable, every link up and every actor running.
+pub fn healthy(status: &serde_json::Value) -> bool {
+    let Some(nodes) = status["nodes"].as_array() else {
+        return false;
+    };
+    nodes.iter().all(|n| {
+        n["reachable"] == true
+            && n["status"]["links"]
+                .as_array()
+                .is_some_and(|l| l.iter().all(|l| l["state"] != "down"))
+            && n["status"]["actors"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|a| a["state"] == "running"))
+    })
+}
