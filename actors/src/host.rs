@@ -96,7 +96,10 @@ impl ActorStats {
 /// Tells whoever started an actor whether it came up: it has once it first waits for events
 /// (or calls [`ActorContext::started`]); if it exits before that, it failed to start.
 #[derive(Debug, Clone, Default)]
-pub struct StartSignal(Arc<Mutex<Option<oneshot::Sender<Result<(), String>>>>>);
+pub struct StartSignal(Arc<Mutex<Option<StartReply>>>);
+
+/// Where the outcome of a start goes.
+type StartReply = oneshot::Sender<Result<(), String>>;
 
 impl StartSignal {
     /// A signal and the receiver that learns the outcome.
@@ -128,7 +131,7 @@ impl StartSignal {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
-    fn take(&self) -> Option<oneshot::Sender<Result<(), String>>> {
+    fn take(&self) -> Option<StartReply> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }

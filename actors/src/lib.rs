@@ -50,12 +50,18 @@ pub fn changes_in_place(kind: ActorKind, fields: &[String]) -> bool {
     fields.iter().all(|f| in_place.contains(&f.as_str()))
 }
 
-/// Checks that `message` (as JSON) is a message `kind` accepts, before it is sent.
-pub fn check_message(kind: ActorKind, message: &serde_json::Value) -> Result<(), String> {
+/// Turns `message` (JSON, as an operator writes it) into the body `kind` accepts: it must be
+/// one of the kind's messages, and is encoded as that type so that, say, a whole number is
+/// accepted where the kind expects a float.
+pub fn encode_message(kind: ActorKind, message: &serde_json::Value) -> Result<Vec<u8>, String> {
+    fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(
+        message: &serde_json::Value,
+    ) -> Result<Vec<u8>, String> {
+        let typed: T = serde_json::from_value(message.clone()).map_err(|e| e.to_string())?;
+        colony_cluster::encode_body(&typed).map_err(|e| e.to_string())
+    }
     let result = match kind {
-        ActorKind::Balancer => {
-            serde_json::from_value::<balancer::BalancerMessage>(message.clone()).map(drop)
-        }
+        ActorKind::Balancer => typed::<balancer::BalancerMessage>(message),
         kind => return Err(format!("kind {kind} is not available in this build")),
     };
     result.map_err(|e| format!("not a {kind} message: {e}"))

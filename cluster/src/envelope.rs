@@ -61,8 +61,8 @@ pub fn encode_envelope(out: &mut Vec<u8>, to: &Address, from: Option<&Address>, 
 
 /// Decodes an envelope payload.
 pub fn decode_envelope(payload: &[u8]) -> Result<Envelope, String> {
-    let WireIn(to, from, body) =
-        ciborium::from_reader(payload).map_err(|e| format!("undecodable envelope: {e}"))?;
+    let WireIn(to, from, body) = ciborium::from_reader(payload)
+        .map_err(|e| format!("undecodable envelope: {}", cbor_error(&e)))?;
     Ok(Envelope {
         to,
         from,
@@ -96,7 +96,10 @@ pub fn decode_reply(payload: &[u8]) -> Result<Bytes, CallError> {
     match ciborium::from_reader(payload) {
         Ok(In::Ok(b)) => Ok(Bytes::from(b)),
         Ok(In::Err(e)) => Err(e),
-        Err(e) => Err(CallError::Rejected(format!("undecodable reply: {e}"))),
+        Err(e) => Err(CallError::Rejected(format!(
+            "undecodable reply: {}",
+            cbor_error(&e)
+        ))),
     }
 }
 
@@ -111,7 +114,17 @@ pub fn encode_body<T: Serialize + ?Sized>(message: &T) -> Result<Vec<u8>, CallEr
 /// Decodes a message body; the error says why the bytes do not fit `T`.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CallError> {
     ciborium::from_reader(body)
-        .map_err(|e| CallError::Rejected(format!("message does not fit: {e}")))
+        .map_err(|e| CallError::Rejected(format!("message does not fit: {}", cbor_error(&e))))
+}
+
+/// A CBOR decoding error in one plain sentence.
+fn cbor_error<T: std::fmt::Debug>(e: &ciborium::de::Error<T>) -> String {
+    match e {
+        ciborium::de::Error::Semantic(_, message) => message.clone(),
+        ciborium::de::Error::Syntax(offset) => format!("malformed CBOR at byte {offset}"),
+        ciborium::de::Error::Io(e) => format!("truncated CBOR ({e:?})"),
+        ciborium::de::Error::RecursionLimitExceeded => "CBOR nested too deeply".to_owned(),
+    }
 }
 
 #[cfg(test)]

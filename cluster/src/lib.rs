@@ -37,12 +37,12 @@ pub enum ClusterError {
     #[error(transparent)]
     Certs(#[from] colony_certs::CertError),
     /// The UDP socket could not be bound.
-    #[error("cannot bind QUIC endpoint on {addr}: {source}")]
+    #[error("cannot bind QUIC endpoint on {addr}: {reason}")]
     Bind {
         /// The address.
         addr: std::net::SocketAddr,
-        /// Why.
-        source: std::io::Error,
+        /// Why (not a `source`: the message already says it).
+        reason: std::io::Error,
     },
     /// The settings are unusable.
     #[error("{0}")]

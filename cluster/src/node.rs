@@ -183,7 +183,7 @@ impl Cluster {
                     settings.failure_timeout,
                 )?;
                 quinn::Endpoint::server(server, addr)
-                    .map_err(|e| ClusterError::Bind { addr, source: e })?
+                    .map_err(|e| ClusterError::Bind { addr, reason: e })?
             }
             None => {
                 let v6 = settings
@@ -194,7 +194,7 @@ impl Cluster {
                 let addr: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }
                     .parse()
                     .map_err(|_| ClusterError::Config("bad bind".into()))?;
-                quinn::Endpoint::client(addr).map_err(|e| ClusterError::Bind { addr, source: e })?
+                quinn::Endpoint::client(addr).map_err(|e| ClusterError::Bind { addr, reason: e })?
             }
         };
         endpoint.set_default_client_config(client);

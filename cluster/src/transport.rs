@@ -17,6 +17,9 @@ use crate::ClusterError;
 /// ALPN protocol id of Colony's cluster protocol.
 pub const ALPN: &[u8] = b"colony/1";
 
+/// The round-trip time assumed before one is measured.
+pub const INITIAL_RTT: Duration = Duration::from_millis(50);
+
 /// UDP payload size of the first packets: 1500-byte Ethernet MTU minus IPv4 and UDP headers.
 pub const INITIAL_MTU: u16 = 1472;
 
@@ -31,6 +34,9 @@ fn transport(
     })?;
     t.max_idle_timeout(Some(idle));
     t.initial_mtu(INITIAL_MTU);
+    // QUIC's default (333 ms) makes a first handshake packet lost to a peer that is still
+    // binding wait about a second; clusters run on LANs and the estimate adapts anyway.
+    t.initial_rtt(INITIAL_RTT);
     t.max_concurrent_uni_streams(VarInt::from_u32(16));
     t.max_concurrent_bidi_streams(VarInt::from_u32(0));
     t.stream_receive_window(VarInt::from_u32(8 << 20));

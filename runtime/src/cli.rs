@@ -144,6 +144,24 @@ pub enum CtlCommand {
         /// `node/actor`.
         address: String,
     },
+    /// Validate a new cluster config and apply it on every node: a plan per node (what starts,
+    /// stops, changes in place, restarts), applied atomically per node. Exits non-zero if any
+    /// node did not apply it.
+    Reload {
+        /// The new config.
+        config: PathBuf,
+        /// Only print the plan.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Change one actor's settings (a JSON object merged onto its current settings), in place
+    /// where its kind allows, otherwise by a supervised restart.
+    Reconfigure {
+        /// `node/actor`.
+        address: String,
+        /// The settings to change, e.g. '{"anti_flap_threshold": 0.1}'.
+        settings: String,
+    },
 }
 
 /// `colony check`.

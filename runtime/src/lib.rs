@@ -17,4 +17,5 @@ pub mod control;
 pub mod logging;
 pub mod node;
 pub mod reload;
+pub mod render;
 pub mod supervision;

@@ -384,7 +384,7 @@ fn reconfigure_changes_one_actor_and_is_remembered() {
 #[test]
 fn node_level_changes_are_named_as_needing_a_restart_and_sighup_reloads() {
     let p = ports();
-    let mut r = start(&base(p));
+    let r = start(&base(p));
     let moved = base(p).replace(
         &format!("127.0.0.1:{}", p[1]),
         &format!("127.0.0.1:{}", free_udp_port()),

@@ -120,8 +120,7 @@ async fn handle(request: Request, node: &Node) -> Result<serde_json::Value, Stri
         Request::Status | Request::Tree => serde_json::to_value(node.cluster_status().await)
             .map_err(|e| format!("cannot encode the status: {e}")),
         Request::Send { address, message } => {
-            let to = checked_target(node, &address, &message)?;
-            let body = colony_cluster::encode_body(&message).map_err(|e| e.to_string())?;
+            let (to, body) = checked_target(node, &address, &message)?;
             node.cluster
                 .send_raw(&to, Some(&ctl_address(node)), Bytes::from(body))
                 .await
@@ -133,8 +132,7 @@ async fn handle(request: Request, node: &Node) -> Result<serde_json::Value, Stri
             message,
             timeout_ms,
         } => {
-            let to = checked_target(node, &address, &message)?;
-            let body = colony_cluster::encode_body(&message).map_err(|e| e.to_string())?;
+            let (to, body) = checked_target(node, &address, &message)?;
             let timeout = timeout_ms.map(Duration::from_millis);
             let reply = node
                 .cluster
@@ -175,12 +173,13 @@ fn ctl_address(node: &Node) -> Address {
     Address::new(node.name.clone(), "_ctl")
 }
 
-/// The target of a send or call, checked against the config and the kind's message type.
+/// The target of a send or call, checked against the config, and the body: the message as the
+/// target kind's own type (children of an actor take it as written).
 fn checked_target(
     node: &Node,
     address: &str,
     message: &serde_json::Value,
-) -> Result<Address, String> {
+) -> Result<(Address, Vec<u8>), String> {
     let to = parse_address(address)?;
     if to.actor() == SYSTEM_ACTOR {
         return Err(format!(
@@ -188,8 +187,10 @@ fn checked_target(
         ));
     }
     let actor = node.check_actor(&to)?;
-    if to.path().len() == 1 {
-        colony_actors::check_message(actor.kind(), message).map_err(|e| format!("{to}: {e}"))?;
-    }
-    Ok(to)
+    let body = if to.path().len() == 1 {
+        colony_actors::encode_message(actor.kind(), message).map_err(|e| format!("{to}: {e}"))?
+    } else {
+        colony_cluster::encode_body(message).map_err(|e| e.to_string())?
+    };
+    Ok((to, body))
 }
