@@ -117,6 +117,13 @@ impl Workdir {
         self.colony(&all)
     }
 
+    /// `colony ctl --config CONFIG --node NODE ARGS`, which must succeed; returns stdout.
+    pub fn ctl_ok(&self, node: &str, args: &[&str]) -> String {
+        let mut all = vec!["ctl", "--config", self.config_str(), "--node", node];
+        all.extend_from_slice(args);
+        self.colony_ok(&all)
+    }
+
     /// `colony ctl … --json ARGS`, which must succeed, parsed.
     pub fn ctl_json(&self, node: &str, args: &[&str]) -> serde_json::Value {
         let mut all = args.to_vec();

@@ -145,15 +145,7 @@ fn status_from_any_node_lists_every_node_and_actor() {
 fn a_killed_actor_comes_back_with_its_restart_and_reason() {
     let r = start("one_for_one", 5);
     let killed = Instant::now();
-    r.work.colony_ok(&[
-        "ctl",
-        "--config",
-        r.work.config_str(),
-        "--node",
-        "beta",
-        "kill",
-        "alpha/second",
-    ]);
+    r.work.ctl_ok("beta", &["kill", "alpha/second"]);
     let back = wait_for(Duration::from_secs(5), || {
         r.work.status("alpha").is_some_and(|s| {
             restarts(&s, "alpha/second") == 1 && state(&s, "alpha/second") == "running"
@@ -173,15 +165,7 @@ fn a_killed_actor_comes_back_with_its_restart_and_reason() {
 #[test]
 fn one_for_all_restarts_every_sibling() {
     let r = start("one_for_all", 5);
-    r.work.colony_ok(&[
-        "ctl",
-        "--config",
-        r.work.config_str(),
-        "--node",
-        "alpha",
-        "kill",
-        "alpha/second",
-    ]);
+    r.work.ctl_ok("alpha", &["kill", "alpha/second"]);
     let ok = wait_for(Duration::from_secs(5), || {
         r.work.status("alpha").is_some_and(|s| {
             ["alpha/first", "alpha/second", "alpha/third"]
@@ -198,15 +182,7 @@ fn one_for_all_restarts_every_sibling() {
 #[test]
 fn rest_for_one_restarts_the_failed_actor_and_those_after_it() {
     let r = start("rest_for_one", 5);
-    r.work.colony_ok(&[
-        "ctl",
-        "--config",
-        r.work.config_str(),
-        "--node",
-        "alpha",
-        "kill",
-        "alpha/second",
-    ]);
+    r.work.ctl_ok("alpha", &["kill", "alpha/second"]);
     let ok = wait_for(Duration::from_secs(5), || {
         r.work.status("alpha").is_some_and(|s| {
             restarts(&s, "alpha/second") == 1
@@ -222,15 +198,7 @@ fn rest_for_one_restarts_the_failed_actor_and_those_after_it() {
 fn exceeding_the_restart_intensity_escalates_to_the_root() {
     let r = start("one_for_one", 2);
     for i in 1..=2u64 {
-        r.work.colony_ok(&[
-            "ctl",
-            "--config",
-            r.work.config_str(),
-            "--node",
-            "alpha",
-            "kill",
-            "alpha/first",
-        ]);
+        r.work.ctl_ok("alpha", &["kill", "alpha/first"]);
         let ok = wait_for(Duration::from_secs(5), || {
             r.work.status("alpha").is_some_and(|s| {
                 restarts(&s, "alpha/first") == i && state(&s, "alpha/first") == "running"
@@ -239,15 +207,7 @@ fn exceeding_the_restart_intensity_escalates_to_the_root() {
         assert!(ok, "restart {i} did not happen");
     }
     // The third failure within the window is one too many: the root stops every actor.
-    r.work.colony_ok(&[
-        "ctl",
-        "--config",
-        r.work.config_str(),
-        "--node",
-        "alpha",
-        "kill",
-        "alpha/first",
-    ]);
+    r.work.ctl_ok("alpha", &["kill", "alpha/first"]);
     let gave_up = wait_for(Duration::from_secs(5), || {
         r.work.status("beta").is_some_and(|s| {
             let sup = &node_entry(&s, "alpha").unwrap()["status"]["supervisor"];
@@ -269,15 +229,7 @@ fn exceeding_the_restart_intensity_escalates_to_the_root() {
     );
     assert_eq!(state(&s, "beta/lb"), "running");
     // An operator starts the actor again on a fresh root.
-    r.work.colony_ok(&[
-        "ctl",
-        "--config",
-        r.work.config_str(),
-        "--node",
-        "alpha",
-        "start",
-        "alpha/first",
-    ]);
+    r.work.ctl_ok("alpha", &["start", "alpha/first"]);
     assert!(wait_for(Duration::from_secs(5), || r
         .work
         .status("alpha")
@@ -287,15 +239,7 @@ fn exceeding_the_restart_intensity_escalates_to_the_root() {
 #[test]
 fn operator_stop_start_and_restart() {
     let r = start("one_for_one", 5);
-    r.work.colony_ok(&[
-        "ctl",
-        "--config",
-        r.work.config_str(),
-        "--node",
-        "gamma",
-        "stop",
-        "beta/lb",
-    ]);
+    r.work.ctl_ok("gamma", &["stop", "beta/lb"]);
     assert!(wait_for(Duration::from_secs(5), || r
         .work
         .status("beta")
@@ -303,28 +247,12 @@ fn operator_stop_start_and_restart() {
     let again = r.work.ctl("beta", &["stop", "beta/lb"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not running"));
-    r.work.colony_ok(&[
-        "ctl",
-        "--config",
-        r.work.config_str(),
-        "--node",
-        "beta",
-        "start",
-        "beta/lb",
-    ]);
+    r.work.ctl_ok("beta", &["start", "beta/lb"]);
     assert!(wait_for(Duration::from_secs(5), || r
         .work
         .status("beta")
         .is_some_and(|s| state(&s, "beta/lb") == "running")));
-    r.work.colony_ok(&[
-        "ctl",
-        "--config",
-        r.work.config_str(),
-        "--node",
-        "beta",
-        "restart",
-        "beta/lb",
-    ]);
+    r.work.ctl_ok("beta", &["restart", "beta/lb"]);
     assert!(wait_for(Duration::from_secs(5), || r
         .work
         .status("beta")

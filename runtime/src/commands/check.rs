@@ -10,21 +10,26 @@ use crate::cli::CheckArgs;
 /// Loads and validates a config as `colony node` will, plus the kinds this build can host.
 pub fn load_runnable(path: &std::path::Path, checks: FileChecks) -> Result<ClusterConfig, String> {
     let config = ClusterConfig::load(path, checks).map_err(|e| e.to_string())?;
+    runnable(&config, &path.display().to_string())?;
+    Ok(config)
+}
+
+/// An error naming every actor of `config` whose kind this build cannot run.
+pub fn runnable(config: &ClusterConfig, file: &str) -> Result<(), String> {
     let unavailable: Vec<String> = config
         .actors
         .iter()
         .filter(|a| !colony_actors::is_available(a.kind()))
         .map(|a| {
             format!(
-                "{}: actor {} is a {}, which this build cannot run yet",
-                path.display(),
+                "{file}: actor {} is a {}, which this build cannot run yet",
                 a.address(),
                 a.kind()
             )
         })
         .collect();
     if unavailable.is_empty() {
-        Ok(config)
+        Ok(())
     } else {
         Err(unavailable.join("\n"))
     }

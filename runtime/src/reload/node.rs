@@ -57,22 +57,7 @@ impl ConfigSource {
             FileChecks::Check,
         )
         .map_err(|e| e.to_string())?;
-        let unavailable: Vec<String> = config
-            .actors
-            .iter()
-            .filter(|a| !colony_actors::is_available(a.kind()))
-            .map(|a| {
-                format!(
-                    "{}: actor {} is a {}, which this build cannot run yet",
-                    self.name,
-                    a.address(),
-                    a.kind()
-                )
-            })
-            .collect();
-        if !unavailable.is_empty() {
-            return Err(unavailable.join("\n"));
-        }
+        crate::commands::check::runnable(&config, &self.name)?;
         if let Some(dir) = state_dir {
             config.cluster.state_dir = Some(dir.to_owned());
         }
