@@ -82,6 +82,9 @@ pub struct NodeConfig {
     /// Control socket path; defaults to `<state_dir>/<name>/control.sock`.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// HTTP address serving Prometheus metrics at `/metrics`; none by default.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
     /// Supervision of this node's root, overriding `[supervision]`.
     #[serde(default)]
     pub supervision: Option<SupervisionSettings>,

@@ -403,6 +403,10 @@ fn listen_rules(config: &ClusterConfig, p: &mut Problems) {
                 format!("node '{}'", node.name),
             ));
         }
+        if let Some(addr) = node.metrics {
+            let owner = format!("node '{}' metrics", node.name);
+            sockets.push(("tcp", addr, key_path!["node", i, "metrics"], owner));
+        }
     }
     for (i, actor) in config.actors.iter().enumerate() {
         for (key, addr) in actor.settings.listen_addresses() {

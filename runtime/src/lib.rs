@@ -15,6 +15,7 @@ pub mod commands;
 pub mod config_load;
 pub mod control;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod reload;
 pub mod render;

@@ -52,6 +52,14 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
             let cluster = Cluster::start(settings, identity).await.with_context(|| format!("node {}", args.name))?;
             let listener = server::bind(&socket).await.map_err(|e| anyhow!("node {}: {e}", args.name))?;
+            let metrics = match node_config.metrics {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| anyhow!("node {}: cannot bind metrics on {addr}: {e}", args.name))?,
+                ),
+                None => None,
+            };
             std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
             let config = Arc::new(config);
             let (supervisor, starts) = supervisor::start(cluster.clone(), config.clone(), &args.name, data_dir);
@@ -81,6 +89,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             });
             tokio::spawn(system::serve(node.clone()).in_current_span());
             tokio::spawn(server::serve(listener, node.clone()).in_current_span());
+            if let Some(metrics) = metrics {
+                tokio::spawn(crate::metrics::serve(metrics, node.clone()).in_current_span());
+            }
+            // Tells systemd (Type=notify) the node is up; does nothing outside systemd.
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             info!(
                 actors = config.actors_on(&args.name).count(),
                 listen = ?node_config.listen.map(|a| a.to_string()),
@@ -102,6 +115,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             supervisor.shutdown().await;
             let _ = std::fs::remove_file(&socket);
             cluster.shutdown().await;

@@ -149,6 +149,22 @@ impl Node {
             return report(Outcome::NoChange, Vec::new());
         }
         let peers_changed = plan.peers_changed;
+        // systemd (Type=notify) sees the reload; these do nothing outside systemd.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+        let report = self.apply_plan(plan, new, peers, peers_changed, source).await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        NodeReport { plan: summary, ..report }
+    }
+
+    async fn apply_plan(
+        &self,
+        plan: NodePlan,
+        new: Arc<ClusterConfig>,
+        peers: Vec<PeerSpec>,
+        peers_changed: bool,
+        source: &str,
+    ) -> NodeReport {
+        let report = |outcome, errors| NodeReport { node: self.name.clone(), outcome, plan: PlanSummary::default(), errors };
         let applied = match self.supervisor.apply(plan, new.clone(), source).await {
             Ok(a) => a,
             Err(e) => return report(Outcome::RolledBack, vec![e]),
