@@ -137,6 +137,8 @@ impl StartSignal {
 }
 
 /// What an actor waits for.
+// Events are moved once each, never stored in bulk: boxing the settings would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ActorEvent {
     /// A message or call from another actor (or the control plane).

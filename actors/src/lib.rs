@@ -9,7 +9,13 @@
 //! `Err` (or panics) when it fails and its supervisor decides what happens next.
 
 pub mod balancer;
+pub mod broker;
+pub mod collector;
 pub mod host;
+pub mod mqtt_client;
+pub mod reading;
+pub mod sensor_group;
+pub mod tunnel;
 
 use colony_config::ActorKind;
 use futures::future::BoxFuture;
@@ -19,13 +25,24 @@ pub use host::{ActorContext, ActorEnv, ActorEvent, ActorFailure, ActorStats, Sta
 /// True when this build can host `kind`. Kinds arrive one by one; a config that places an
 /// unavailable kind on a node is refused when that node starts.
 pub fn is_available(kind: ActorKind) -> bool {
-    matches!(kind, ActorKind::Balancer)
+    matches!(
+        kind,
+        ActorKind::Balancer
+            | ActorKind::Broker
+            | ActorKind::Collector
+            | ActorKind::SensorGroup
+            | ActorKind::Tunnel
+    )
 }
 
 /// Runs the actor described by the context's settings until it stops or fails.
 pub fn run(mut ctx: ActorContext) -> BoxFuture<'static, Result<(), ActorFailure>> {
     match ctx.settings().kind() {
         ActorKind::Balancer => Box::pin(balancer::run(ctx)),
+        ActorKind::Broker => Box::pin(broker::run(ctx)),
+        ActorKind::Collector => Box::pin(collector::run(ctx)),
+        ActorKind::SensorGroup => Box::pin(sensor_group::run(ctx)),
+        ActorKind::Tunnel => Box::pin(tunnel::run(ctx)),
         kind => Box::pin(async move {
             Err(ActorFailure::new(format!(
                 "kind {kind} is not available in this build"
@@ -45,6 +62,10 @@ pub fn changes_in_place(kind: ActorKind, fields: &[String]) -> bool {
             "max_bandwidth_mbps",
             "max_connections",
         ],
+        ActorKind::Broker => &["users", "acl", "allow_anonymous", "limits"],
+        ActorKind::Collector => &["batch_size", "flush_ms", "format"],
+        ActorKind::SensorGroup => sensor_group::IN_PLACE,
+        ActorKind::Tunnel => tunnel::IN_PLACE,
         _ => &[],
     };
     fields.iter().all(|f| in_place.contains(&f.as_str()))
@@ -62,6 +83,10 @@ pub fn encode_message(kind: ActorKind, message: &serde_json::Value) -> Result<Ve
     }
     let result = match kind {
         ActorKind::Balancer => typed::<balancer::BalancerMessage>(message),
+        ActorKind::Broker => typed::<broker::BrokerMessage>(message),
+        ActorKind::Collector => typed::<collector::CollectorMessage>(message),
+        ActorKind::SensorGroup => typed::<sensor_group::SensorGroupMessage>(message),
+        ActorKind::Tunnel => typed::<tunnel::TunnelMessage>(message),
         kind => return Err(format!("kind {kind} is not available in this build")),
     };
     result.map_err(|e| format!("not a {kind} message: {e}"))

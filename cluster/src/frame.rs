@@ -100,10 +100,15 @@ impl FrameError {
 /// Appends a frame with `payload` to `out`.
 pub fn encode_frame(out: &mut BytesMut, kind: FrameKind, correlation: u64, payload: &[u8]) {
     out.reserve(HEADER_LEN + payload.len());
-    out.put_u32((HEADER_AFTER_LEN + payload.len()) as u32);
+    put_frame_header(out, kind, correlation, payload.len());
+    out.put_slice(payload);
+}
+
+/// Appends the header of a frame whose `payload_len` bytes of payload the caller writes next.
+pub fn put_frame_header(out: &mut BytesMut, kind: FrameKind, correlation: u64, payload_len: usize) {
+    out.put_u32((HEADER_AFTER_LEN + payload_len) as u32);
     out.put_u8(kind as u8);
     out.put_u64(correlation);
-    out.put_slice(payload);
 }
 
 /// A frame with `payload`, as bytes.

@@ -9,11 +9,13 @@
 //! fail at once with [`CallError::NodeDown`], and watchers get a [`NodeEvent`].
 //!
 //! Messages are CBOR [`envelope`]s in length-prefixed [`frame`]s on one QUIC stream per direction,
-//! so order is kept per sender and receiver; IP packets for tunnels ride QUIC datagrams. Locally,
-//! a [`Registry`] maps actor names to bounded mailboxes; a full mailbox makes senders wait.
+//! so order is kept per sender and receiver; [`Cluster::send_batch`] queues many messages on a link
+//! at once, for senders with a backlog. IP packets for tunnels ride QUIC datagrams. Locally, a
+//! [`Registry`] maps actor names to bounded mailboxes; a full mailbox makes senders wait.
 //!
 //! This crate knows addresses, peers and envelopes, and nothing of MQTT, tunnels or supervision.
 
+mod cbor;
 pub mod envelope;
 pub mod frame;
 mod link;

@@ -24,9 +24,9 @@ use colony_config::{Address, ClusterConfig};
 use crate::ClusterError;
 use crate::envelope::{
     CallError, decode_body, decode_envelope, decode_reply, encode_body, encode_envelope,
-    encode_reply,
+    encode_reply, envelope_len,
 };
-use crate::frame::{Frame, FrameDecoder, FrameKind, encode_frame, frame_bytes};
+use crate::frame::{Frame, FrameDecoder, FrameKind, frame_bytes, put_frame_header};
 use crate::link::{Link, run_writer};
 use crate::registry::{Datagram, Delivery, FrameSink, Registry, ReplyHandle};
 use crate::relay::{RelayHub, RelayRoute};
@@ -131,12 +131,23 @@ pub(crate) enum Route {
 
 impl Route {
     async fn send(&self, frame: Bytes) -> bool {
+        self.send_frames(frame, 1).await
+    }
+
+    /// Queues `count` whole frames laid end to end in `frames`.
+    async fn send_frames(&self, frames: Bytes, count: u64) -> bool {
         match self {
-            Route::Direct(link) => link.send(frame).await,
-            Route::Relayed(r) => r.send(frame).await,
+            Route::Direct(link) => link.send_frames(frames, count).await,
+            // The far end decodes every frame in a sealed relay message.
+            Route::Relayed(r) => r.send_frames(frames, count).await,
         }
     }
 }
+
+/// Bytes of frames [`Cluster::send_batch`] queues on a link as one item at most (a single frame
+/// may be larger, up to the frame limit). The item holds room in the link's queue for every frame
+/// it carries, so batches are bounded exactly like single sends.
+pub const BATCH_CHUNK: usize = 64 * 1024;
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
@@ -326,6 +337,57 @@ impl Cluster {
         } else {
             Err(CallError::NodeDown(to.node().to_owned()))
         }
+    }
+
+    /// Sends already encoded bodies to `to`, in order, as [`Cluster::send_raw`] would one by one
+    /// but with one queue operation per [`BATCH_CHUNK`] bytes of frames rather than per message.
+    ///
+    /// Waits while the receiver (or the link to it) is full. Stops at the first body too large for
+    /// a frame: the bodies before it are sent, it and the rest are not.
+    pub async fn send_batch(
+        &self,
+        to: &Address,
+        from: Option<&Address>,
+        bodies: impl IntoIterator<Item = Bytes>,
+    ) -> Result<(), CallError> {
+        if to.node() == &*self.inner.name {
+            for body in bodies {
+                self.send_raw(to, from, body).await?;
+            }
+            return Ok(());
+        }
+        let route = self
+            .inner
+            .route(to.node())
+            .ok_or_else(|| CallError::NodeDown(to.node().to_owned()))?;
+        // A relayed chunk travels inside one relay frame, which must stay under the frame limit.
+        let limit = BATCH_CHUNK.min(self.inner.max_frame / 2);
+        let mut frames = BytesMut::new();
+        let mut count = 0;
+        let mut outcome = Ok(());
+        for body in bodies {
+            let before = frames.len();
+            if let Err(e) =
+                self.inner
+                    .put_envelope_frame(&mut frames, FrameKind::Send, 0, to, from, &body)
+            {
+                outcome = Err(e);
+                break;
+            }
+            count += 1;
+            if frames.len() >= limit && count > 1 {
+                // Send what came before this frame; it starts the next chunk.
+                let chunk = frames.split_to(before).freeze();
+                if !route.send_frames(chunk, count - 1).await {
+                    return Err(CallError::NodeDown(to.node().to_owned()));
+                }
+                count = 1;
+            }
+        }
+        if count > 0 && !route.send_frames(frames.freeze(), count).await {
+            return Err(CallError::NodeDown(to.node().to_owned()));
+        }
+        outcome
     }
 
     /// Sends `message` to `to` and waits for the reply, decoded as `R`.
@@ -636,18 +698,32 @@ impl Inner {
         from: Option<&Address>,
         body: &[u8],
     ) -> Result<Bytes, CallError> {
-        let mut payload = Vec::with_capacity(body.len() + 48);
-        encode_envelope(&mut payload, to, from, body);
-        if payload.len() + crate::frame::HEADER_AFTER_LEN > self.max_frame {
+        let mut out = BytesMut::new();
+        self.put_envelope_frame(&mut out, kind, id, to, from, body)?;
+        Ok(out.freeze())
+    }
+
+    /// Appends a frame carrying an envelope to `out`, refusing one larger than the frame limit.
+    fn put_envelope_frame(
+        &self,
+        out: &mut BytesMut,
+        kind: FrameKind,
+        id: u64,
+        to: &Address,
+        from: Option<&Address>,
+        body: &[u8],
+    ) -> Result<(), CallError> {
+        let len = envelope_len(to, from, body);
+        if len + crate::frame::HEADER_AFTER_LEN > self.max_frame {
             return Err(CallError::Rejected(format!(
-                "message of {} bytes exceeds the {}-byte frame limit",
-                payload.len(),
+                "message of {len} bytes exceeds the {}-byte frame limit",
                 self.max_frame
             )));
         }
-        let mut out = BytesMut::with_capacity(payload.len() + crate::frame::HEADER_LEN);
-        encode_frame(&mut out, kind, id, &payload);
-        Ok(out.freeze())
+        out.reserve(crate::frame::HEADER_LEN + len);
+        put_frame_header(out, kind, id, len);
+        encode_envelope(out, to, from, body);
+        Ok(())
     }
 
     async fn deliver_local(
@@ -772,7 +848,8 @@ impl Inner {
                 let is_call = frame.kind == FrameKind::Call;
                 let env = match decode_envelope(&frame.payload) {
                     Ok(env) => env,
-                    Err(reason) => {
+                    Err(e) => {
+                        let reason = e.to_string();
                         debug!(peer = from_node, "dropping frame: {reason}");
                         if is_call {
                             sink.send_frame(frame_bytes(
@@ -784,15 +861,16 @@ impl Inner {
                         return;
                     }
                 };
-                let target = format!("{}/{}", self.name, env.to);
-                let reply =
-                    is_call.then(|| ReplyHandle::remote(sink.clone(), frame.correlation, target));
+                let reply = is_call.then(|| {
+                    let target = format!("{}/{}", self.name, env.to);
+                    ReplyHandle::remote(sink.clone(), frame.correlation, target)
+                });
                 let delivery = Delivery {
                     from: env.from,
                     body: env.body,
                     reply,
                 };
-                if let Err((e, mut d)) = self.deliver_local(&env.to, delivery).await {
+                if let Err((e, mut d)) = self.deliver_local(env.to, delivery).await {
                     debug!(peer = from_node, "undeliverable: {e}");
                     d.reject(e);
                 }

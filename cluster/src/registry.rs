@@ -219,12 +219,21 @@ impl Registry {
         path: &str,
         delivery: Delivery,
     ) -> Result<(), (CallError, Delivery)> {
-        let Some(tx) = self.mailbox(path) else {
-            return Err((CallError::NoSuchActor(path.to_owned()), delivery));
+        let no_such_actor = || CallError::NoSuchActor(path.to_owned());
+        // Most deliveries find room: hand those over under the read lock, without cloning the
+        // sender; only a full mailbox needs a sender of our own to wait on.
+        let (tx, delivery) = {
+            let mailboxes = self.mailboxes.read().unwrap_or_else(|e| e.into_inner());
+            let Some(tx) = mailboxes.get(path) else {
+                return Err((no_such_actor(), delivery));
+            };
+            match tx.try_send(delivery) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(d)) => return Err((no_such_actor(), d)),
+                Err(mpsc::error::TrySendError::Full(d)) => (tx.clone(), d),
+            }
         };
-        tx.send(delivery)
-            .await
-            .map_err(|e| (CallError::NoSuchActor(path.to_owned()), e.0))
+        tx.send(delivery).await.map_err(|e| (no_such_actor(), e.0))
     }
 
     fn write_mailboxes(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, MailboxSender>> {

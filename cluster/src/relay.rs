@@ -122,9 +122,14 @@ pub(crate) struct RelayRoute {
 impl RelayRoute {
     /// Seals `frame` and queues it on the relay's link; false when the relay link is gone.
     pub(crate) async fn send(&self, frame: Bytes) -> bool {
+        self.send_frames(frame, 1).await
+    }
+
+    /// Seals `count` whole frames laid end to end in `frames` into one relay message.
+    pub(crate) async fn send_frames(&self, frames: Bytes, count: u64) -> bool {
         let mut counter = self.session.send_counter.lock().await;
         *counter += 1;
-        let mut data = frame.to_vec();
+        let mut data = frames.to_vec();
         if self
             .session
             .seal_key
@@ -141,8 +146,10 @@ impl RelayRoute {
                 data,
             },
         };
-        self.session.messages_out.fetch_add(1, Ordering::Relaxed);
-        self.relay.send(encode(&msg)).await
+        self.session
+            .messages_out
+            .fetch_add(count, Ordering::Relaxed);
+        self.relay.send_frames(encode(&msg), count).await
     }
 }
 
@@ -440,16 +447,18 @@ pub(crate) async fn handle_frame(inner: &Arc<Inner>, link_peer: &str, frame: Fra
             if data.is_empty() {
                 return; // heartbeat
             }
-            session.messages_in.fetch_add(1, Ordering::Relaxed);
             let mut decoder = FrameDecoder::new(inner.max_frame);
             decoder.push(&data);
+            let counted = session.clone();
             let sink: Arc<dyn FrameSink> = Arc::new(RelayRoute {
                 session,
                 relay,
                 me: inner.name.clone(),
             });
+            // A sealed message may carry several frames (a batch).
             while let Some(Ok(inner_frame)) = decoder.next_frame() {
                 if inner_frame.kind != FrameKind::Relay {
+                    counted.messages_in.fetch_add(1, Ordering::Relaxed);
                     inner.handle_frame(&msg.from, &sink, inner_frame).await;
                 }
             }

@@ -136,7 +136,12 @@ impl ActorSettings {
     /// The local sockets these settings listen on, with the key naming each.
     pub fn listen_addresses(&self) -> Vec<(&'static str, SocketAddr)> {
         match self {
-            ActorSettings::Broker(b) => vec![("listen", b.listen)],
+            ActorSettings::Broker(b) => b
+                .listen
+                .map(|a| ("listen", a))
+                .into_iter()
+                .chain(b.listeners.iter().map(|l| ("listeners", l.bind)))
+                .collect(),
             ActorSettings::Collector(c) => {
                 c.source.udp.map(|u| ("source", u)).into_iter().collect()
             }
@@ -146,11 +151,147 @@ impl ActorSettings {
 }
 
 /// `kind = "broker"`: an MQTT broker.
+///
+/// `listen` is shorthand for one plain TCP listener; `listeners` adds any number of TCP or TLS
+/// ones. Users, ACL rules, `allow_anonymous` and limits change in place; listeners by restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerSettings {
-    /// MQTT over TCP listen address.
-    pub listen: SocketAddr,
+    /// A plain MQTT-over-TCP listen address (shorthand for one entry of `listeners`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Listeners, plain TCP or TLS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<BrokerListener>,
+    /// Accept clients that give no username (off by default).
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// Users and their argon2 password hashes (`colony passwd` makes one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<BrokerUser>,
+    /// Topic access rules; with none, every client may publish and subscribe to anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acl: Vec<AclRule>,
+    /// Per-client and per-broker limits.
+    #[serde(default)]
+    pub limits: BrokerLimits,
+}
+
+impl BrokerSettings {
+    /// Every listener, the `listen` shorthand first.
+    pub fn all_listeners(&self) -> Vec<BrokerListener> {
+        self.listen
+            .map(|bind| BrokerListener { bind, tls: None })
+            .into_iter()
+            .chain(self.listeners.iter().cloned())
+            .collect()
+    }
+}
+
+/// One MQTT listener of a broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerListener {
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// TLS settings; plain TCP when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BrokerTls>,
+}
+
+/// TLS on a broker listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTls {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a certificate from `client_ca`.
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+/// One MQTT user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerUser {
+    /// The username.
+    pub name: String,
+    /// The password's argon2 hash in PHC form (`$argon2id$...`).
+    pub password_hash: String,
+}
+
+/// What an ACL rule grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AclAccess {
+    /// Subscribe and receive.
+    Read,
+    /// Publish.
+    Write,
+    /// Both.
+    Readwrite,
+    /// Neither; a matching deny rule wins over any grant.
+    Deny,
+}
+
+/// One topic access rule. `%u` in `topic` stands for the username, `%c` for the client id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    /// The user it applies to; every client (anonymous ones included) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// A topic filter, MQTT wildcards and `%u`/`%c` allowed.
+    pub topic: String,
+    /// What it grants.
+    pub access: AclAccess,
+}
+
+/// Limits of a broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerLimits {
+    /// Largest packet accepted from a client, in bytes.
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: u32,
+    /// QoS 1 and 2 messages in flight to one client at a time.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Messages queued for one client beyond those in flight; more are dropped and counted.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u32,
+    /// Client connections at a time; more are refused.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_packet_size() -> u32 {
+    1024 * 1024
+}
+fn default_max_inflight() -> u16 {
+    64
+}
+fn default_max_queued() -> u32 {
+    1000
+}
+fn default_max_connections() -> u32 {
+    10_000
+}
+
+impl Default for BrokerLimits {
+    fn default() -> Self {
+        BrokerLimits {
+            max_packet_size: default_max_packet_size(),
+            max_inflight: default_max_inflight(),
+            max_queued: default_max_queued(),
+            max_connections: default_max_connections(),
+        }
+    }
 }
 
 /// Which way a bridge rule forwards.
@@ -252,13 +393,55 @@ pub struct TunnelSettings {
     /// Peer tunnels (an endpoint's routers, at most two).
     #[serde(default)]
     pub peers: Vec<Address>,
-    /// The balancer an endpoint follows.
+    /// The balancer an endpoint follows and a router reports to.
     #[serde(default)]
     pub balancer: Option<Address>,
+    /// The device's IPv4 address and network (`10.77.0.1/24`); from `pool` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<crate::tunnel::IpNet>,
+    /// The device's IPv6 address and network (`fd77::1/64`); from `pool` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<crate::tunnel::IpNet>,
+    /// A pool an endpoint draws its addresses from (see [`crate::tunnel`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<crate::tunnel::TunnelPool>,
+    /// Networks routed into the tunnel (an endpoint's; a router's own networks need none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::tunnel::IpNet>,
+    /// How often an endpoint probes each tunnel, in milliseconds.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// A tunnel is dead after this many probes in a row go unanswered.
+    #[serde(default = "default_dead_after")]
+    pub dead_after: u32,
+    /// A recovered tunnel must stay healthy this long before traffic moves back to it.
+    #[serde(default = "default_recovery_hold_ms")]
+    pub recovery_hold_ms: u64,
+    /// Send every packet on both tunnels; the receiver drops duplicates.
+    #[serde(default)]
+    pub redundant: bool,
+    /// A router's interface to source-NAT forwarded traffic on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<String>,
+    /// How often a router reports its metrics to the balancer, in seconds.
+    #[serde(default = "default_tunnel_report_secs")]
+    pub report_interval_secs: u64,
 }
 
 fn default_mtu() -> u16 {
     1400
+}
+fn default_probe_interval_ms() -> u64 {
+    20
+}
+fn default_dead_after() -> u32 {
+    3
+}
+fn default_recovery_hold_ms() -> u64 {
+    10_000
+}
+fn default_tunnel_report_secs() -> u64 {
+    10
 }
 
 /// Where a sensor's readings come from.
@@ -299,6 +482,81 @@ pub struct SensorGroupSettings {
     /// QoS of published readings.
     #[serde(default)]
     pub qos: u8,
+    /// An MQTT broker by URL (`mqtt://host:port`, `mqtts://host:port`) instead of `broker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// CA certificate (PEM) that an `mqtts://` broker's certificate must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// MQTT username of every sensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// MQTT password of every sensor (a client must send it in clear; keep the file private).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Each reading is due at `interval_ms` ± up to this many milliseconds.
+    #[serde(default)]
+    pub jitter_ms: u64,
+    /// Payload format of simulated readings.
+    #[serde(default)]
+    pub format: ReadingFormat,
+    /// Pad each payload to at least this many bytes (0: no padding).
+    #[serde(default)]
+    pub payload_size: usize,
+    /// A payload template instead of `format`: `{id}`, `{group}`, `{node}`, `{seq}`, `{ts}`
+    /// (Unix ms), `{value}` and `{requested}` are replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_template: Option<String>,
+    /// Topic each sensor takes commands on (`{id}`, `{group}`, `{node}`); empty: none.
+    #[serde(default = "default_command_topic")]
+    pub command_topic: String,
+    /// MQTT client id template (`{id}`, `{group}`, `{node}`); unique per sensor.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// New sensor connections per second while the group ramps up.
+    #[serde(default = "default_ramp")]
+    pub ramp_per_sec: u32,
+    /// Probe sensors: hosts to ping (ICMP echo).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ping: Vec<String>,
+    /// Probe sensors: `host:port` to time a TCP connect to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<String>,
+    /// Probe sensors: names to time a resolution of (system resolver).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    /// Probe sensors: pings per target per round (loss and jitter are over these).
+    #[serde(default = "default_ping_count")]
+    pub ping_count: u32,
+    /// Host and probe sensors: stop after this many seconds (run for ever when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_secs: Option<u64>,
+}
+
+/// How a reading is written in a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadingFormat {
+    /// A JSON object (`{"source": …, "seq": …, "ts": …, "values": {…}}`).
+    #[default]
+    Json,
+    /// The same object in CBOR.
+    Cbor,
+    /// The gas detectors' text form `SEQ-Gas Sensor IP:… MAC:… Reading value=V`.
+    Gas,
+}
+
+fn default_command_topic() -> String {
+    "InTopic/{group}/{id}".to_owned()
+}
+fn default_client_id() -> String {
+    "{node}-{group}-{id}".to_owned()
+}
+fn default_ramp() -> u32 {
+    1000
+}
+fn default_ping_count() -> u32 {
+    5
 }
 
 fn default_count() -> u32 {
@@ -406,6 +664,22 @@ pub struct CollectorSource {
     /// A UDP address devices send readings to.
     #[serde(default)]
     pub udp: Option<SocketAddr>,
+    /// How readings come from `broker`: as an MQTT client with a persistent session that
+    /// acknowledges only committed readings (`mqtt`, the default), or as an actor subscriber
+    /// (`actor`: no acknowledgement, so at most once).
+    #[serde(default)]
+    pub via: CollectorVia,
+}
+
+/// How a collector takes readings from its broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectorVia {
+    /// An MQTT session on the broker's plain TCP listener.
+    #[default]
+    Mqtt,
+    /// The broker's actor subscriptions, by address.
+    Actor,
 }
 
 /// `kind = "collector"`: validates readings and stores them in SQLite.
@@ -415,8 +689,30 @@ pub struct CollectorSettings {
     /// Where readings come from (readings may also arrive by message).
     #[serde(default)]
     pub source: CollectorSource,
-    /// The SQLite file.
+    /// The SQLite file (relative to the actor's data directory unless absolute).
     pub database: PathBuf,
+    /// Payload format; every format is tried when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ReadingFormat>,
+    /// QoS of the broker subscription (1: readings are acknowledged only once committed).
+    #[serde(default = "default_collector_qos")]
+    pub qos: u8,
+    /// Readings per transaction, at most.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// A reading waits at most this long before its transaction commits.
+    #[serde(default = "default_flush_ms")]
+    pub flush_ms: u64,
+}
+
+fn default_collector_qos() -> u8 {
+    1
+}
+fn default_batch_size() -> usize {
+    5000
+}
+fn default_flush_ms() -> u64 {
+    200
 }
 
 /// The settings struct of `kind`, deserialized from the rest of an actor's table.

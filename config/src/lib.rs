@@ -35,6 +35,7 @@ mod error;
 pub mod kinds;
 mod model;
 mod parse;
+pub mod tunnel;
 mod validate;
 
 pub use address::{Address, AddressError, is_valid_actor_name, is_valid_node_name};

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::address::{is_valid_actor_name, is_valid_node_name};
-use crate::kinds::{ActorKind, ActorSettings, SensorSource, TunnelRole};
+use crate::kinds::{ActorKind, ActorSettings, BrokerSettings, SensorSource, TunnelRole};
 use crate::model::{ClusterConfig, SupervisionSettings};
 use crate::parse::{KeyPath, Problem, Seg, key_path};
 
@@ -55,6 +55,9 @@ pub(crate) fn validate(config: &ClusterConfig, checks: FileChecks) -> Vec<Proble
     node_rules(config, checks, &mut p);
     actor_rules(config, &mut p);
     listen_rules(config, &mut p);
+    for (i, key, message) in crate::tunnel::problems(config) {
+        p.add(key_path!["actor", i, key], message);
+    }
     p.0
 }
 
@@ -237,7 +240,7 @@ fn actor_rules(config: &ClusterConfig, p: &mut Problems) {
 
 fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
     match settings {
-        ActorSettings::Broker(_) => {}
+        ActorSettings::Broker(b) => broker_rules(b, i, p),
         ActorSettings::Bridge(b) => {
             if b.topics.is_empty() {
                 p.add(
@@ -269,6 +272,45 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
                     "an endpoint keeps at most two tunnels",
                 );
             }
+            p.range(
+                key_path!["actor", i, "probe_interval_ms"],
+                "probe_interval_ms",
+                t.probe_interval_ms,
+                1,
+                60_000,
+            );
+            p.range(
+                key_path!["actor", i, "dead_after"],
+                "dead_after",
+                t.dead_after,
+                1,
+                1000,
+            );
+            p.range(
+                key_path!["actor", i, "report_interval_secs"],
+                "report_interval_secs",
+                t.report_interval_secs,
+                1,
+                86_400,
+            );
+            if let Some(d) = &t.device
+                && (d.is_empty() || d.len() > 15 || d.contains(['/', ' ']))
+            {
+                p.add(
+                    key_path!["actor", i, "device"],
+                    format!("'{d}' is not a device name (1 to 15 characters, no '/' or spaces)"),
+                );
+            }
+            if t.role == TunnelRole::Endpoint
+                && t.ipv4.is_none()
+                && t.ipv6.is_none()
+                && t.pool.is_none()
+            {
+                p.add(
+                    key_path!["actor", i],
+                    "an endpoint needs `ipv4`, `ipv6` or a `pool` to take them from",
+                );
+            }
         }
         ActorSettings::SensorGroup(s) => {
             p.range(key_path!["actor", i, "count"], "count", s.count, 1, 100_000);
@@ -280,10 +322,48 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
                 86_400_000,
             );
             p.range(key_path!["actor", i, "qos"], "qos", s.qos, 0, 2);
-            if s.source == SensorSource::Simulated && s.broker.is_none() {
+            if s.source == SensorSource::Simulated && s.broker.is_none() == s.url.is_none() {
                 p.add(
                     key_path!["actor", i],
-                    "simulated sensors need a `broker` to publish to",
+                    "simulated sensors need exactly one of `broker` (an address) or `url` to publish to",
+                );
+            }
+            if let Some(url) = &s.url
+                && !(url.starts_with("mqtt://") || url.starts_with("mqtts://"))
+            {
+                p.add(
+                    key_path!["actor", i, "url"],
+                    format!("'{url}' must start with mqtt:// or mqtts://"),
+                );
+            }
+            p.range(
+                key_path!["actor", i, "ramp_per_sec"],
+                "ramp_per_sec",
+                s.ramp_per_sec,
+                1,
+                1_000_000,
+            );
+            p.range(
+                key_path!["actor", i, "ping_count"],
+                "ping_count",
+                s.ping_count,
+                1,
+                1000,
+            );
+            if s.jitter_ms >= s.interval_ms {
+                p.add(
+                    key_path!["actor", i, "jitter_ms"],
+                    "jitter_ms must be below interval_ms",
+                );
+            }
+            if s.source == SensorSource::Probe
+                && s.ping.is_empty()
+                && s.tcp.is_empty()
+                && s.dns.is_empty()
+            {
+                p.add(
+                    key_path!["actor", i],
+                    "probe sensors need at least one target in `ping`, `tcp` or `dns`",
                 );
             }
             if s.source != SensorSource::Simulated && s.collector.is_none() {
@@ -359,6 +439,21 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
                     );
                 }
             }
+            p.range(key_path!["actor", i, "qos"], "qos", c.qos, 0, 1);
+            p.range(
+                key_path!["actor", i, "batch_size"],
+                "batch_size",
+                c.batch_size,
+                1,
+                1_000_000,
+            );
+            p.range(
+                key_path!["actor", i, "flush_ms"],
+                "flush_ms",
+                c.flush_ms,
+                1,
+                60_000,
+            );
             if c.database.as_os_str().is_empty() {
                 p.add(
                     key_path!["actor", i, "database"],
@@ -367,6 +462,83 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
             }
         }
     }
+}
+
+fn broker_rules(b: &BrokerSettings, i: usize, p: &mut Problems) {
+    if b.listen.is_none() && b.listeners.is_empty() {
+        p.add(
+            key_path!["actor", i],
+            "a broker needs `listen` or at least one of `listeners`",
+        );
+    }
+    for (j, l) in b.listeners.iter().enumerate() {
+        if let Some(tls) = &l.tls
+            && tls.require_client_cert
+            && tls.client_ca.is_none()
+        {
+            p.add(
+                key_path!["actor", i, "listeners", j, "tls"],
+                "`require_client_cert` needs a `client_ca` to check client certificates against",
+            );
+        }
+    }
+    for (j, u) in b.users.iter().enumerate() {
+        if u.name.is_empty() {
+            p.add(
+                key_path!["actor", i, "users", j, "name"],
+                "a user needs a name",
+            );
+        }
+        if b.users[..j].iter().any(|o| o.name == u.name) {
+            p.add(
+                key_path!["actor", i, "users", j, "name"],
+                format!("user '{}' is defined twice", u.name),
+            );
+        }
+        if !u.password_hash.starts_with("$argon2") {
+            p.add(
+                key_path!["actor", i, "users", j, "password_hash"],
+                "`password_hash` must be an argon2 hash (make one with `colony passwd`), never a plain password",
+            );
+        }
+    }
+    for (j, rule) in b.acl.iter().enumerate() {
+        if !is_valid_topic_filter(&rule.topic) {
+            p.add(
+                key_path!["actor", i, "acl", j, "topic"],
+                format!("'{}' is not a valid MQTT topic filter", rule.topic),
+            );
+        }
+    }
+    let l = &b.limits;
+    p.range(
+        key_path!["actor", i, "limits", "max_packet_size"],
+        "max_packet_size",
+        l.max_packet_size,
+        64,
+        268_435_455,
+    );
+    p.range(
+        key_path!["actor", i, "limits", "max_inflight"],
+        "max_inflight",
+        l.max_inflight,
+        1,
+        65_535,
+    );
+    p.range(
+        key_path!["actor", i, "limits", "max_queued"],
+        "max_queued",
+        l.max_queued,
+        0,
+        10_000_000,
+    );
+    p.range(
+        key_path!["actor", i, "limits", "max_connections"],
+        "max_connections",
+        l.max_connections,
+        1,
+        1_000_000,
+    );
 }
 
 /// True when `filter` is a valid MQTT topic filter: non-empty, `#` only as the whole last level,

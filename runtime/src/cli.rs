@@ -44,6 +44,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Make and inspect the cluster CA and node certificates.
     Certs(CertsArgs),
+    /// Print the argon2 hash of a broker user's password, for `users` in the config.
+    Passwd(crate::commands::passwd::PasswdArgs),
 }
 
 /// `colony node`.
@@ -239,6 +241,7 @@ pub fn main() -> ExitCode {
         Command::Ctl(args) => commands::ctl::run(args),
         Command::Check(args) => commands::check::run(args),
         Command::Certs(args) => commands::certs::run(args),
+        Command::Passwd(args) => commands::passwd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -34,7 +34,10 @@ type CounterU = Family<Labels, Counter>;
 const MAX_HEAD: usize = 8 * 1024;
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 /// The node's status in the OpenMetrics text format.
@@ -51,53 +54,152 @@ pub fn render(status: &NodeStatus) -> String {
         f
     };
     let node = status.node.as_str();
-    let uptime = gauge(&mut registry, "node_uptime_seconds", "How long the node has run");
-    uptime.get_or_create(&labels(&[("node", node)])).set(status.uptime_ms as f64 / 1000.0);
-    let given_up = gauge(&mut registry, "supervisor_given_up", "1 when the root supervisor exceeded its restart intensity");
-    given_up.get_or_create(&labels(&[("node", node)])).set(f64::from(u8::from(status.supervisor.given_up)));
-    let window = gauge(&mut registry, "supervisor_restarts_in_window", "Restarts inside the intensity window");
-    window.get_or_create(&labels(&[("node", node)])).set(status.supervisor.restarts_in_window as f64);
+    let uptime = gauge(
+        &mut registry,
+        "node_uptime_seconds",
+        "How long the node has run",
+    );
+    uptime
+        .get_or_create(&labels(&[("node", node)]))
+        .set(status.uptime_ms as f64 / 1000.0);
+    let given_up = gauge(
+        &mut registry,
+        "supervisor_given_up",
+        "1 when the root supervisor exceeded its restart intensity",
+    );
+    given_up
+        .get_or_create(&labels(&[("node", node)]))
+        .set(f64::from(u8::from(status.supervisor.given_up)));
+    let window = gauge(
+        &mut registry,
+        "supervisor_restarts_in_window",
+        "Restarts inside the intensity window",
+    );
+    window
+        .get_or_create(&labels(&[("node", node)]))
+        .set(status.supervisor.restarts_in_window as f64);
 
-    let running = gauge(&mut registry, "actor_running", "1 when the actor is running");
+    let running = gauge(
+        &mut registry,
+        "actor_running",
+        "1 when the actor is running",
+    );
     let restarts = counter(&mut registry, "actor_restarts", "Restarts of the actor");
-    let handled = counter(&mut registry, "actor_messages_handled", "Messages the actor handled");
-    let rejected = counter(&mut registry, "actor_messages_rejected", "Messages the actor refused");
-    let rate = gauge(&mut registry, "actor_messages_per_second", "Messages handled per second, lately");
-    let depth = gauge(&mut registry, "actor_mailbox_depth", "Messages waiting in the actor's mailbox");
-    let up = gauge(&mut registry, "actor_uptime_seconds", "How long the actor has run since its last start");
-    let stat = gauge(&mut registry, "actor_stat", "Numeric fields of the actor's kind-specific status");
+    let handled = counter(
+        &mut registry,
+        "actor_messages_handled",
+        "Messages the actor handled",
+    );
+    let rejected = counter(
+        &mut registry,
+        "actor_messages_rejected",
+        "Messages the actor refused",
+    );
+    let rate = gauge(
+        &mut registry,
+        "actor_messages_per_second",
+        "Messages handled per second, lately",
+    );
+    let depth = gauge(
+        &mut registry,
+        "actor_mailbox_depth",
+        "Messages waiting in the actor's mailbox",
+    );
+    let up = gauge(
+        &mut registry,
+        "actor_uptime_seconds",
+        "How long the actor has run since its last start",
+    );
+    let stat = gauge(
+        &mut registry,
+        "actor_stat",
+        "Numeric fields of the actor's kind-specific status",
+    );
     for a in &status.actors {
         let l = labels(&[("node", node), ("actor", &a.address), ("kind", &a.kind)]);
-        running.get_or_create(&l).set(f64::from(u8::from(a.state == "running")));
+        running
+            .get_or_create(&l)
+            .set(f64::from(u8::from(a.state == "running")));
         restarts.get_or_create(&l).inc_by(a.restarts);
         handled.get_or_create(&l).inc_by(a.messages_handled);
         rejected.get_or_create(&l).inc_by(a.messages_rejected);
         rate.get_or_create(&l).set(a.messages_per_sec as f64);
         depth.get_or_create(&l).set(a.mailbox_depth as f64);
-        up.get_or_create(&l).set(a.uptime_ms.unwrap_or(0) as f64 / 1000.0);
+        up.get_or_create(&l)
+            .set(a.uptime_ms.unwrap_or(0) as f64 / 1000.0);
         if let serde_json::Value::Object(fields) = &a.detail {
             for (key, value) in fields {
                 if let Some(v) = value.as_f64() {
-                    let l = labels(&[("node", node), ("actor", &a.address), ("kind", &a.kind), ("stat", key)]);
+                    let l = labels(&[
+                        ("node", node),
+                        ("actor", &a.address),
+                        ("kind", &a.kind),
+                        ("stat", key),
+                    ]);
                     stat.get_or_create(&l).set(v);
                 }
             }
         }
     }
 
-    let link_up = gauge(&mut registry, "link_up", "1 when the peer is reachable (directly or relayed)");
-    let rtt = gauge(&mut registry, "link_rtt_seconds", "Smoothed round-trip time to the peer");
-    let sent = counter(&mut registry, "link_packets_sent", "QUIC packets sent to the peer");
-    let lost = counter(&mut registry, "link_packets_lost", "QUIC packets to the peer declared lost");
-    let bytes_out = counter(&mut registry, "link_bytes_sent", "UDP bytes sent to the peer");
-    let bytes_in = counter(&mut registry, "link_bytes_received", "UDP bytes received from the peer");
-    let msgs_out = counter(&mut registry, "link_messages_sent", "Messages sent to the peer");
-    let msgs_in = counter(&mut registry, "link_messages_received", "Messages received from the peer");
-    let refused = counter(&mut registry, "link_refused_handshakes", "Handshakes with the peer refused");
+    let link_up = gauge(
+        &mut registry,
+        "link_up",
+        "1 when the peer is reachable (directly or relayed)",
+    );
+    let rtt = gauge(
+        &mut registry,
+        "link_rtt_seconds",
+        "Smoothed round-trip time to the peer",
+    );
+    let sent = counter(
+        &mut registry,
+        "link_packets_sent",
+        "QUIC packets sent to the peer",
+    );
+    let lost = counter(
+        &mut registry,
+        "link_packets_lost",
+        "QUIC packets to the peer declared lost",
+    );
+    let bytes_out = counter(
+        &mut registry,
+        "link_bytes_sent",
+        "UDP bytes sent to the peer",
+    );
+    let bytes_in = counter(
+        &mut registry,
+        "link_bytes_received",
+        "UDP bytes received from the peer",
+    );
+    let msgs_out = counter(
+        &mut registry,
+        "link_messages_sent",
+        "Messages sent to the peer",
+    );
+    let msgs_in = counter(
+        &mut registry,
+        "link_messages_received",
+        "Messages received from the peer",
+    );
+    let refused = counter(
+        &mut registry,
+        "link_refused_handshakes",
+        "Handshakes with the peer refused",
+    );
     for l in &status.links {
-        let state = serde_json::to_value(l.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let state = serde_json::to_value(l.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         let lb = labels(&[("node", node), ("peer", &l.peer)]);
-        link_up.get_or_create(&labels(&[("node", node), ("peer", &l.peer), ("state", &state)])).set(f64::from(u8::from(state != "down")));
+        link_up
+            .get_or_create(&labels(&[
+                ("node", node),
+                ("peer", &l.peer),
+                ("state", &state),
+            ]))
+            .set(f64::from(u8::from(state != "down")));
         rtt.get_or_create(&lb).set(l.rtt_us as f64 / 1e6);
         sent.get_or_create(&lb).inc_by(l.packets_sent);
         lost.get_or_create(&lb).inc_by(l.packets_lost);
@@ -139,9 +241,12 @@ enum Route {
 }
 
 fn route(head: &[u8]) -> Route {
-    let Ok(text) = std::str::from_utf8(head) else { return Route::BadRequest };
+    let Ok(text) = std::str::from_utf8(head) else {
+        return Route::BadRequest;
+    };
     let mut parts = text.lines().next().unwrap_or_default().split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
         return Route::BadRequest;
     };
     if !version.starts_with("HTTP/1.") {
@@ -173,15 +278,39 @@ async fn answer(mut stream: TcpStream, node: Arc<Node>) {
     let (status, content_type, body) = match read {
         Ok(true) if head.windows(4).any(|w| w == b"\r\n\r\n") => match route(&head) {
             Route::Metrics => match node.local_status().await {
-                Ok(s) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", render(&s)),
+                Ok(s) => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    render(&s),
+                ),
                 Err(e) => ("503 Service Unavailable", "text/plain", format!("{e}\n")),
             },
-            Route::Index => ("200 OK", "text/plain", format!("colony node {}: metrics at /metrics\n", node.name)),
-            Route::NotFound => ("404 Not Found", "text/plain", "only /metrics is here\n".to_owned()),
-            Route::MethodNotAllowed => ("405 Method Not Allowed", "text/plain", "only GET\n".to_owned()),
-            Route::BadRequest => ("400 Bad Request", "text/plain", "not an HTTP/1 request\n".to_owned()),
+            Route::Index => (
+                "200 OK",
+                "text/plain",
+                format!("colony node {}: metrics at /metrics\n", node.name),
+            ),
+            Route::NotFound => (
+                "404 Not Found",
+                "text/plain",
+                "only /metrics is here\n".to_owned(),
+            ),
+            Route::MethodNotAllowed => (
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET\n".to_owned(),
+            ),
+            Route::BadRequest => (
+                "400 Bad Request",
+                "text/plain",
+                "not an HTTP/1 request\n".to_owned(),
+            ),
         },
-        Ok(true) => ("431 Request Header Fields Too Large", "text/plain", "request head too large\n".to_owned()),
+        Ok(true) => (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            "request head too large\n".to_owned(),
+        ),
         _ => return,
     };
     let response = format!(
@@ -212,11 +341,17 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(route(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n"), Route::Metrics);
+        assert_eq!(
+            route(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n"),
+            Route::Metrics
+        );
         assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Route::Metrics);
         assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::Index);
         assert_eq!(route(b"GET /other HTTP/1.1\r\n\r\n"), Route::NotFound);
-        assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Route::MethodNotAllowed);
+        assert_eq!(
+            route(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Route::MethodNotAllowed
+        );
         assert_eq!(route(b"\xff\xfe"), Route::BadRequest);
         assert_eq!(route(b"GET\r\n\r\n"), Route::BadRequest);
         assert_eq!(route(b"GET /metrics SPDY/3\r\n\r\n"), Route::BadRequest);
@@ -256,11 +391,24 @@ mod tests {
             }],
         };
         let text = render(&status);
-        assert!(text.contains(r#"colony_actor_restarts_total{node="edge",actor="edge/broker",kind="broker"} 2"#), "{text}");
-        assert!(text.contains(r#"colony_actor_running{node="edge",actor="edge/broker",kind="broker"} 1.0"#), "{text}");
+        assert!(
+            text.contains(
+                r#"colony_actor_restarts_total{node="edge",actor="edge/broker",kind="broker"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"colony_actor_running{node="edge",actor="edge/broker",kind="broker"} 1.0"#
+            ),
+            "{text}"
+        );
         assert!(text.contains(r#"colony_actor_stat{node="edge",actor="edge/broker",kind="broker",stat="connections"} 12.0"#), "{text}");
         assert!(!text.contains("not a number"));
-        assert!(text.contains(r#"colony_node_uptime_seconds{node="edge"} 1.5"#), "{text}");
+        assert!(
+            text.contains(r#"colony_node_uptime_seconds{node="edge"} 1.5"#),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 /// The `colony` binary of this build.
 pub fn colony_bin() -> PathBuf {
     // Test executables live in target/<profile>/deps; the binary in target/<profile>.
@@ -144,6 +146,32 @@ impl Workdir {
             .success()
             .then(|| serde_json::from_slice(&out.stdout).ok())
             .flatten()
+    }
+
+    /// Starts `colony node` for `name` inside network namespace `netns` (`ip netns exec`, which
+    /// execs, so the process id is the node's), logging to `<name>.log` here.
+    pub fn start_node_in(&self, name: &str, netns: &str) -> NodeProc {
+        let log_path = self.path().join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(colony_bin())
+            .args(["node", "--config", self.config_str(), "--name", name])
+            .current_dir(self.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn colony node");
+        NodeProc {
+            name: name.to_owned(),
+            child: Some(child),
+            log: log_path,
+        }
     }
 
     /// Starts `colony node` for `name`, logging to `<name>.log` here.

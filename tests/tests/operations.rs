@@ -30,17 +30,29 @@ fn metrics_are_served_for_prometheus_and_bad_requests_are_refused() {
     let port = free_tcp_port();
     let work = Workdir::new(&config(port));
     let _node = work.start_node("solo");
-    assert!(wait_for(Duration::from_secs(10), || work.status("solo").is_some_and(|s| healthy(&s))));
+    assert!(wait_for(Duration::from_secs(10), || work
+        .status("solo")
+        .is_some_and(|s| healthy(&s))));
     work.ctl_ok("solo", &["kill", "solo/lb"]);
     assert!(wait_for(Duration::from_secs(5), || work
         .status("solo")
-        .is_some_and(|s| actor(&s, "solo/lb").unwrap()["state"] == "running")));
+        .is_some_and(
+            |s| actor(&s, "solo/lb").unwrap()["state"] == "running"
+        )));
 
     let page = http(port, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n");
     assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
     assert!(page.contains("application/openmetrics-text"), "{page}");
-    assert!(page.contains(r#"colony_actor_running{node="solo",actor="solo/lb",kind="balancer"} 1.0"#), "{page}");
-    assert!(page.contains(r#"colony_actor_restarts_total{node="solo",actor="solo/lb",kind="balancer"} 1"#), "{page}");
+    assert!(
+        page.contains(r#"colony_actor_running{node="solo",actor="solo/lb",kind="balancer"} 1.0"#),
+        "{page}"
+    );
+    assert!(
+        page.contains(
+            r#"colony_actor_restarts_total{node="solo",actor="solo/lb",kind="balancer"} 1"#
+        ),
+        "{page}"
+    );
     assert!(page.contains("colony_node_uptime_seconds"), "{page}");
 
     assert!(http(port, b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
@@ -56,7 +68,9 @@ fn systemd_hears_ready_reloading_and_stopping() {
     let work = Workdir::new(&config(free_tcp_port()));
     let notify_path = work.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut child = Command::new(colony_bin())
         .args(["node", "--config", work.config_str(), "--name", "solo"])
         .current_dir(work.path())
@@ -65,7 +79,7 @@ fn systemd_hears_ready_reloading_and_stopping() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 512];
         let n = notify.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
@@ -73,7 +87,10 @@ fn systemd_hears_ready_reloading_and_stopping() {
     let ready = next();
     let healthy_now = work.status("solo").is_some_and(|s| healthy(&s));
     // A change for SIGHUP to apply.
-    let changed = std::fs::read_to_string(&work.config).unwrap().replace("kind = \"balancer\"\n", "kind = \"balancer\"\nanti_flap_threshold = 0.3\n");
+    let changed = std::fs::read_to_string(&work.config).unwrap().replace(
+        "kind = \"balancer\"\n",
+        "kind = \"balancer\"\nanti_flap_threshold = 0.3\n",
+    );
     std::fs::write(&work.config, changed).unwrap();
     send_signal(child.id(), libc::SIGHUP);
     let reloading = next();

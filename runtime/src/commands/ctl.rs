@@ -11,10 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use colony_config::FileChecks;
 
-use crate::reload::node::{ConfigSource, NodeReport, Outcome, ReloadReport};
 use crate::cli::{CtlArgs, CtlCommand};
 use crate::control::client;
 use crate::control::protocol::{ClusterStatus, Request};
+use crate::reload::node::{ConfigSource, NodeReport, Outcome, ReloadReport};
 use crate::render::{render_status, render_tree};
 
 /// How long a request may take, unless it is a call with its own timeout.
@@ -33,9 +33,13 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let value = runtime.block_on(client::request(&socket, request, timeout))?;
-    println!("{}", render(&args.command, value.clone(), args.json)?.trim_end());
+    println!(
+        "{}",
+        render(&args.command, value.clone(), args.json)?.trim_end()
+    );
     if let CtlCommand::Reload { .. } = args.command {
-        let report: ReloadReport = serde_json::from_value(value).context("the reload report does not have the expected shape")?;
+        let report: ReloadReport = serde_json::from_value(value)
+            .context("the reload report does not have the expected shape")?;
         if !report.succeeded() {
             eprintln!("error: the reload was not applied everywhere");
             return Ok(ExitCode::FAILURE);
@@ -106,7 +110,8 @@ fn to_request(command: &CtlCommand) -> anyhow::Result<(Request, Duration)> {
             return Ok((Request::Reload { source, dry_run }, RELOAD_TIMEOUT));
         }
         CtlCommand::Reconfigure { address, settings } => {
-            let settings = serde_json::from_str(&settings).map_err(|e| anyhow!("settings are not JSON: {e}: {settings}"))?;
+            let settings = serde_json::from_str(&settings)
+                .map_err(|e| anyhow!("settings are not JSON: {e}: {settings}"))?;
             return Ok((Request::Reconfigure { address, settings }, RELOAD_TIMEOUT));
         }
     };
@@ -136,11 +141,18 @@ fn render(command: &CtlCommand, value: serde_json::Value, json: bool) -> anyhow:
         CtlCommand::Start { address } => format!("started {address}"),
         CtlCommand::Kill { address } => format!("killed {address}"),
         CtlCommand::Reload { .. } => {
-            let report: ReloadReport = serde_json::from_value(value).context("the reload report does not have the expected shape")?;
-            report.nodes.iter().map(render_node_report).collect::<Vec<_>>().join("\n")
+            let report: ReloadReport = serde_json::from_value(value)
+                .context("the reload report does not have the expected shape")?;
+            report
+                .nodes
+                .iter()
+                .map(render_node_report)
+                .collect::<Vec<_>>()
+                .join("\n")
         }
         CtlCommand::Reconfigure { .. } => {
-            let report: NodeReport = serde_json::from_value(value).context("the report does not have the expected shape")?;
+            let report: NodeReport = serde_json::from_value(value)
+                .context("the report does not have the expected shape")?;
             render_node_report(&report)
         }
     })

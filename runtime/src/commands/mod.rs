@@ -4,4 +4,5 @@ pub mod certs;
 pub mod check;
 pub mod ctl;
 pub mod node;
+pub mod passwd;
 pub mod up;

@@ -151,9 +151,14 @@ impl Node {
         let peers_changed = plan.peers_changed;
         // systemd (Type=notify) sees the reload; these do nothing outside systemd.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-        let report = self.apply_plan(plan, new, peers, peers_changed, source).await;
+        let report = self
+            .apply_plan(plan, new, peers, peers_changed, source)
+            .await;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        NodeReport { plan: summary, ..report }
+        NodeReport {
+            plan: summary,
+            ..report
+        }
     }
 
     async fn apply_plan(
@@ -164,7 +169,12 @@ impl Node {
         peers_changed: bool,
         source: &str,
     ) -> NodeReport {
-        let report = |outcome, errors| NodeReport { node: self.name.clone(), outcome, plan: PlanSummary::default(), errors };
+        let report = |outcome, errors| NodeReport {
+            node: self.name.clone(),
+            outcome,
+            plan: PlanSummary::default(),
+            errors,
+        };
         let applied = match self.supervisor.apply(plan, new.clone(), source).await {
             Ok(a) => a,
             Err(e) => return report(Outcome::RolledBack, vec![e]),

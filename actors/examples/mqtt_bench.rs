@@ -1,0 +1,240 @@
+//! An MQTT load generator for comparing brokers: the same clients (rumqttc over TCP) against
+//! each broker given, scenario by scenario, printing delivered messages per second, p50/p99
+//! latency and the ratio of the first broker to the second.
+//!
+//! ```text
+//! cargo run --release -p colony-actors --example mqtt_bench -- 127.0.0.1:1883 127.0.0.1:1884
+//! ```
+//! `actors/benches/broker_vs_mosquitto.sh` starts a Colony broker and Debian's mosquitto and runs
+//! this against both. It measures; it does not pass or fail.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+const PAYLOAD: usize = 100;
+
+fn options(id: String, addr: &str) -> MqttOptions {
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let mut o = MqttOptions::new(id, host, port.parse().expect("port"));
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(100);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o
+}
+
+/// Starts `n` subscribers to `filter`; returns the delivered counter and latency samples.
+async fn subscribers(
+    addr: &str,
+    tag: &str,
+    n: usize,
+    filter: &str,
+    qos: QoS,
+    latencies: Option<Arc<std::sync::Mutex<Vec<u64>>>>,
+    epoch: Instant,
+) -> (Arc<AtomicU64>, Vec<tokio::task::JoinHandle<()>>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(n.max(1));
+    for i in 0..n {
+        let (client, mut ev) = AsyncClient::new(options(format!("{tag}-sub-{i}"), addr), 1000);
+        client.subscribe(filter, qos).await.expect("subscribe");
+        let count = count.clone();
+        let ready = ready_tx.clone();
+        let lat = latencies.clone();
+        handles.push(tokio::spawn(async move {
+            let _keep = client;
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready.send(()).await;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        if let Some(l) = &lat
+                            && p.payload.len() >= 8
+                        {
+                            let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
+                            let now = epoch.elapsed().as_micros() as u64;
+                            l.lock().unwrap().push(now.saturating_sub(sent));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }));
+    }
+    for _ in 0..n {
+        let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx.recv()).await;
+    }
+    (count, handles)
+}
+
+/// Throughput: `pubs` publishers send `total` messages between them as fast as they can.
+async fn throughput(addr: &str, pubs: usize, subs: usize, qos: QoS, total: usize) -> (f64, u64) {
+    let tag = format!("t{}", rand_tag());
+    let epoch = Instant::now();
+    let (count, sub_handles) = subscribers(addr, &tag, subs, "bench/#", qos, None, epoch).await;
+    let per = total / pubs;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..pubs {
+        let (client, mut ev) = AsyncClient::new(options(format!("{tag}-pub-{i}"), addr), 1000);
+        let topic = format!("bench/{i}");
+        handles.push(tokio::spawn(async move {
+            let poll = tokio::spawn(async move {
+                loop {
+                    if ev.poll().await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            });
+            for _ in 0..per {
+                if client
+                    .publish(topic.as_str(), qos, false, vec![b'x'; PAYLOAD])
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            // Let the last acknowledgements arrive, then stop.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let _ = client.disconnect().await;
+            poll.abort();
+        }));
+    }
+    let expected = (per * pubs * subs) as u64;
+    let mut last = 0;
+    let mut last_change = Instant::now();
+    let mut done_at = Instant::now();
+    // Until everything arrived, or nothing new for 2 s (messages were dropped), or 60 s.
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = count.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+            done_at = last_change;
+        }
+        if now >= expected
+            || last_change.elapsed() > Duration::from_secs(2)
+            || start.elapsed() > Duration::from_secs(60)
+        {
+            break;
+        }
+    }
+    let secs = done_at.duration_since(start).as_secs_f64().max(1e-6);
+    for h in handles {
+        h.abort();
+    }
+    for h in sub_handles {
+        h.abort();
+    }
+    (last as f64 / secs, expected.saturating_sub(last))
+}
+
+/// Latency at a fixed rate: one publisher, one subscriber, `rate` msg/s for `secs`.
+async fn latency(addr: &str, qos: QoS, rate: u64, secs: u64) -> (u64, u64) {
+    let tag = format!("l{}", rand_tag());
+    let epoch = Instant::now();
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (_count, sub_handles) =
+        subscribers(addr, &tag, 1, "lat/#", qos, Some(samples.clone()), epoch).await;
+    let (client, mut ev) = AsyncClient::new(options(format!("{tag}-pub"), addr), 1000);
+    let poll = tokio::spawn(async move {
+        loop {
+            if ev.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for _ in 0..rate * secs {
+        tick.tick().await;
+        let mut payload = vec![b'x'; PAYLOAD];
+        payload[..8].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
+        let _ = client.publish("lat/x", qos, false, payload).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    poll.abort();
+    for h in sub_handles {
+        h.abort();
+    }
+    let mut v = samples.lock().unwrap().clone();
+    v.sort_unstable();
+    if v.is_empty() {
+        return (0, 0);
+    }
+    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    (pct(0.50), pct(0.99))
+}
+
+fn rand_tag() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64 % 1_000_000)
+}
+
+#[tokio::main]
+async fn main() {
+    let brokers: Vec<String> = std::env::args().skip(1).collect();
+    assert!(
+        !brokers.is_empty(),
+        "usage: mqtt_bench HOST:PORT [HOST:PORT] (first is Colony, second the reference)"
+    );
+    let scenarios: [(&str, usize, usize, QoS, usize); 8] = [
+        ("1 pub -> 1 sub, QoS 0", 1, 1, QoS::AtMostOnce, 100_000),
+        ("1 pub -> 1 sub, QoS 1", 1, 1, QoS::AtLeastOnce, 50_000),
+        ("100 pubs -> 1 sub, QoS 0", 100, 1, QoS::AtMostOnce, 100_000),
+        ("100 pubs -> 1 sub, QoS 1", 100, 1, QoS::AtLeastOnce, 50_000),
+        (
+            "1000 pubs -> 1 sub, QoS 0",
+            1000,
+            1,
+            QoS::AtMostOnce,
+            100_000,
+        ),
+        (
+            "1000 pubs -> 1 sub, QoS 1",
+            1000,
+            1,
+            QoS::AtLeastOnce,
+            50_000,
+        ),
+        ("1 pub -> 100 subs, QoS 0", 1, 100, QoS::AtMostOnce, 2_000),
+        ("1 pub -> 100 subs, QoS 1", 1, 100, QoS::AtLeastOnce, 1_000),
+    ];
+    println!("delivered msgs/s (100-byte payloads, TCP); brokers: {brokers:?}");
+    for (name, pubs, subs, qos, total) in scenarios {
+        let mut rates = Vec::new();
+        let mut line = format!("{name:<28}");
+        for b in &brokers {
+            let (rate, lost) = throughput(b, pubs, subs, qos, total).await;
+            line.push_str(&format!(" {rate:>10.0}/s (undelivered {lost:>6})"));
+            rates.push(rate);
+        }
+        if rates.len() == 2 && rates[1] > 0.0 {
+            line.push_str(&format!("  ratio {:.2}", rates[0] / rates[1]));
+        }
+        println!("{line}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let mut line = format!("latency 1000 msg/s, QoS {}", qos as u8);
+        line = format!("{line:<28}");
+        let mut p99s = Vec::new();
+        for b in &brokers {
+            let (p50, p99) = latency(b, qos, 1000, 5).await;
+            line.push_str(&format!("   p50 {p50:>5} us p99 {p99:>6} us"));
+            p99s.push(p99 as f64);
+        }
+        if p99s.len() == 2 && p99s[0] > 0.0 {
+            line.push_str(&format!("  p99 ratio {:.2}", p99s[0] / p99s[1]));
+        }
+        println!("{line}");
+    }
+}

@@ -1,0 +1,412 @@
+//! The broker actor: listeners, connection tasks, the SQLite store and actor subscribers around
+//! [`BrokerCore`].
+//!
+//! The actor binds every listener before it reports itself started (a bind failure fails the
+//! start). Each accepted connection runs in its own task, owned by its listener's task set, which
+//! the actor owns: when the actor stops or is killed, every connection goes with it, and one
+//! connection failing touches no other. Events from connections are handled in batches; after
+//! each batch the store changes are committed and only then are the packets sent, so a client is
+//! never acknowledged for something that is not yet on disk.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use colony_cluster::Address;
+use colony_config::ActorSettings;
+use colony_config::kinds::{BrokerListener, BrokerSettings};
+use rumqttc::mqttbytes::v4::Packet;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::auth::AccessPolicy;
+use super::core::{Action, BrokerCore};
+use super::listener::{ConnEvent, ConnLimits, Outgoing, serve, tls_acceptor};
+use super::session::Message;
+use super::store::BrokerStore;
+use super::{BrokerMessage, BrokerNotice};
+use crate::host::{ActorContext, ActorEvent, ActorFailure};
+
+/// Events handled before the store is committed and packets go out.
+const BATCH: usize = 512;
+/// Notices queued for one actor subscriber before more are dropped.
+const NOTICE_QUEUE: usize = 4096;
+
+fn policy(s: &BrokerSettings) -> AccessPolicy {
+    AccessPolicy::new(s.allow_anonymous, s.users.clone(), s.acl.clone())
+}
+
+struct Shell {
+    core: BrokerCore,
+    store: BrokerStore,
+    conns: HashMap<u64, mpsc::Sender<Outgoing>>,
+    notifiers: HashMap<Arc<str>, mpsc::Sender<BrokerNotice>>,
+    actions: Vec<Action>,
+}
+
+impl Shell {
+    /// Commits store changes, then carries out the actions.
+    fn flush(&mut self, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> Result<(), ActorFailure> {
+        let ops = self.core.take_store_ops();
+        self.store
+            .apply(&ops)
+            .map_err(|e| ActorFailure::new(e.to_string()))?;
+        self.core.drain_actions_into(&mut self.actions);
+        let mut dropped = 0;
+        for action in self.actions.drain(..) {
+            match action {
+                Action::Send(id, packet) => {
+                    let Some(tx) = self.conns.get(&id) else {
+                        continue;
+                    };
+                    let qos0 = matches!(&packet, Packet::Publish(p) if p.qos as u8 == 0);
+                    if tx.try_send(Outgoing::Packet(packet)).is_err() {
+                        if qos0 {
+                            dropped += 1;
+                        } else {
+                            // Too slow to take even acknowledgements: cut it off; its session
+                            // keeps what is in flight.
+                            warn!(conn = id, "client too slow, disconnecting");
+                            self.conns.remove(&id);
+                        }
+                    }
+                }
+                Action::Close(id) => {
+                    if let Some(tx) = self.conns.remove(&id) {
+                        let _ = tx.try_send(Outgoing::Close);
+                    }
+                }
+                Action::Notify { to, message } => {
+                    let tx = self.notifiers.entry(to.clone()).or_insert_with(|| {
+                        let (tx, rx) = mpsc::channel(NOTICE_QUEUE);
+                        tasks.spawn(notify_actor(
+                            ctx.cluster.clone(),
+                            ctx.address.clone(),
+                            to.clone(),
+                            rx,
+                        ));
+                        tx
+                    });
+                    if tx.try_send(BrokerNotice::from(message)).is_err() {
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        self.core.count_dropped(dropped);
+        Ok(())
+    }
+
+    fn conn_event(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Connect(id, connect, tx) => {
+                self.conns.insert(id, tx);
+                self.core.connect(id, *connect);
+            }
+            ConnEvent::Packet(id, p) => self.core.packet(id, p),
+        }
+    }
+}
+
+/// Sends notices to one actor subscriber, in order.
+async fn notify_actor(
+    cluster: colony_cluster::Cluster,
+    from: Address,
+    to: Arc<str>,
+    mut rx: mpsc::Receiver<BrokerNotice>,
+) {
+    let Ok(address) = to.parse::<Address>() else {
+        warn!(subscriber = %to, "actor subscriber address does not parse");
+        return;
+    };
+    while let Some(notice) = rx.recv().await {
+        if let Err(e) = cluster.send(&address, Some(&from), &notice).await {
+            debug!(subscriber = %to, "notice not delivered: {e}");
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    next_id: Arc<AtomicU64>,
+    events: mpsc::Sender<ConnEvent>,
+    closed: mpsc::UnboundedSender<u64>,
+    limits: ConnLimits,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (sock, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let (events, closed) = (events.clone(), closed.clone());
+                match tls.clone() {
+                    None => {
+                        conns.spawn(serve(id, sock, events, closed, limits));
+                    }
+                    Some(acceptor) => {
+                        conns.spawn(async move {
+                            let hs = tokio::time::timeout(super::listener::CONNECT_TIMEOUT, acceptor.accept(sock)).await;
+                            match hs {
+                                Ok(Ok(stream)) => serve(id, stream, events, closed, limits).await,
+                                Ok(Err(e)) => info!(%peer, "TLS handshake refused: {e}"),
+                                Err(_) => info!(%peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
+            }
+            Some(done) = conns.join_next() => {
+                if let Err(e) = done && e.is_panic() {
+                    warn!("a connection task panicked; that client was cut off");
+                }
+            }
+        }
+    }
+}
+
+async fn bind(
+    l: &BrokerListener,
+    ctx: &ActorContext,
+) -> Result<(TcpListener, Option<tokio_rustls::TlsAcceptor>), ActorFailure> {
+    let tls = match &l.tls {
+        Some(t) => Some(
+            tls_acceptor(t, |p| ctx.config.resolve(p))
+                .map_err(|e| ActorFailure::new(format!("listener {}: {e}", l.bind)))?,
+        ),
+        None => None,
+    };
+    let sock = TcpListener::bind(l.bind)
+        .await
+        .map_err(|e| ActorFailure::new(format!("cannot listen on {}: {e}", l.bind)))?;
+    Ok((sock, tls))
+}
+
+/// Runs a broker until it is told to stop.
+pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
+    let ActorSettings::Broker(settings) = ctx.settings() else {
+        return Err(ActorFailure::new(
+            "broker started with another kind's settings",
+        ));
+    };
+    std::fs::create_dir_all(&ctx.data_dir)
+        .map_err(|e| ActorFailure::new(format!("data dir {}: {e}", ctx.data_dir.display())))?;
+    let store = BrokerStore::open(&ctx.data_dir.join("broker.sqlite"))
+        .map_err(|e| ActorFailure::new(e.to_string()))?;
+    let restored = store.load().map_err(|e| ActorFailure::new(e.to_string()))?;
+    let core = BrokerCore::new(policy(&settings), settings.limits.clone(), restored);
+    let mut shell = Shell {
+        core,
+        store,
+        conns: HashMap::new(),
+        notifiers: HashMap::new(),
+        actions: Vec::new(),
+    };
+
+    let (events_tx, mut events) = mpsc::channel::<ConnEvent>(4096);
+    let (closed_tx, mut closed) = mpsc::unbounded_channel::<u64>();
+    let next_id = Arc::new(AtomicU64::new(1));
+    let limits = ConnLimits {
+        max_packet_size: settings.limits.max_packet_size as usize,
+        outgoing_capacity: settings.limits.max_inflight as usize + 4096,
+    };
+    let mut tasks = JoinSet::new();
+    let mut bound = Vec::new();
+    for l in settings.all_listeners() {
+        let (sock, tls) = bind(&l, &ctx).await?;
+        bound.push(format!(
+            "{}{}",
+            if tls.is_some() { "mqtts://" } else { "mqtt://" },
+            sock.local_addr().map_or(l.bind, |a| a)
+        ));
+        tasks.spawn(accept_loop(
+            sock,
+            tls,
+            next_id.clone(),
+            events_tx.clone(),
+            closed_tx.clone(),
+            limits,
+        ));
+    }
+    info!(listeners = ?bound, "broker listening");
+    ctx.started();
+
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = shell.core.counters();
+    let mut ticks: u64 = 0;
+    loop {
+        // Biased: connection events before closes, so a connection's CONNECT (queued before it
+        // could close) is always seen before its end.
+        tokio::select! {
+            biased;
+            event = ctx.next_event() => match event {
+                ActorEvent::Shutdown => {
+                    shell.flush(&ctx, &mut tasks)?;
+                    return Ok(());
+                }
+                ActorEvent::Reconfigure(ActorSettings::Broker(s)) => {
+                    shell.core.set_policy(policy(&s));
+                    shell.core.set_limits(s.limits.clone());
+                    info!("broker users, ACLs and limits updated in place");
+                }
+                ActorEvent::Reconfigure(_) => {}
+                ActorEvent::Message(mut d) => {
+                    let message: BrokerMessage = match d.decode() {
+                        Ok(m) => m,
+                        Err(e) => {
+                            ctx.stats.rejected();
+                            d.reject(e);
+                            continue;
+                        }
+                    };
+                    ctx.stats.handled();
+                    match message {
+                        BrokerMessage::Subscribe { filters, qos, subscriber } => {
+                            let Some(who) = subscriber.or_else(|| d.from.clone()) else {
+                                ctx.stats.rejected();
+                                d.reject(colony_cluster::CallError::Rejected("subscribe needs a sender (or `subscriber`) address".into()));
+                                continue;
+                            };
+                            let granted = shell.core.actor_subscribe(&who.to_string(), &filters, qos);
+                            d.reply(&granted);
+                        }
+                        BrokerMessage::Unsubscribe { filters, subscriber } => {
+                            match subscriber.or_else(|| d.from.clone()) {
+                                Some(who) => {
+                                    shell.core.actor_unsubscribe(&who.to_string(), &filters);
+                                    d.reply(&());
+                                }
+                                None => d.reject(colony_cluster::CallError::Rejected("unsubscribe needs a sender (or `subscriber`) address".into())),
+                            }
+                        }
+                        BrokerMessage::Publish { topic, payload, qos, retain } => {
+                            let ok = shell.core.publish(Message { topic: topic.clone(), payload: payload.into(), qos: qos.min(2), retain });
+                            if ok {
+                                d.reply(&());
+                            } else {
+                                ctx.stats.rejected();
+                                d.reject(colony_cluster::CallError::Rejected(format!("'{topic}' is not a valid topic name")));
+                            }
+                        }
+                        BrokerMessage::Status {} => d.reply(&status(&shell.core, &ctx.stats.detail())),
+                    }
+                    shell.flush(&ctx, &mut tasks)?;
+                }
+            },
+            _ = tick.tick() => {
+                ticks += 1;
+                let now = shell.core.counters();
+                let detail = json!({
+                    "listeners": bound,
+                    "connections": shell.core.connections(),
+                    "sessions": shell.core.sessions(),
+                    "subscriptions": shell.core.subscriptions(),
+                    "retained": shell.core.retained(),
+                    "queued": shell.core.queued(),
+                    "messages_in_per_sec": now.messages_in - last.messages_in,
+                    "messages_out_per_sec": now.messages_out - last.messages_out,
+                    "messages_in": now.messages_in,
+                    "messages_out": now.messages_out,
+                    "dropped": now.dropped,
+                    "denied": now.denied,
+                    "auth_failures": now.auth_failures,
+                    "protocol_errors": now.protocol_errors,
+                });
+                ctx.stats.set_detail(detail);
+                last = now;
+                if ticks % 10 == 1 {
+                    publish_sys(&mut shell.core, started.elapsed());
+                    shell.flush(&ctx, &mut tasks)?;
+                }
+            }
+            Some(ev) = events.recv() => {
+                let mut n = 0;
+                let mut next = Some(ev);
+                while let Some(ev) = next {
+                    if matches!(ev, ConnEvent::Packet(_, Packet::Publish(_))) {
+                        ctx.stats.handled();
+                    }
+                    shell.conn_event(ev);
+                    n += 1;
+                    next = if n < BATCH { events.try_recv().ok() } else { None };
+                }
+                shell.flush(&ctx, &mut tasks)?;
+            }
+            Some(id) = closed.recv() => {
+                shell.conns.remove(&id);
+                shell.core.closed(id);
+                while let Ok(id) = closed.try_recv() {
+                    shell.conns.remove(&id);
+                    shell.core.closed(id);
+                }
+                shell.flush(&ctx, &mut tasks)?;
+            }
+            Some(done) = tasks.join_next() => {
+                if let Err(e) = done && e.is_panic() {
+                    return Err(ActorFailure::new("a broker listener task panicked"));
+                }
+            }
+        }
+    }
+}
+
+fn status(core: &BrokerCore, detail: &serde_json::Value) -> serde_json::Value {
+    let subs: serde_json::Map<String, serde_json::Value> = core
+        .actor_subscriptions()
+        .iter()
+        .map(|(a, f)| (a.to_string(), json!(f)))
+        .collect();
+    json!({ "detail": detail, "actor_subscriptions": subs })
+}
+
+fn publish_sys(core: &mut BrokerCore, uptime: Duration) {
+    let c = core.counters();
+    let values = [
+        (
+            "$SYS/broker/version",
+            format!("colony {}", env!("CARGO_PKG_VERSION")),
+        ),
+        (
+            "$SYS/broker/uptime",
+            format!("{} seconds", uptime.as_secs()),
+        ),
+        (
+            "$SYS/broker/clients/connected",
+            core.connections().to_string(),
+        ),
+        (
+            "$SYS/broker/subscriptions/count",
+            core.subscriptions().to_string(),
+        ),
+        (
+            "$SYS/broker/retained messages/count",
+            core.retained().to_string(),
+        ),
+        ("$SYS/broker/messages/received", c.messages_in.to_string()),
+        ("$SYS/broker/messages/sent", c.messages_out.to_string()),
+        ("$SYS/broker/messages/dropped", c.dropped.to_string()),
+        ("$SYS/broker/clients/denied", c.denied.to_string()),
+        (
+            "$SYS/broker/clients/auth_failures",
+            c.auth_failures.to_string(),
+        ),
+    ];
+    for (topic, value) in values {
+        core.publish_sys(topic, value);
+    }
+}

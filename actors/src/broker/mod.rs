@@ -1,0 +1,121 @@
+//! The broker: an MQTT 3.1.1 broker for real clients over TCP and TLS, that actors can subscribe
+//! to and publish into by address.
+//!
+//! Clients connect on any of the configured listeners (plain TCP, or TLS optionally requiring a
+//! client certificate from `client_ca`). Each connection is its own task under the broker actor:
+//! a client that breaks the protocol, sends an oversize packet or goes silent past its keepalive
+//! is cut off and nobody else notices. Logins check argon2 password hashes (anonymous clients only
+//! with `allow_anonymous = true`); ACL rules with `%u`/`%c` decide who may publish and subscribe
+//! where. Failed logins and ACL denials are logged without secrets and counted in status.
+//!
+//! QoS 0, 1 and 2 work end to end with per-client in-flight windows (`limits.max_inflight`) and
+//! queues (`limits.max_queued`); retained messages, wills, `$share/group/filter` subscriptions and
+//! `$SYS/broker/...` statistics are there. Persistent sessions (clean session off), their queued
+//! and in-flight QoS 1/2 messages, retained messages and actor subscriptions live in SQLite in the
+//! actor's data directory (`broker.sqlite`), written before the packets that depend on them go
+//! out, so they survive client disconnects and the broker actor's restart or kill.
+//!
+//! Messages ([`BrokerMessage`]): `subscribe {filters, qos}` (the sender, or `subscriber`, then
+//! receives a [`BrokerNotice::Publish`] for every matching publish; the reply is the granted QoS
+//! per filter, `null` for an invalid one), `unsubscribe {filters}` (all when empty), `publish
+//! {topic, payload, qos, retain}` and `status {}`.
+//!
+//! Users, ACL rules, `allow_anonymous` and limits reload in place; listeners need a restart. A
+//! listener that cannot be bound, or TLS files that do not load, fail the start. The store
+//! failing fails the actor (its supervisor restarts it; sessions come back from disk).
+//!
+//! Not yet: MQTT 5 (a v5 CONNECT is refused with "unacceptable protocol version") and MQTT 3.1.
+//!
+//! The logic is in pure modules: [`topic`] (filters and the subscription trie), [`session`]
+//! (in-flight windows and queues), [`retained`], [`auth`] (passwords and ACLs), [`core`] (the
+//! protocol state machine) and [`codec`] (framing with rumqttc's `mqttbytes`); [`store`] is the
+//! SQLite file and [`listener`] the sockets.
+
+mod actor;
+pub mod auth;
+pub mod codec;
+pub mod core;
+pub mod listener;
+pub mod retained;
+pub mod session;
+pub mod store;
+pub mod topic;
+
+pub use actor::run;
+pub use auth::hash_password;
+
+use colony_cluster::Address;
+use serde::{Deserialize, Serialize};
+
+/// What the broker accepts from other actors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerMessage {
+    /// Subscribe the sender (or `subscriber`) to `filters`; matching publishes arrive as
+    /// [`BrokerNotice::Publish`]. Replies with the granted QoS per filter (`None` if invalid).
+    Subscribe {
+        /// Topic filters, wildcards and `$share/group/...` allowed.
+        filters: Vec<String>,
+        /// Maximum QoS wanted.
+        #[serde(default)]
+        qos: u8,
+        /// Who receives the notices, when not the sender.
+        #[serde(default)]
+        subscriber: Option<Address>,
+    },
+    /// Removes the sender's (or `subscriber`'s) subscriptions to `filters`, or all when empty.
+    Unsubscribe {
+        /// Topic filters as subscribed.
+        #[serde(default)]
+        filters: Vec<String>,
+        /// Whose subscriptions, when not the sender's.
+        #[serde(default)]
+        subscriber: Option<Address>,
+    },
+    /// Publishes into the broker as a client would.
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// Payload (bytes; a string in JSON).
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+        /// QoS 0, 1 or 2.
+        #[serde(default)]
+        qos: u8,
+        /// Retain flag.
+        #[serde(default)]
+        retain: bool,
+    },
+    /// Replies with the broker's status (the detail `colony ctl status` shows, and the actor
+    /// subscriptions).
+    Status {},
+}
+
+/// What the broker sends an actor subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerNotice {
+    /// A publish matching one of the actor's filters.
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// Payload.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+        /// QoS (the lower of the publish and the subscription).
+        qos: u8,
+        /// True for a retained message sent on subscribing.
+        retain: bool,
+    },
+}
+
+impl From<session::Message> for BrokerNotice {
+    fn from(m: session::Message) -> Self {
+        BrokerNotice::Publish {
+            topic: m.topic,
+            payload: m.payload.to_vec(),
+            qos: m.qos,
+            retain: m.retain,
+        }
+    }
+}

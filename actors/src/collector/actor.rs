@@ -1,0 +1,555 @@
+//! The collector actor: a mailbox, a UDP socket and an MQTT session around the tracker, the
+//! batcher and the store.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use colony_cluster::{Address, CallError, Delivery};
+use colony_config::ActorSettings;
+use colony_config::kinds::{CollectorSettings, CollectorVia};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
+use serde_json::json;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::batch::Batcher;
+use super::sequence::SequenceTracker;
+use super::store::{Commit, Reject, Store, StoredReading, unix_ms};
+use super::{CollectorMessage, CollectorQuery};
+use crate::broker::BrokerMessage;
+use crate::host::{ActorContext, ActorEvent, ActorFailure};
+use crate::mqtt_client::MqttTarget;
+use crate::reading::{self, Reading};
+
+/// Publishes taken from the MQTT session before they must be committed and acknowledged (the
+/// broker stops sending at its in-flight window, so waiting longer only adds latency).
+const ACK_WINDOW: usize = 32;
+/// Rejected payloads are kept up to this size.
+const REJECT_KEEP: usize = 4096;
+/// Sources listed one by one in status.
+const STATUS_SOURCES: usize = 20;
+
+enum Item {
+    Reading(StoredReading),
+    Reject(Reject),
+}
+
+#[derive(Default)]
+struct Counters {
+    received: u64,
+    stored: u64,
+    rejected: u64,
+    duplicates: u64,
+    commits: u64,
+    commands: u64,
+}
+
+struct Collector {
+    settings: CollectorSettings,
+    db_path: PathBuf,
+    data_dir: PathBuf,
+    store: Store,
+    tracker: SequenceTracker,
+    batch: Batcher<Item>,
+    acks: Vec<Publish>,
+    seen: HashMap<String, (Option<String>, u64)>,
+    devices: HashMap<String, SocketAddr>,
+    n: Counters,
+}
+
+fn fail(e: impl std::fmt::Display) -> ActorFailure {
+    ActorFailure::new(e.to_string())
+}
+
+impl Collector {
+    /// Decodes a payload and queues it (or its reject).
+    fn ingest(
+        &mut self,
+        payload: &[u8],
+        origin: String,
+        fallback_source: &str,
+        addr: Option<SocketAddr>,
+        now: Instant,
+    ) {
+        match reading::decode(payload, self.settings.format) {
+            Ok(r) => self.ingest_reading(r, origin, fallback_source, addr, now),
+            Err(e) => self.reject(origin, e.to_string(), payload, now),
+        }
+    }
+
+    fn reject(&mut self, origin: String, reason: String, payload: &[u8], now: Instant) {
+        self.n.received += 1;
+        self.n.rejected += 1;
+        debug!(%origin, %reason, "reading rejected");
+        let r = Reject {
+            received_ms: unix_ms(),
+            origin,
+            reason,
+            payload: payload[..payload.len().min(REJECT_KEEP)].to_vec(),
+        };
+        self.batch.push(Item::Reject(r), now);
+    }
+
+    fn ingest_reading(
+        &mut self,
+        mut r: Reading,
+        topic: String,
+        fallback_source: &str,
+        addr: Option<SocketAddr>,
+        now: Instant,
+    ) {
+        if let Err(e) = r.validate() {
+            let payload = serde_json::to_vec(&r).unwrap_or_default();
+            return self.reject(topic, e.to_string(), &payload, now);
+        }
+        self.n.received += 1;
+        if r.source.is_empty() {
+            r.source = fallback_source.to_owned();
+        }
+        let mut flags = Vec::new();
+        if r.requested {
+            flags.push("requested");
+        }
+        let mut epoch = 0;
+        if let Some(seq) = r.seq {
+            let event = self.tracker.observe(&r.source, seq, r.ts);
+            if !event.is_new() {
+                self.n.duplicates += 1;
+                return;
+            }
+            if !event.as_str().is_empty() {
+                flags.push(event.as_str());
+            }
+            epoch = self.tracker.source(&r.source).map_or(0, |s| s.epoch);
+        }
+        if let Some(addr) = addr {
+            self.devices.insert(r.source.clone(), addr);
+            self.seen
+                .insert(r.source.clone(), (Some(addr.to_string()), unix_ms()));
+        }
+        let item = StoredReading {
+            reading: r,
+            epoch,
+            topic,
+            received_ms: unix_ms(),
+            flags: flags.join(","),
+        };
+        self.batch.push(Item::Reading(item), now);
+    }
+
+    /// Commits the batch, then acknowledges the publishes it holds.
+    async fn flush(&mut self, mqtt: Option<&AsyncClient>) -> Result<(), ActorFailure> {
+        if !self.batch.is_empty() || !self.seen.is_empty() {
+            let mut c = Commit::default();
+            for item in self.batch.take() {
+                match item {
+                    Item::Reading(r) => c.readings.push(r),
+                    Item::Reject(r) => c.rejects.push(r),
+                }
+            }
+            c.sources = self.tracker.take_changed();
+            c.seen = self
+                .seen
+                .drain()
+                .map(|(s, (addr, at))| (s, addr, at))
+                .collect();
+            let inserted = self.store.commit(&c).map_err(fail)?;
+            self.n.stored += inserted;
+            self.n.duplicates += c.readings.len() as u64 - inserted;
+            self.n.commits += 1;
+        }
+        if let Some(client) = mqtt {
+            for p in self.acks.drain(..) {
+                if client.try_ack(&p).is_err() && client.ack(&p).await.is_err() {
+                    // The session is gone; the broker will redeliver, the tracker drops it.
+                    break;
+                }
+            }
+        } else {
+            self.acks.clear();
+        }
+        Ok(())
+    }
+
+    fn detail(&self, broker_connected: Option<bool>, udp: Option<SocketAddr>) -> serde_json::Value {
+        let (gaps, _) = self.tracker.totals();
+        let mut sources: Vec<_> = self.tracker.sources().collect();
+        sources.sort_by(|a, b| b.1.gaps().cmp(&a.1.gaps()).then(a.0.cmp(b.0)));
+        let per_source: Vec<_> = sources
+            .iter()
+            .take(STATUS_SOURCES)
+            .map(|(name, s)| {
+                json!({
+                    "source": name, "received": s.counters.received, "highest": s.highest,
+                    "gaps": s.gaps(), "duplicates": s.counters.duplicates,
+                    "reordered": s.counters.reordered, "resets": s.counters.resets,
+                })
+            })
+            .collect();
+        json!({
+            "database": self.db_path,
+            "received": self.n.received,
+            "stored": self.n.stored,
+            "rejected": self.n.rejected,
+            "duplicates": self.n.duplicates,
+            "gaps": gaps,
+            "sources": self.tracker.len(),
+            "pending": self.batch.len(),
+            "commits": self.n.commits,
+            "commands_sent": self.n.commands,
+            "udp": udp,
+            "broker_connected": broker_connected,
+            "per_source": per_source,
+        })
+    }
+
+    fn query(&self, q: CollectorQuery) -> Result<serde_json::Value, String> {
+        let e = |e: super::store::StoreError| e.to_string();
+        Ok(match q {
+            CollectorQuery::Latest { source, limit } => {
+                json!(
+                    self.store
+                        .latest(source.as_deref(), limit.unwrap_or(10).min(10_000))
+                        .map_err(e)?
+                )
+            }
+            CollectorQuery::LatestPerSource {} => json!(self.store.latest_per_source().map_err(e)?),
+            CollectorQuery::Counts { source } => {
+                let per_source = self.store.counts(source.as_deref()).map_err(e)?;
+                let (readings, rejects) = self.store.totals().map_err(e)?;
+                let gaps: u64 = per_source.iter().map(|c| c.gaps).sum();
+                let duplicates: u64 = per_source.iter().map(|c| c.duplicates).sum();
+                json!({
+                    "readings": readings, "rejects": rejects, "sources": per_source.len(),
+                    "gaps": gaps, "duplicates": duplicates, "per_source": per_source,
+                })
+            }
+            CollectorQuery::Gaps { source } => {
+                json!(self.store.gaps(source.as_deref()).map_err(e)?)
+            }
+            CollectorQuery::Rejects { limit } => json!(
+                self.store
+                    .rejects(limit.unwrap_or(10).min(10_000))
+                    .map_err(e)?
+            ),
+        })
+    }
+
+    fn export(
+        &self,
+        path: Option<String>,
+        source: Option<String>,
+    ) -> Result<serde_json::Value, String> {
+        let path = match path {
+            Some(p) => resolve(&self.data_dir, PathBuf::from(p)),
+            None => self.data_dir.join(format!("export-{}.csv", unix_ms())),
+        };
+        let rows = self
+            .store
+            .export_csv(&path, source.as_deref())
+            .map_err(|e| format!("export to {}: {e}", path.display()))?;
+        Ok(json!({ "path": path, "rows": rows }))
+    }
+}
+
+fn resolve(dir: &std::path::Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() { p } else { dir.join(p) }
+}
+
+/// The MQTT session: connects, subscribes on every (re)connect, and forwards publishes.
+async fn mqtt_session(
+    mut events: EventLoop,
+    client: AsyncClient,
+    topics: Vec<String>,
+    qos: QoS,
+    tx: mpsc::Sender<Publish>,
+    connected: Arc<AtomicBool>,
+) {
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected.store(true, Ordering::Relaxed);
+                for t in &topics {
+                    if let Err(e) = client.try_subscribe(t.clone(), qos) {
+                        warn!("cannot subscribe to {t}: {e}");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(p).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if connected.swap(false, Ordering::Relaxed) {
+                    warn!("broker session lost: {e}");
+                } else {
+                    debug!("broker not reachable: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn recv_udp(udp: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match udp {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_mqtt(rx: &mut Option<mpsc::Receiver<Publish>>) -> Option<Publish> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a collector until it is told to stop.
+pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
+    let ActorSettings::Collector(settings) = ctx.settings() else {
+        return Err(fail("collector started with another kind's settings"));
+    };
+    let db_path = resolve(&ctx.data_dir, settings.database.clone());
+    let store = Store::open(&db_path).map_err(|e| fail(format!("{}: {e}", db_path.display())))?;
+    let mut tracker = SequenceTracker::new();
+    let mut devices = HashMap::new();
+    for row in store.load_sources().map_err(fail)? {
+        if let Some(addr) = row.last_addr.as_deref().and_then(|a| a.parse().ok()) {
+            devices.insert(row.source.clone(), addr);
+        }
+        tracker.restore(row.source, row.state);
+    }
+    let udp = match settings.source.udp {
+        Some(addr) => Some(
+            UdpSocket::bind(addr)
+                .await
+                .map_err(|e| fail(format!("cannot bind UDP {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let udp_addr = udp.as_ref().and_then(|s| s.local_addr().ok());
+    let qos = if settings.qos >= 1 {
+        QoS::AtLeastOnce
+    } else {
+        QoS::AtMostOnce
+    };
+
+    // The broker source.
+    let mut mqtt_client = None;
+    let mut mqtt_rx = None;
+    let connected = Arc::new(AtomicBool::new(false));
+    let mut actor_subscribed = true;
+    if let Some(broker) = &settings.source.broker {
+        match settings.source.via {
+            CollectorVia::Mqtt => {
+                let target = MqttTarget::colony_broker(&ctx.config, broker, ctx.address.node())
+                    .map_err(fail)?;
+                let id = format!(
+                    "colony-collector-{}-{}",
+                    ctx.address.node(),
+                    ctx.address.actor()
+                );
+                let mut o = target.options(&id, Duration::from_secs(10));
+                o.set_clean_session(false);
+                o.set_manual_acks(true);
+                let (client, events) = AsyncClient::new(o, 10_000);
+                let (tx, rx) = mpsc::channel(1024);
+                tokio::spawn(mqtt_session(
+                    events,
+                    client.clone(),
+                    settings.source.topics.clone(),
+                    qos,
+                    tx,
+                    connected.clone(),
+                ));
+                info!(broker = %broker, ?target, "collecting from broker over MQTT");
+                mqtt_client = Some(client);
+                mqtt_rx = Some(rx);
+            }
+            CollectorVia::Actor => actor_subscribed = false,
+        }
+    }
+    let mut c = Collector {
+        batch: Batcher::new(
+            settings.batch_size,
+            Duration::from_millis(settings.flush_ms),
+        ),
+        settings,
+        db_path,
+        data_dir: ctx.data_dir.clone(),
+        store,
+        tracker,
+        acks: Vec::new(),
+        seen: HashMap::new(),
+        devices,
+        n: Counters::default(),
+    };
+    ctx.started();
+
+    let mut buf = vec![0u8; 65_536];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        let deadline = c.batch.deadline();
+        tokio::select! {
+            event = ctx.next_event() => match event {
+                ActorEvent::Shutdown => break Ok(()),
+                ActorEvent::Reconfigure(ActorSettings::Collector(s)) => {
+                    c.batch.set_bounds(s.batch_size, Duration::from_millis(s.flush_ms));
+                    c.settings.format = s.format;
+                    c.settings.batch_size = s.batch_size;
+                    c.settings.flush_ms = s.flush_ms;
+                }
+                ActorEvent::Reconfigure(_) => {}
+                ActorEvent::Message(d) => {
+                    if let Err(e) = handle(&mut c, &ctx, d, udp.as_ref(), mqtt_client.as_ref(), udp_addr, &connected).await {
+                        break Err(e);
+                    }
+                }
+            },
+            r = recv_udp(udp.as_ref(), &mut buf) => match r {
+                Ok((n, from)) => {
+                    ctx.stats.handled();
+                    let origin = format!("udp:{from}");
+                    let rejected = c.n.rejected;
+                    c.ingest(&buf[..n], origin.clone(), &origin, Some(from), Instant::now());
+                    if c.n.rejected > rejected { ctx.stats.rejected(); }
+                }
+                Err(e) => debug!("UDP receive: {e}"),
+            },
+            p = recv_mqtt(&mut mqtt_rx) => match p {
+                Some(p) => {
+                    ctx.stats.handled();
+                    let topic = p.topic.clone();
+                    let rejected = c.n.rejected;
+                    c.ingest(&p.payload, topic.clone(), &topic, None, Instant::now());
+                    if c.n.rejected > rejected { ctx.stats.rejected(); }
+                    c.acks.push(p);
+                    let idle = mqtt_rx.as_ref().is_some_and(|rx| rx.is_empty());
+                    if (idle || c.acks.len() >= ACK_WINDOW)
+                        && let Err(e) = c.flush(mqtt_client.as_ref()).await
+                    {
+                        break Err(e);
+                    }
+                }
+                None => break Err(fail("the MQTT session ended")),
+            },
+            _ = sleep_until(deadline) => {}
+            _ = tick.tick() => {
+                if !actor_subscribed && let Some(broker) = &c.settings.source.broker {
+                    let m = BrokerMessage::Subscribe { filters: c.settings.source.topics.clone(), qos: c.settings.qos, subscriber: None };
+                    let r: Result<Vec<Option<u8>>, CallError> = ctx.cluster.call(broker, Some(&ctx.address), &m, Some(Duration::from_secs(2))).await;
+                    match r {
+                        Ok(_) => { actor_subscribed = true; info!(%broker, "subscribed as an actor"); }
+                        Err(e) => debug!(%broker, "actor subscription not yet accepted: {e}"),
+                    }
+                }
+                ctx.stats.set_detail(c.detail(mqtt_client.as_ref().map(|_| connected.load(Ordering::Relaxed)), udp_addr));
+            }
+        }
+        if c.batch.is_due(Instant::now())
+            && let Err(e) = c.flush(mqtt_client.as_ref()).await
+        {
+            break Err(e);
+        }
+    };
+    // Commit what is pending, even when failing for another reason.
+    let flushed = c.flush(mqtt_client.as_ref()).await;
+    if let Some(client) = mqtt_client {
+        let _ = client.try_disconnect();
+    }
+    ctx.stats.set_detail(c.detail(None, udp_addr));
+    result.and(flushed)
+}
+
+async fn handle(
+    c: &mut Collector,
+    ctx: &ActorContext,
+    mut d: Delivery,
+    udp: Option<&UdpSocket>,
+    mqtt: Option<&AsyncClient>,
+    udp_addr: Option<SocketAddr>,
+    connected: &AtomicBool,
+) -> Result<(), ActorFailure> {
+    let message: CollectorMessage = match d.decode() {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.stats.rejected();
+            d.reject(e);
+            return Ok(());
+        }
+    };
+    ctx.stats.handled();
+    let now = Instant::now();
+    let sender = d
+        .from
+        .as_ref()
+        .map_or_else(|| "actor".to_owned(), Address::to_string);
+    match message {
+        CollectorMessage::Reading { reading, topic } => {
+            let topic = topic.unwrap_or_else(|| format!("actor:{sender}"));
+            c.ingest_reading(reading, topic, &sender, None, now);
+            d.reply(&());
+        }
+        CollectorMessage::Publish { topic, payload, .. } => {
+            c.ingest(&payload, topic.clone(), &topic, None, now);
+            d.reply(&());
+        }
+        CollectorMessage::Query(q) => {
+            c.flush(mqtt).await?;
+            match c.query(q) {
+                Ok(v) => d.reply(&v),
+                Err(e) => d.reject(CallError::Rejected(e)),
+            }
+        }
+        CollectorMessage::Export { path, source } => {
+            c.flush(mqtt).await?;
+            match c.export(path, source) {
+                Ok(v) => d.reply(&v),
+                Err(e) => d.reject(CallError::Rejected(e)),
+            }
+        }
+        CollectorMessage::Command { device, payload } => {
+            let outcome = match (udp, c.devices.get(&device)) {
+                (None, _) => Err("this collector has no UDP source".to_owned()),
+                (_, None) => Err(format!("no address known for device '{device}'")),
+                (Some(sock), Some(addr)) => sock
+                    .send_to(payload.as_bytes(), addr)
+                    .await
+                    .map(|n| json!({ "sent_to": addr, "bytes": n }))
+                    .map_err(|e| format!("send to {addr}: {e}")),
+            };
+            match outcome {
+                Ok(v) => {
+                    c.n.commands += 1;
+                    info!(%device, "downstream command sent");
+                    d.reply(&v)
+                }
+                Err(e) => d.reject(CallError::Rejected(e)),
+            }
+        }
+        CollectorMessage::Flush {} => {
+            c.flush(mqtt).await?;
+            d.reply(&json!({ "stored": c.n.stored, "rejected": c.n.rejected }));
+        }
+        CollectorMessage::Status {} => {
+            d.reply(&c.detail(mqtt.map(|_| connected.load(Ordering::Relaxed)), udp_addr))
+        }
+    }
+    Ok(())
+}

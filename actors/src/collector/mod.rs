@@ -1,0 +1,134 @@
+//! The collector: takes readings from a broker, from devices over UDP and from other actors,
+//! checks them, tracks each source's sequence numbers and stores them in SQLite.
+//!
+//! Sources, any combination:
+//! - `source = { broker = "node/broker", topics = ["outTopic/#"] }`: by default the collector is an
+//!   MQTT client of that broker's plain TCP listener with a persistent session (clean session
+//!   off, client id `colony-collector-NODE-NAME`) and acknowledges a QoS 1 publish only after the
+//!   transaction holding it has committed; the broker redelivers whatever was not acknowledged
+//!   when the collector died, and the sequence tracker drops what was already stored. With
+//!   `via = "actor"` it subscribes by address instead (at most once: a reading in the
+//!   collector's batch when it is killed is lost).
+//! - `source = { udp = "0.0.0.0:6001" }`: each datagram is one reading. The collector remembers
+//!   each device's last address (in memory and in the `sources` table) so that a `command`
+//!   message can send it a datagram.
+//! - Messages: `reading` (host and probe sensors send these) and `publish` (the broker's notice
+//!   to actor subscribers).
+//!
+//! Each payload is decoded per `format` (JSON, CBOR or gas text; all are tried when unset). A
+//! payload that is not a valid reading is counted and stored in `rejects` with the reason; the
+//! collector carries on. The source of a reading is its `source` field (the MAC for gas text),
+//! else the MQTT topic, `udp:ADDR` or the sending actor's address.
+//!
+//! Storage ([`store`]): the `database` file (relative to the actor's data directory) in WAL mode;
+//! a transaction commits `batch_size` readings or whatever waited `flush_ms`, and on shutdown.
+//! Tables: `readings` (source, epoch, seq, topic, value = the value named `value` or the first,
+//! `values` = JSON of all values, sensor_type, ip, mac, sent_ms = the sensor's timestamp,
+//! received_ms, flags = `requested`, `first`, `gap`, `late`, `reset`), `rejects` (received_ms,
+//! origin, reason, payload) and `sources` (the [`sequence`] tracker's state per source, with the
+//! last address). A reading is unique per (source, epoch, seq); duplicates are counted, not
+//! stored. Query it with `sqlite3 FILE 'select source, count(*) from readings group by 1'`.
+//!
+//! Messages ([`CollectorMessage`]): `query` (`latest`, `latest_per_source`, `counts`, `gaps`,
+//! `rejects`), `export` (CSV; replies with the file's path), `command` (a datagram to a UDP
+//! device), `flush`, `status`. Queries and exports commit the pending batch first.
+//!
+//! Reloads in place: `batch_size`, `flush_ms`, `format`. Anything else restarts the actor. A
+//! database that cannot be opened or a UDP port that cannot be bound fails the start; a failed
+//! commit fails the actor (its supervisor restarts it; nothing unacknowledged was acknowledged).
+
+mod actor;
+pub mod batch;
+pub mod sequence;
+pub mod store;
+
+pub use actor::run;
+
+use serde::{Deserialize, Serialize};
+
+use crate::reading::Reading;
+
+/// What the collector accepts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectorMessage {
+    /// A reading from an actor (host and probe sensors).
+    Reading {
+        /// The reading; an empty source is replaced by the sender's address.
+        reading: Reading,
+        /// Stored as the reading's topic; `actor:SENDER` when absent.
+        #[serde(default)]
+        topic: Option<String>,
+    },
+    /// A broker's notice to an actor subscriber (same shape as the broker's `publish` notice).
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// Payload.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+        /// QoS.
+        #[serde(default)]
+        qos: u8,
+        /// Retained.
+        #[serde(default)]
+        retain: bool,
+    },
+    /// Answers a query (after committing what is pending).
+    Query(CollectorQuery),
+    /// Writes readings as CSV; replies `{"path": …, "rows": …}`.
+    Export {
+        /// The file (relative to the actor's data directory); `export-<ms>.csv` when absent.
+        #[serde(default)]
+        path: Option<String>,
+        /// Only this source.
+        #[serde(default)]
+        source: Option<String>,
+    },
+    /// Sends `payload` as one datagram to the UDP device `device` (its last address).
+    Command {
+        /// The device's source name (a MAC for gas text, or its `source` field).
+        device: String,
+        /// The datagram.
+        payload: String,
+    },
+    /// Commits the pending batch now; replies with the totals.
+    Flush {},
+    /// Replies with the status detail.
+    Status {},
+}
+
+/// Questions the collector answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectorQuery {
+    /// The latest readings, newest first.
+    Latest {
+        /// Only this source.
+        #[serde(default)]
+        source: Option<String>,
+        /// At most this many (default 10, at most 10,000).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// The latest reading of every source.
+    LatestPerSource {},
+    /// Stored, received, gaps, duplicates per source, and totals.
+    Counts {
+        /// Only this source.
+        #[serde(default)]
+        source: Option<String>,
+    },
+    /// Missing sequence numbers per source.
+    Gaps {
+        /// Only this source.
+        #[serde(default)]
+        source: Option<String>,
+    },
+    /// The latest rejects.
+    Rejects {
+        /// At most this many (default 10).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+}

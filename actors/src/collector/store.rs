@@ -1,0 +1,541 @@
+//! The collector's SQLite file: readings, rejects and per-source sequence state.
+//!
+//! The file is in WAL mode with `synchronous = NORMAL`: a committed transaction survives the
+//! process dying (an OS crash or power cut may lose the last transactions, never corrupt the
+//! file). Every commit writes one batch of readings, rejects and the sequence state of the
+//! sources they came from together, so the data and the tracker never disagree.
+//!
+//! Schema (see the module doc of [`super`] for what each column means):
+//!
+//! ```sql
+//! CREATE TABLE readings (id INTEGER PRIMARY KEY, source TEXT NOT NULL, epoch INTEGER NOT NULL,
+//!     seq INTEGER, topic TEXT NOT NULL, value REAL, "values" TEXT NOT NULL, sensor_type TEXT,
+//!     ip TEXT, mac TEXT, sent_ms INTEGER, received_ms INTEGER NOT NULL, flags TEXT NOT NULL);
+//! CREATE UNIQUE INDEX readings_source_seq ON readings (source, epoch, seq);
+//! CREATE TABLE rejects (id INTEGER PRIMARY KEY, received_ms INTEGER NOT NULL,
+//!     origin TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB NOT NULL);
+//! CREATE TABLE sources (source TEXT PRIMARY KEY, epoch INTEGER NOT NULL, highest INTEGER NOT NULL,
+//!     highest_ts INTEGER, missing TEXT NOT NULL, received INTEGER NOT NULL, lost INTEGER NOT NULL,
+//!     duplicates INTEGER NOT NULL, reordered INTEGER NOT NULL, resets INTEGER NOT NULL,
+//!     last_seen_ms INTEGER, last_addr TEXT);
+//! ```
+
+use std::io::Write;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use super::sequence::{SeqCounters, SourceState};
+use crate::reading::Reading;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS readings (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER,
+    topic TEXT NOT NULL,
+    value REAL,
+    "values" TEXT NOT NULL,
+    sensor_type TEXT,
+    ip TEXT,
+    mac TEXT,
+    sent_ms INTEGER,
+    received_ms INTEGER NOT NULL,
+    flags TEXT NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX IF NOT EXISTS readings_source_seq ON readings (source, epoch, seq);
+CREATE TABLE IF NOT EXISTS rejects (
+    id INTEGER PRIMARY KEY,
+    received_ms INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sources (
+    source TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    highest INTEGER NOT NULL,
+    highest_ts INTEGER,
+    missing TEXT NOT NULL,
+    received INTEGER NOT NULL,
+    lost INTEGER NOT NULL,
+    duplicates INTEGER NOT NULL,
+    reordered INTEGER NOT NULL,
+    resets INTEGER NOT NULL,
+    last_seen_ms INTEGER,
+    last_addr TEXT
+);
+"#;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A file could not be written.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A reading ready to store.
+#[derive(Debug, Clone)]
+pub struct StoredReading {
+    /// The reading (its source filled in).
+    pub reading: Reading,
+    /// The sequence epoch.
+    pub epoch: u32,
+    /// Where it came from: the MQTT topic, `udp:ADDR`, or `actor:ADDRESS`.
+    pub topic: String,
+    /// When the collector received it, Unix ms.
+    pub received_ms: u64,
+    /// Comma-separated flags: `requested`, `first`, `gap`, `late`, `reset`.
+    pub flags: String,
+}
+
+/// A payload that was not a reading.
+#[derive(Debug, Clone)]
+pub struct Reject {
+    /// When it arrived, Unix ms.
+    pub received_ms: u64,
+    /// Where it came from (as `topic` of a reading).
+    pub origin: String,
+    /// Why it was refused.
+    pub reason: String,
+    /// The payload as received (truncated to 4 KiB).
+    pub payload: Vec<u8>,
+}
+
+/// One transaction's worth of writes.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// Readings.
+    pub readings: Vec<StoredReading>,
+    /// Rejects.
+    pub rejects: Vec<Reject>,
+    /// Sources whose sequence state changed.
+    pub sources: Vec<(String, SourceState)>,
+    /// Sources' last addresses and when they were seen.
+    pub seen: Vec<(String, Option<String>, u64)>,
+}
+
+/// A source as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceRow {
+    /// Its name.
+    pub source: String,
+    /// Sequence state.
+    pub state: SourceState,
+    /// The last address it sent from (UDP devices).
+    pub last_addr: Option<String>,
+}
+
+/// Per-source figures a query returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceCounts {
+    /// The source.
+    pub source: String,
+    /// Readings stored.
+    pub stored: u64,
+    /// Readings received with a sequence number.
+    pub received: u64,
+    /// Gaps (missing now plus lost).
+    pub gaps: u64,
+    /// Duplicates received (not stored).
+    pub duplicates: u64,
+    /// Late readings.
+    pub reordered: u64,
+    /// Resets.
+    pub resets: u64,
+    /// Highest sequence number of the current epoch.
+    pub highest: u64,
+}
+
+/// The collector's database.
+pub struct Store {
+    conn: Connection,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Opens (creating if needed) the file at `path` in WAL mode.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    /// Every stored source with its sequence state.
+    pub fn load_sources(&self) -> Result<Vec<SourceRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT source, epoch, highest, highest_ts, missing, received, lost, duplicates, \
+             reordered, resets, last_addr FROM sources",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let missing: String = r.get(4)?;
+            Ok(SourceRow {
+                source: r.get(0)?,
+                state: SourceState {
+                    epoch: r.get(1)?,
+                    highest: r.get::<_, i64>(2)? as u64,
+                    highest_ts: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                    missing: serde_json::from_str(&missing).unwrap_or_default(),
+                    counters: SeqCounters {
+                        received: r.get::<_, i64>(5)? as u64,
+                        lost: r.get::<_, i64>(6)? as u64,
+                        duplicates: r.get::<_, i64>(7)? as u64,
+                        reordered: r.get::<_, i64>(8)? as u64,
+                        resets: r.get::<_, i64>(9)? as u64,
+                    },
+                },
+                last_addr: r.get(10)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Writes a batch in one transaction; returns how many readings were new (a reading
+    /// already stored under the same source, epoch and number is skipped).
+    pub fn commit(&mut self, c: &Commit) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut inserted = 0;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR IGNORE INTO readings (source, epoch, seq, topic, value, \"values\", \
+                 sensor_type, ip, mac, sent_ms, received_ms, flags) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for r in &c.readings {
+                let rd = &r.reading;
+                let value = rd
+                    .values
+                    .get("value")
+                    .or_else(|| rd.values.values().next())
+                    .copied();
+                let values = serde_json::to_string(&rd.values).unwrap_or_default();
+                inserted += ins.execute(params![
+                    rd.source,
+                    r.epoch,
+                    rd.seq.map(i),
+                    r.topic,
+                    value,
+                    values,
+                    rd.sensor_type,
+                    rd.ip,
+                    rd.mac,
+                    rd.ts.map(i),
+                    i(r.received_ms),
+                    r.flags,
+                ])? as u64;
+            }
+            let mut rej = tx.prepare_cached(
+                "INSERT INTO rejects (received_ms, origin, reason, payload) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for r in &c.rejects {
+                rej.execute(params![i(r.received_ms), r.origin, r.reason, r.payload])?;
+            }
+            let mut src = tx.prepare_cached(
+                "INSERT INTO sources (source, epoch, highest, highest_ts, missing, received, lost, \
+                 duplicates, reordered, resets) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT (source) DO UPDATE SET epoch = ?2, highest = ?3, highest_ts = ?4, \
+                 missing = ?5, received = ?6, lost = ?7, duplicates = ?8, reordered = ?9, resets = ?10",
+            )?;
+            for (name, s) in &c.sources {
+                let missing = serde_json::to_string(&s.missing).unwrap_or_else(|_| "[]".into());
+                let k = &s.counters;
+                src.execute(params![
+                    name,
+                    s.epoch,
+                    i(s.highest),
+                    s.highest_ts.map(i),
+                    missing,
+                    i(k.received),
+                    i(k.lost),
+                    i(k.duplicates),
+                    i(k.reordered),
+                    i(k.resets),
+                ])?;
+            }
+            let mut seen = tx.prepare_cached(
+                "INSERT INTO sources (source, epoch, highest, missing, received, lost, duplicates, \
+                 reordered, resets, last_seen_ms, last_addr) VALUES (?1, 0, 0, '[]', 0, 0, 0, 0, 0, ?2, ?3) \
+                 ON CONFLICT (source) DO UPDATE SET last_seen_ms = ?2, last_addr = coalesce(?3, last_addr)",
+            )?;
+            for (name, addr, at) in &c.seen {
+                seen.execute(params![name, i(*at), addr])?;
+            }
+        }
+        tx.commit()?;
+        Ok(inserted)
+    }
+
+    /// The latest `limit` readings, of `source` or of all sources, newest first.
+    pub fn latest(
+        &self,
+        source: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT source, epoch, seq, topic, value, \"values\", sensor_type, ip, mac, sent_ms, \
+             received_ms, flags FROM readings WHERE ?1 IS NULL OR source = ?1 \
+             ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![source, limit], row_json)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The latest reading of every source (one per source), by source name.
+    pub fn latest_per_source(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT source, epoch, seq, topic, value, \"values\", sensor_type, ip, mac, sent_ms, \
+             received_ms, flags FROM readings WHERE id IN \
+             (SELECT max(id) FROM readings GROUP BY source) ORDER BY source",
+        )?;
+        let rows = stmt.query_map([], row_json)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Readings stored, rejects, and figures per source (`source` only, when given).
+    pub fn counts(&self, source: Option<&str>) -> Result<Vec<SourceCounts>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT s.source, (SELECT count(*) FROM readings r WHERE r.source = s.source), \
+             s.received, s.lost, s.missing, s.duplicates, s.reordered, s.resets, s.highest \
+             FROM sources s WHERE ?1 IS NULL OR s.source = ?1 ORDER BY s.source",
+        )?;
+        let rows = stmt.query_map(params![source], |r| {
+            let missing: String = r.get(4)?;
+            let missing: Vec<u64> = serde_json::from_str(&missing).unwrap_or_default();
+            Ok(SourceCounts {
+                source: r.get(0)?,
+                stored: r.get::<_, i64>(1)? as u64,
+                received: r.get::<_, i64>(2)? as u64,
+                gaps: r.get::<_, i64>(3)? as u64 + missing.len() as u64,
+                duplicates: r.get::<_, i64>(5)? as u64,
+                reordered: r.get::<_, i64>(6)? as u64,
+                resets: r.get::<_, i64>(7)? as u64,
+                highest: r.get::<_, i64>(8)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Total readings and rejects stored.
+    pub fn totals(&self) -> Result<(u64, u64), StoreError> {
+        let readings: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
+        let rejects: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM rejects", [], |r| r.get(0))?;
+        Ok((readings as u64, rejects as u64))
+    }
+
+    /// The missing sequence numbers of `source` (or of every source with gaps).
+    pub fn gaps(&self, source: Option<&str>) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT source, epoch, lost, missing FROM sources \
+             WHERE (?1 IS NULL OR source = ?1) AND (lost > 0 OR missing != '[]') ORDER BY source",
+        )?;
+        let rows = stmt.query_map(params![source], |r| {
+            let missing: String = r.get(3)?;
+            let missing: Vec<u64> = serde_json::from_str(&missing).unwrap_or_default();
+            Ok(serde_json::json!({
+                "source": r.get::<_, String>(0)?,
+                "epoch": r.get::<_, u32>(1)?,
+                "lost": r.get::<_, i64>(2)?,
+                "missing": missing,
+            }))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The latest `limit` rejects, newest first.
+    pub fn rejects(&self, limit: u32) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT received_ms, origin, reason, payload FROM rejects ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], |r| {
+            let payload: Vec<u8> = r.get(3)?;
+            Ok(serde_json::json!({
+                "received_ms": r.get::<_, i64>(0)?,
+                "origin": r.get::<_, String>(1)?,
+                "reason": r.get::<_, String>(2)?,
+                "payload": String::from_utf8_lossy(&payload),
+            }))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The last address `source` sent from, if stored.
+    pub fn last_addr(&self, source: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT last_addr FROM sources WHERE source = ?1",
+                params![source],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Writes readings (of `source`, or all) as CSV to `path`; returns the rows written.
+    pub fn export_csv(&self, path: &Path, source: Option<&str>) -> Result<u64, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("csv.partial");
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        writeln!(
+            out,
+            "source,epoch,seq,topic,value,values,sensor_type,ip,mac,sent_ms,received_ms,flags"
+        )?;
+        let mut stmt = self.conn.prepare(
+            "SELECT source, epoch, seq, topic, value, \"values\", sensor_type, ip, mac, sent_ms, \
+             received_ms, flags FROM readings WHERE ?1 IS NULL OR source = ?1 ORDER BY id",
+        )?;
+        let mut rows = stmt.query(params![source])?;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            let mut fields = Vec::with_capacity(12);
+            for c in 0..12 {
+                let v: rusqlite::types::Value = r.get(c)?;
+                fields.push(csv_field(&v));
+            }
+            writeln!(out, "{}", fields.join(","))?;
+            n += 1;
+        }
+        out.flush()?;
+        drop(out);
+        std::fs::rename(&tmp, path)?;
+        Ok(n)
+    }
+}
+
+fn csv_field(v: &rusqlite::types::Value) -> String {
+    use rusqlite::types::Value;
+    let s = match v {
+        Value::Null => return String::new(),
+        Value::Integer(i) => return i.to_string(),
+        Value::Real(f) => return f.to_string(),
+        Value::Text(t) => t.clone(),
+        Value::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+fn row_json(r: &rusqlite::Row<'_>) -> rusqlite::Result<serde_json::Value> {
+    let values: String = r.get(5)?;
+    Ok(serde_json::json!({
+        "source": r.get::<_, String>(0)?,
+        "epoch": r.get::<_, u32>(1)?,
+        "seq": r.get::<_, Option<i64>>(2)?,
+        "topic": r.get::<_, String>(3)?,
+        "value": r.get::<_, Option<f64>>(4)?,
+        "values": serde_json::from_str::<serde_json::Value>(&values).unwrap_or_default(),
+        "sensor_type": r.get::<_, Option<String>>(6)?,
+        "ip": r.get::<_, Option<String>>(7)?,
+        "mac": r.get::<_, Option<String>>(8)?,
+        "sent_ms": r.get::<_, Option<i64>>(9)?,
+        "received_ms": r.get::<_, i64>(10)?,
+        "flags": r.get::<_, String>(11)?,
+    }))
+}
+
+/// Now, Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    now_ms()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collector::sequence::SequenceTracker;
+
+    fn stored(source: &str, seq: u64) -> StoredReading {
+        StoredReading {
+            reading: Reading::single(source, seq, 1000 + seq, seq as f64 / 2.0),
+            epoch: 0,
+            topic: format!("t/{source}"),
+            received_ms: 2000 + seq,
+            flags: String::new(),
+        }
+    }
+
+    #[test]
+    fn commit_query_reload_and_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/c.sqlite");
+        let mut store = Store::open(&path).unwrap();
+        let mut tracker = SequenceTracker::new();
+        let mut c = Commit::default();
+        for seq in [1, 2, 4] {
+            tracker.observe("a", seq, None);
+            c.readings.push(stored("a", seq));
+        }
+        tracker.observe("b", 1, None);
+        c.readings.push(stored("b", 1));
+        c.rejects.push(Reject {
+            received_ms: 5,
+            origin: "t/x".into(),
+            reason: "bad".into(),
+            payload: b"junk".to_vec(),
+        });
+        c.sources = tracker.take_changed();
+        c.seen.push(("a".into(), Some("127.0.0.1:9".into()), 7));
+        assert_eq!(store.commit(&c).unwrap(), 4);
+        // The same readings again are skipped, not duplicated.
+        assert_eq!(store.commit(&c).unwrap(), 0);
+        assert_eq!(store.totals().unwrap(), (4, 2));
+
+        let counts = store.counts(Some("a")).unwrap();
+        assert_eq!(counts[0].stored, 3);
+        assert_eq!(counts[0].gaps, 1);
+        assert_eq!(
+            store.gaps(None).unwrap()[0]["missing"],
+            serde_json::json!([3])
+        );
+        let latest = store.latest_per_source().unwrap();
+        assert_eq!(latest.len(), 2);
+        assert_eq!(latest[0]["seq"], 4);
+        assert_eq!(
+            store.last_addr("a").unwrap().as_deref(),
+            Some("127.0.0.1:9")
+        );
+        assert_eq!(store.rejects(10).unwrap()[0]["reason"], "bad");
+
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let rows = store.load_sources().unwrap();
+        let a = rows.iter().find(|r| r.source == "a").unwrap();
+        assert_eq!(a.state.highest, 4);
+        assert!(a.state.missing.contains(&3));
+
+        let csv = dir.path().join("out.csv");
+        assert_eq!(store.export_csv(&csv, None).unwrap(), 4);
+        let text = std::fs::read_to_string(&csv).unwrap();
+        assert!(text.starts_with("source,epoch,seq"));
+        assert!(text.contains("\"{\"\"value\"\":0.5}\""), "{text}");
+    }
+}

@@ -1,0 +1,345 @@
+//! Simulated sensors: one MQTT connection (and client id) per sensor, each driven by its own
+//! small task that only moves packets; one scheduler for the whole group decides who publishes
+//! when, so 10,000 sensors cost 10,000 connections but no 10,000 timers.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use colony_config::ActorSettings;
+use colony_config::kinds::{ReadingFormat, SensorGroupSettings};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info};
+
+use super::SensorGroupMessage;
+use super::actor::sleep_until;
+use super::schedule::{Fire, Ramp, Scheduler, SensorAction, parse_command};
+use crate::collector::store::unix_ms;
+use crate::host::{ActorContext, ActorEvent, ActorFailure};
+use crate::mqtt_client::MqttTarget;
+use crate::reading::{self, Reading};
+
+/// What a connection task reports.
+enum ConnEvent {
+    Up(usize),
+    Down(usize, String),
+    Command(usize, Bytes),
+}
+
+/// Fills `{id}`, `{group}`, `{node}` (and any other `{key}` given) in a template.
+pub fn fill(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = template.to_owned();
+    for (k, v) in vars {
+        let key = format!("{{{k}}}");
+        if out.contains(&key) {
+            out = out.replace(&key, v);
+        }
+    }
+    out
+}
+
+/// A plausible gas reading that varies per sensor and over time.
+fn simulated_value(id: u32, seq: u64) -> f64 {
+    400.0 + ((u64::from(id) * 31 + seq * 17) % 200) as f64 / 2.0
+}
+
+struct Group {
+    s: SensorGroupSettings,
+    node: String,
+    group: String,
+    qos: QoS,
+    clients: Vec<Option<AsyncClient>>,
+    up: Vec<bool>,
+    seqs: Vec<u64>,
+    connected: u64,
+    sent: u64,
+    errors: u64,
+    commands: u64,
+    bad_commands: u64,
+    last_error: Option<String>,
+    rate: u64,
+    sent_at_tick: u64,
+}
+
+impl Group {
+    fn payload(&self, id: u32, seq: u64, ts: u64, requested: bool) -> Vec<u8> {
+        let value = simulated_value(id, seq);
+        if let Some(t) = &self.s.payload_template {
+            let (id, seq, ts, value) = (
+                id.to_string(),
+                seq.to_string(),
+                ts.to_string(),
+                value.to_string(),
+            );
+            let vars = [
+                ("id", id.as_str()),
+                ("group", self.group.as_str()),
+                ("node", self.node.as_str()),
+                ("seq", seq.as_str()),
+                ("ts", ts.as_str()),
+                ("value", value.as_str()),
+                ("requested", if requested { "true" } else { "false" }),
+            ];
+            return fill(t, &vars).into_bytes();
+        }
+        let gas = self.s.format == ReadingFormat::Gas;
+        let mut r = Reading::single(
+            if gas {
+                reading::simulated_mac(id)
+            } else {
+                format!("{}/{}/{id}", self.node, self.group)
+            },
+            seq,
+            ts,
+            value,
+        );
+        r.requested = requested;
+        if gas {
+            r.sensor_type = Some("Gas".into());
+            r.ip = Some(reading::simulated_ip(id));
+            r.mac = Some(reading::simulated_mac(id));
+        }
+        reading::encode(&r, self.s.format, self.s.payload_size)
+    }
+
+    fn publish(&mut self, fire: Fire) {
+        let i = fire.index;
+        let Some(client) = self.clients[i].as_ref() else {
+            return;
+        };
+        let id = i as u32 + 1;
+        let seq = self.seqs[i] + 1;
+        let payload = self.payload(id, seq, unix_ms(), fire.requested);
+        let id_s = id.to_string();
+        let topic = fill(
+            &self.s.topic,
+            &[("id", &id_s), ("group", &self.group), ("node", &self.node)],
+        );
+        match client.try_publish(topic, self.qos, false, payload) {
+            Ok(()) => {
+                self.seqs[i] = seq;
+                self.sent += 1;
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.last_error = Some(format!("sensor {id}: {e}"));
+            }
+        }
+    }
+
+    fn detail(&self, sched: &Scheduler) -> serde_json::Value {
+        json!({
+            "source": "simulated",
+            "sensors": self.clients.len(),
+            "connections_started": self.clients.iter().filter(|c| c.is_some()).count(),
+            "connected": self.connected,
+            "running": sched.running(),
+            "readings_sent": self.sent,
+            "readings_per_sec": self.rate,
+            "send_errors": self.errors,
+            "commands_received": self.commands,
+            "bad_commands": self.bad_commands,
+            "last_error": self.last_error,
+        })
+    }
+}
+
+async fn connection(
+    index: usize,
+    mut events: EventLoop,
+    client: AsyncClient,
+    command_topic: Option<String>,
+    tx: mpsc::Sender<ConnEvent>,
+) {
+    let mut up = false;
+    loop {
+        let event = match events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                up = true;
+                if let Some(t) = &command_topic {
+                    let _ = client.try_subscribe(t.clone(), QoS::AtLeastOnce);
+                }
+                ConnEvent::Up(index)
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => ConnEvent::Command(index, p.payload),
+            Ok(_) => continue,
+            Err(e) => {
+                let was_up = std::mem::replace(&mut up, false);
+                let _ = tx.send(ConnEvent::Down(index, e.to_string())).await;
+                let _ = was_up;
+                // Spread reconnects so a broker restart is not met by every sensor at once.
+                let wait = 500 + (index as u64 * 7919) % 1000;
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                continue;
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs `count` simulated sensors.
+pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), ActorFailure> {
+    let fail = ActorFailure::new;
+    let mut target = match (&s.broker, &s.url) {
+        (Some(b), _) => MqttTarget::colony_broker(&ctx.config, b, ctx.address.node()),
+        (None, Some(u)) => {
+            let ca = s.ca.as_deref().map(|p| ctx.config.resolve(p));
+            MqttTarget::url(u, ca.as_deref())
+        }
+        (None, None) => Err("simulated sensors need `broker` or `url`".to_owned()),
+    }
+    .map_err(fail)?;
+    if let Some(u) = &s.username {
+        target.credentials = Some((u.clone(), s.password.clone().unwrap_or_default()));
+    }
+    let count = s.count as usize;
+    let mut g = Group {
+        node: ctx.address.node().to_owned(),
+        group: ctx.address.actor().to_owned(),
+        qos: match s.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        },
+        clients: vec![None; count],
+        up: vec![false; count],
+        seqs: vec![0; count],
+        connected: 0,
+        sent: 0,
+        errors: 0,
+        commands: 0,
+        bad_commands: 0,
+        last_error: None,
+        rate: 0,
+        sent_at_tick: 0,
+        s,
+    };
+    info!(sensors = count, broker = ?target, "starting simulated sensors");
+    let (tx, mut rx) = mpsc::channel::<ConnEvent>(4096);
+    let mut tasks = JoinSet::new();
+    let mut ramp = Ramp::new(Instant::now(), g.s.ramp_per_sec, count);
+    let mut sched = Scheduler::new(
+        count,
+        Duration::from_millis(g.s.interval_ms),
+        Duration::from_millis(g.s.jitter_ms),
+        u64::from(std::process::id()),
+    );
+    ctx.started();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fires = Vec::new();
+    // A fixed deadline: other events must not keep pushing the ramp back.
+    let mut ramp_at = Instant::now();
+    loop {
+        let now = Instant::now();
+        let ramp_next = (!ramp.is_done()).then_some(ramp_at);
+        let due = sched.next_due(now);
+        tokio::select! {
+            event = ctx.next_event() => match event {
+                ActorEvent::Shutdown => break,
+                ActorEvent::Reconfigure(ActorSettings::SensorGroup(new)) => {
+                    if new.interval_ms != g.s.interval_ms {
+                        sched.command(None, SensorAction::IntervalMs(new.interval_ms), Instant::now());
+                    }
+                    g.s = new;
+                }
+                ActorEvent::Reconfigure(_) => {}
+                ActorEvent::Message(mut d) => {
+                    let message: SensorGroupMessage = match d.decode() {
+                        Ok(m) => m,
+                        Err(e) => { ctx.stats.rejected(); d.reject(e); continue; }
+                    };
+                    ctx.stats.handled();
+                    match message {
+                        SensorGroupMessage::Command { sensor, action } => {
+                            let index = match sensor {
+                                Some(id) if id == 0 || id as usize > count => {
+                                    d.reject(colony_cluster::CallError::Rejected(format!("no sensor {id}: sensors are 1 to {count}")));
+                                    continue;
+                                }
+                                Some(id) => Some(id as usize - 1),
+                                None => None,
+                            };
+                            g.commands += 1;
+                            sched.command(index, action, Instant::now());
+                            d.reply(&());
+                        }
+                        SensorGroupMessage::Status {} => d.reply(&g.detail(&sched)),
+                    }
+                }
+            },
+            Some(ev) = rx.recv() => match ev {
+                ConnEvent::Up(i) => {
+                    if !std::mem::replace(&mut g.up[i], true) { g.connected += 1; }
+                    sched.activate(i, Instant::now());
+                }
+                ConnEvent::Down(i, e) => {
+                    if std::mem::replace(&mut g.up[i], false) { g.connected -= 1; }
+                    sched.deactivate(i);
+                    g.errors += 1;
+                    debug!(sensor = i + 1, "connection: {e}");
+                    g.last_error = Some(format!("sensor {}: {e}", i + 1));
+                }
+                ConnEvent::Command(i, payload) => {
+                    g.commands += 1;
+                    match parse_command(&payload) {
+                        Ok(action) => sched.command(Some(i), action, Instant::now()),
+                        Err(e) => { g.bad_commands += 1; g.last_error = Some(format!("sensor {}: {e}", i + 1)); }
+                    }
+                }
+            },
+            _ = sleep_until(due) => {
+                sched.due(Instant::now(), &mut fires);
+                for f in fires.drain(..) {
+                    g.publish(f);
+                }
+            }
+            _ = sleep_until(ramp_next) => {
+                ramp_at = Instant::now() + Duration::from_millis(10);
+                for i in ramp.due(Instant::now()) {
+                    let id = (i + 1).to_string();
+                    let vars = [("id", id.as_str()), ("group", g.group.as_str()), ("node", g.node.as_str())];
+                    let mut o = target.options(&fill(&g.s.client_id, &vars), Duration::from_secs(30));
+                    // A sensor sends a reading a second; a small window keeps each client's state small.
+                    o.set_inflight(16);
+                    let (client, events) = AsyncClient::new(o, 64);
+                    let command_topic = (!g.s.command_topic.is_empty()).then(|| fill(&g.s.command_topic, &vars));
+                    tasks.spawn(connection(i, events, client.clone(), command_topic, tx.clone()));
+                    g.clients[i] = Some(client);
+                }
+            }
+            _ = tick.tick() => {
+                g.rate = g.sent - g.sent_at_tick;
+                g.sent_at_tick = g.sent;
+                ctx.stats.set_detail(g.detail(&sched));
+            }
+        }
+    }
+    for c in g.clients.iter().flatten() {
+        let _ = c.try_disconnect();
+    }
+    // Let the disconnects go out before the tasks are dropped.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill() {
+        assert_eq!(
+            fill(
+                "outTopic/{node}/{group}/{id}",
+                &[("id", "7"), ("group", "g"), ("node", "n")]
+            ),
+            "outTopic/n/g/7"
+        );
+        assert_eq!(fill("{x}{id}", &[("id", "1")]), "{x}1");
+    }
+}

@@ -1,0 +1,694 @@
+//! The broker kind with real MQTT clients: Debian's `mosquitto_pub`/`mosquitto_sub` and paho
+//! (`/usr/bin/python3`), over TCP and TLS, against a real `colony node`.
+//!
+//! Needs `mosquitto-clients`, `python3-paho-mqtt` and `openssl` (installed by `.ci/test`).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use colony_tests::*;
+
+// argon2id hashes of "alice-pw" and "bob-pw" (made with `colony passwd`).
+const ALICE_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$gX0hzDcMu1jVL7yQw2e6aw$TVMokCAkQxu0g+UssLI9CxTwCht7XZSFUjHwi67BeQg";
+const BOB_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$4CQWOts6a3jUGkP1k+DQSw$Iqbhl5PVJDibmtPx0pgmozlDkLwH1Y32mDufMCGZurc";
+
+struct Broker {
+    work: Workdir,
+    _node: NodeProc,
+    tcp: u16,
+    tls: u16,
+    mtls: u16,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA, a server certificate for 127.0.0.1 and a client certificate.
+fn make_certs(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=mqtt-test-ca",
+    ]);
+    openssl(dir, &ca);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let pem = format!("{name}.pem");
+        let subj = format!("/CN={name}");
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+            ],
+        );
+    }
+}
+
+fn start() -> Broker {
+    let (tcp, tls, mtls) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"
+[cluster]
+name = "mq"
+
+[[node]]
+name = "n1"
+listen = "127.0.0.1:{quic}"
+
+[supervision]
+backoff_ms = 10
+
+[[actor]]
+name = "broker"
+node = "n1"
+kind = "broker"
+listen = "127.0.0.1:{tcp}"
+listeners = [
+  {{ bind = "127.0.0.1:{tls}", tls = {{ cert = "server.pem", key = "server.key" }} }},
+  {{ bind = "127.0.0.1:{mtls}", tls = {{ cert = "server.pem", key = "server.key", client_ca = "ca.pem", require_client_cert = true }} }},
+]
+allow_anonymous = true
+users = [
+  {{ name = "alice", password_hash = "{ALICE_HASH}" }},
+  {{ name = "bob", password_hash = "{BOB_HASH}" }},
+]
+acl = [
+  {{ user = "alice", topic = "#", access = "readwrite" }},
+  {{ topic = "devices/%u/#", access = "readwrite" }},
+  {{ topic = "public/#", access = "readwrite" }},
+  {{ topic = "a/#", access = "readwrite" }},
+  {{ topic = "p/#", access = "readwrite" }},
+  {{ topic = "r/#", access = "readwrite" }},
+  {{ topic = "will/#", access = "readwrite" }},
+  {{ topic = "clients/%c/#", access = "readwrite" }},
+]
+"##,
+        quic = free_udp_port()
+    );
+    let work = Workdir::new(&config);
+    make_certs(work.path());
+    let node = work.start_node("n1");
+    let up = wait_for(Duration::from_secs(20), || {
+        work.status("n1").is_some_and(|s| healthy(&s))
+            && std::net::TcpStream::connect(("127.0.0.1", tcp)).is_ok()
+    });
+    assert!(up, "broker never came up:\n{}", node.log_text());
+    Broker {
+        work,
+        _node: node,
+        tcp,
+        tls,
+        mtls,
+    }
+}
+
+impl Broker {
+    fn dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    fn detail(&self) -> serde_json::Value {
+        let s = self.work.status("n1").expect("status");
+        actor(&s, "n1/broker").expect("broker in status")["detail"].clone()
+    }
+
+    /// `mosquitto_pub` on the plain listener with `args`, bounded to 10 s.
+    fn publish(&self, args: &[&str]) -> Output {
+        let port = self.tcp.to_string();
+        let mut all = vec!["10", "mosquitto_pub", "-h", "127.0.0.1", "-p", &port];
+        all.extend_from_slice(args);
+        Command::new("timeout")
+            .args(&all)
+            .current_dir(self.dir())
+            .output()
+            .expect("run mosquitto_pub")
+    }
+
+    fn publish_ok(&self, args: &[&str]) {
+        let out = self.publish(args);
+        assert!(
+            out.status.success(),
+            "mosquitto_pub {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A `mosquitto_sub` on `port` that has its SUBACK.
+    fn subscribe(&self, port: u16, args: &[&str]) -> Sub {
+        let sub = Sub::spawn(self.dir(), port, args);
+        sub.wait_ready();
+        sub
+    }
+}
+
+/// A running `mosquitto_sub -d -v`; its payload lines arrive on a channel. Killed on drop.
+struct Sub {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    debug: mpsc::Receiver<String>,
+}
+
+impl Sub {
+    fn spawn(dir: &Path, port: u16, args: &[&str]) -> Sub {
+        let port = port.to_string();
+        // stdbuf: mosquitto_sub's debug lines are otherwise block-buffered into the pipe.
+        let mut child = Command::new("stdbuf")
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-d",
+                "-v",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+            ])
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run mosquitto_sub");
+        let (tx, lines) = mpsc::channel();
+        let (dtx, debug) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let dtx2 = dtx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("Client ")
+                    || line.starts_with("All subscription")
+                    || line.starts_with("Subscribed (mid")
+                {
+                    let _ = dtx.send(line);
+                } else {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = dtx2.send(line);
+            }
+        });
+        Sub {
+            child,
+            lines,
+            debug,
+        }
+    }
+
+    /// Waits for the SUBACK (or a refusal); returns the debug lines seen.
+    fn wait_for_debug(&self, what: &str, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        let mut seen = String::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.debug.recv_timeout(left) {
+                Ok(l) => {
+                    seen.push_str(&l);
+                    seen.push('\n');
+                    if l.contains(what) {
+                        return Some(seen);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        None
+    }
+
+    fn wait_ready(&self) {
+        assert!(
+            self.wait_for_debug("SUBACK", Duration::from_secs(10))
+                .is_some(),
+            "mosquitto_sub got no SUBACK"
+        );
+    }
+
+    /// The next `n` payload lines (`topic payload`), waiting at most `limit` in all.
+    fn take(&self, n: usize, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        while got.len() < n {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match self.lines.recv_timeout(left) {
+                Ok(l) => got.push(l),
+                Err(_) => break,
+            }
+        }
+        got
+    }
+
+    /// Whatever arrives within `wait`.
+    fn quiet(&self, wait: Duration) -> Vec<String> {
+        std::thread::sleep(wait);
+        self.lines.try_iter().collect()
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a paho script with Debian's python, bounded to 20 s; returns stdout.
+fn paho(dir: &Path, script: &str) -> String {
+    let out = Command::new("timeout")
+        .args(["20", "/usr/bin/python3", "-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("run /usr/bin/python3");
+    assert!(
+        out.status.success(),
+        "paho script failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const SECS: Duration = Duration::from_secs(10);
+
+#[test]
+fn publish_and_subscribe_at_each_qos_with_wildcards() {
+    let b = start();
+    let plus = b.subscribe(b.tcp, &["-q", "2", "-t", "a/+/c"]);
+    let hash = b.subscribe(b.tcp, &["-q", "1", "-t", "a/#"]);
+    for qos in ["0", "1", "2"] {
+        b.publish_ok(&["-q", qos, "-t", "a/b/c", "-m", &format!("q{qos}")]);
+    }
+    b.publish_ok(&["-q", "1", "-t", "a/x", "-m", "only-hash"]);
+    b.publish_ok(&["-q", "1", "-t", "other", "-m", "nobody"]);
+    assert_eq!(plus.take(3, SECS), ["a/b/c q0", "a/b/c q1", "a/b/c q2"]);
+    assert_eq!(
+        hash.take(4, SECS),
+        ["a/b/c q0", "a/b/c q1", "a/b/c q2", "a/x only-hash"]
+    );
+    assert!(plus.quiet(Duration::from_millis(300)).is_empty());
+    // QoS 2 from the client's side: the broker must complete PUBREC/PUBREL/PUBCOMP.
+    let dbg = b.subscribe(b.tcp, &["-q", "2", "-t", "a/q2"]);
+    b.publish_ok(&["-q", "2", "-t", "a/q2", "-m", "exactly"]);
+    assert_eq!(dbg.take(1, SECS), ["a/q2 exactly"]);
+    assert!(
+        dbg.wait_for_debug("PUBREL", SECS).is_some(),
+        "no PUBREL from the broker"
+    );
+}
+
+#[test]
+fn retained_messages_reach_later_subscribers_and_clear() {
+    let b = start();
+    b.publish_ok(&["-r", "-q", "1", "-t", "r/one", "-m", "kept"]);
+    let s = b.subscribe(b.tcp, &["-t", "r/#"]);
+    assert_eq!(s.take(1, SECS), ["r/one kept"]);
+    b.publish_ok(&["-r", "-t", "r/one", "-n"]);
+    drop(s);
+    let s = b.subscribe(b.tcp, &["-t", "r/#"]);
+    assert!(
+        s.quiet(Duration::from_millis(500)).is_empty(),
+        "retained message not cleared"
+    );
+    assert!(wait_for(Duration::from_secs(5), || b.detail()["retained"] == 0));
+}
+
+#[test]
+fn will_is_published_on_abrupt_disconnect_only() {
+    let b = start();
+    let s = b.subscribe(b.tcp, &["-t", "will/#"]);
+    // A client that dies without DISCONNECT.
+    paho(
+        b.dir(),
+        &format!(
+            r#"
+import os, time, paho.mqtt.client as mqtt
+c = mqtt.Client(client_id="dies")
+c.will_set("will/dies", "gone", qos=1)
+c.connect("127.0.0.1", {port}, keepalive=5)
+c.loop_start()
+time.sleep(0.5)
+os._exit(0)
+"#,
+            port = b.tcp
+        ),
+    );
+    assert_eq!(s.take(1, SECS), ["will/dies gone"]);
+    // A client that says goodbye: no will.
+    paho(
+        b.dir(),
+        &format!(
+            r#"
+import time, paho.mqtt.client as mqtt
+c = mqtt.Client(client_id="polite")
+c.will_set("will/polite", "gone", qos=1)
+c.connect("127.0.0.1", {port}, keepalive=5)
+c.loop_start()
+time.sleep(0.3)
+c.disconnect()
+c.loop_stop()
+"#,
+            port = b.tcp
+        ),
+    );
+    assert!(s.quiet(Duration::from_millis(500)).is_empty());
+}
+
+#[test]
+fn persistent_session_gets_what_was_published_while_away() {
+    let b = start();
+    let s = b.subscribe(b.tcp, &["-c", "-i", "keeper", "-q", "1", "-t", "p/#"]);
+    drop(s);
+    assert!(wait_for(SECS, || b.detail()["connections"] == 0));
+    b.publish_ok(&["-q", "1", "-t", "p/1", "-m", "while-away-1"]);
+    b.publish_ok(&["-q", "2", "-t", "p/2", "-m", "while-away-2"]);
+    b.publish_ok(&["-q", "0", "-t", "p/3", "-m", "qos0-not-kept"]);
+    let s = Sub::spawn(
+        b.dir(),
+        b.tcp,
+        &["-c", "-i", "keeper", "-q", "1", "-t", "p/#"],
+    );
+    assert_eq!(s.take(2, SECS), ["p/1 while-away-1", "p/2 while-away-2"]);
+    // A clean session with the same id starts empty.
+    drop(s);
+    let s = Sub::spawn(b.dir(), b.tcp, &["-i", "keeper", "-q", "1", "-t", "x/none"]);
+    s.wait_ready();
+    assert!(s.quiet(Duration::from_millis(300)).is_empty());
+}
+
+#[test]
+fn wrong_password_and_anonymous_rules() {
+    let b = start();
+    let out = b.publish(&["-u", "alice", "-P", "wrong", "-t", "a/b", "-m", "x"]);
+    assert!(!out.status.success(), "a wrong password was accepted");
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        err.contains("bad user name or password") || err.contains("not authori"),
+        "unexpected refusal: {err}"
+    );
+    b.publish_ok(&["-u", "alice", "-P", "alice-pw", "-t", "a/b", "-m", "x"]);
+    assert!(wait_for(Duration::from_secs(5), || {
+        b.detail()["auth_failures"].as_u64() >= Some(1)
+    }));
+    let log = std::fs::read_to_string(b.dir().join("n1.log")).unwrap();
+    assert!(log.contains("login refused"));
+    assert!(!log.contains("wrong"), "the password reached the log");
+}
+
+#[test]
+fn acl_denies_publish_and_subscribe() {
+    let b = start();
+    let alice = b.subscribe(
+        b.tcp,
+        &[
+            "-u",
+            "alice",
+            "-P",
+            "alice-pw",
+            "-t",
+            "devices/#",
+            "-q",
+            "1",
+        ],
+    );
+    // bob may write under devices/bob, not under devices/alice.
+    b.publish_ok(&[
+        "-u",
+        "bob",
+        "-P",
+        "bob-pw",
+        "-q",
+        "1",
+        "-t",
+        "devices/alice/x",
+        "-m",
+        "forged",
+    ]);
+    b.publish_ok(&[
+        "-u",
+        "bob",
+        "-P",
+        "bob-pw",
+        "-q",
+        "1",
+        "-t",
+        "devices/bob/x",
+        "-m",
+        "own",
+    ]);
+    assert_eq!(alice.take(1, SECS), ["devices/bob/x own"]);
+    assert!(alice.quiet(Duration::from_millis(300)).is_empty());
+    // bob may not subscribe to alice's devices.
+    let denied = Sub::spawn(
+        b.dir(),
+        b.tcp,
+        &["-u", "bob", "-P", "bob-pw", "-t", "devices/alice/#"],
+    );
+    let seen = denied.wait_for_debug("SUBACK", SECS).expect("a SUBACK");
+    assert!(
+        denied
+            .wait_for_debug("denied", Duration::from_secs(2))
+            .is_some()
+            || seen.contains("denied"),
+        "subscription not refused: {seen}"
+    );
+    assert!(wait_for(Duration::from_secs(5), || {
+        b.detail()["denied"].as_u64() >= Some(2)
+    }));
+}
+
+#[test]
+fn tls_listeners_with_paho_and_mosquitto_and_client_certs() {
+    let b = start();
+    // paho over TLS, QoS 1 and 2 round trip.
+    let out = paho(
+        b.dir(),
+        &format!(
+            r#"
+import time, paho.mqtt.client as mqtt
+got = []
+def on_message(c, u, m): got.append((m.topic, m.payload.decode(), m.qos))
+c = mqtt.Client(client_id="tls-paho")
+c.tls_set(ca_certs="ca.pem")
+c.on_message = on_message
+c.connect("127.0.0.1", {port}, keepalive=10)
+c.loop_start()
+c.subscribe("a/tls", qos=2)[1]
+time.sleep(0.3)
+c.publish("a/tls", "one", qos=1).wait_for_publish()
+c.publish("a/tls", "two", qos=2).wait_for_publish()
+deadline = time.time() + 5
+while len(got) < 2 and time.time() < deadline: time.sleep(0.05)
+print(sorted(got))
+c.disconnect()
+"#,
+            port = b.tls
+        ),
+    );
+    assert_eq!(out.trim(), "[('a/tls', 'one', 1), ('a/tls', 'two', 2)]");
+    // mosquitto over TLS.
+    let s = b.subscribe(b.tls, &["--cafile", "ca.pem", "-t", "a/t"]);
+    b.publish_ok(&["-t", "a/t", "-m", "plain-to-tls"]);
+    assert_eq!(s.take(1, SECS), ["a/t plain-to-tls"]);
+    // The listener requiring client certificates refuses a client without one…
+    let mtls = b.mtls.to_string();
+    let no_cert = Command::new("timeout")
+        .args([
+            "10",
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &mtls,
+            "--cafile",
+            "ca.pem",
+            "-t",
+            "a/m",
+            "-m",
+            "x",
+        ])
+        .current_dir(b.dir())
+        .output()
+        .unwrap();
+    assert!(
+        !no_cert.status.success(),
+        "client without a certificate was accepted"
+    );
+    // …and takes one with a certificate from the client CA.
+    let s = b.subscribe(b.tcp, &["-t", "a/m"]);
+    let with_cert = Command::new("timeout")
+        .args([
+            "10",
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &mtls,
+            "--cafile",
+            "ca.pem",
+            "--cert",
+            "client.pem",
+            "--key",
+            "client.key",
+            "-t",
+            "a/m",
+            "-m",
+            "mtls",
+        ])
+        .current_dir(b.dir())
+        .output()
+        .unwrap();
+    assert!(
+        with_cert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_cert.stderr)
+    );
+    assert_eq!(s.take(1, SECS), ["a/m mtls"]);
+}
+
+#[test]
+fn killed_broker_restarts_with_sessions_and_retained_intact() {
+    let b = start();
+    b.publish_ok(&[
+        "-r",
+        "-q",
+        "1",
+        "-t",
+        "r/keep",
+        "-m",
+        "retained-across-kill",
+    ]);
+    let s = b.subscribe(b.tcp, &["-c", "-i", "survivor", "-q", "1", "-t", "p/#"]);
+    drop(s);
+    assert!(wait_for(SECS, || b.detail()["connections"] == 0));
+    b.publish_ok(&["-q", "1", "-t", "p/k", "-m", "queued-before-kill"]);
+    // A client that stays connected through the kill and reconnects by itself.
+    let live = Sub::spawn(
+        b.dir(),
+        b.tcp,
+        &["-c", "-i", "stayer", "-q", "1", "-t", "p/live"],
+    );
+    live.wait_ready();
+
+    let out = b.work.ctl("n1", &["kill", "n1/broker"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            b.work.status("n1").is_some_and(|s| {
+                actor(&s, "n1/broker")
+                    .is_some_and(|a| a["restarts"].as_u64() >= Some(1) && a["state"] == "running")
+            }) && std::net::TcpStream::connect(("127.0.0.1", b.tcp)).is_ok()
+        }),
+        "broker did not come back"
+    );
+    let s = Sub::spawn(
+        b.dir(),
+        b.tcp,
+        &["-c", "-i", "survivor", "-q", "1", "-t", "p/#"],
+    );
+    assert_eq!(s.take(1, SECS), ["p/k queued-before-kill"]);
+    let r = b.subscribe(b.tcp, &["-t", "r/#"]);
+    assert_eq!(r.take(1, SECS), ["r/keep retained-across-kill"]);
+    // mosquitto_sub reconnects on its own (its session was persistent): it gets new messages.
+    assert!(
+        live.wait_for_debug("CONNACK", Duration::from_secs(15))
+            .is_some(),
+        "client never reconnected"
+    );
+    b.publish_ok(&["-q", "1", "-t", "p/live", "-m", "after-kill"]);
+    assert_eq!(live.take(1, SECS), ["p/live after-kill"]);
+}
+
+#[test]
+fn actors_publish_by_message_and_malformed_clients_are_cut_off_alone() {
+    let b = start();
+    let s = b.subscribe(b.tcp, &["-t", "public/#"]);
+    let out = b.work.ctl(
+        "n1",
+        &[
+            "send",
+            "n1/broker",
+            r#"{"publish": {"topic": "public/from-actor", "payload": "hello", "qos": 1}}"#,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.take(1, SECS), ["public/from-actor hello"]);
+    // Garbage, then a CONNECT that is not first, on raw sockets: each is dropped alone.
+    use std::io::{Read, Write};
+    for bytes in [
+        &[0xFFu8, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..],
+        &[0x30, 0x05, 0x00, 0x01, b'a', b'x', b'y'][..],
+        &[0x10, 0xFF, 0xFF, 0xFF, 0x7F][..],
+    ] {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", b.tcp)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(bytes).unwrap();
+        let mut buf = [0u8; 16];
+        let n = c.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "connection not closed after {bytes:?}");
+    }
+    b.publish_ok(&["-t", "public/still", "-m", "alive"]);
+    assert_eq!(s.take(1, SECS), ["public/still alive"]);
+}
