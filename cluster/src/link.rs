@@ -45,6 +45,8 @@ pub(crate) struct Link {
     pub messages_out: AtomicU64,
     pub messages_in: AtomicU64,
     pub frames_rejected: AtomicU64,
+    /// Datagrams dropped because the addressed actor had no room or no inbox.
+    pub datagrams_dropped: AtomicU64,
 }
 
 /// The writer's end of a link's queue.
@@ -68,6 +70,7 @@ impl Link {
             messages_out: AtomicU64::new(0),
             messages_in: AtomicU64::new(0),
             frames_rejected: AtomicU64::new(0),
+            datagrams_dropped: AtomicU64::new(0),
         };
         (Arc::new(link), LinkQueue { rx, room })
     }

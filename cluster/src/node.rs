@@ -523,6 +523,7 @@ impl Cluster {
                     messages_out: 0,
                     messages_in: 0,
                     frames_rejected: 0,
+                    datagrams_dropped: 0,
                     refused_handshakes: p.refused_handshakes,
                     last_error: p.last_error.clone(),
                 };
@@ -539,6 +540,7 @@ impl Cluster {
                     s.messages_out = link.messages_out.load(Ordering::Relaxed);
                     s.messages_in = link.messages_in.load(Ordering::Relaxed);
                     s.frames_rejected = link.frames_rejected.load(Ordering::Relaxed);
+                    s.datagrams_dropped = link.datagrams_dropped.load(Ordering::Relaxed);
                 } else {
                     self.inner.relay.fill_stats(&mut s);
                 }
@@ -1068,6 +1070,8 @@ async fn run_datagrams(inner: Arc<Inner>, link: Arc<Link>) {
             from_node: link.peer.clone(),
             payload: data.slice(1 + len..),
         };
-        inner.registry.deliver_datagram(name, datagram);
+        if !inner.registry.deliver_datagram(name, datagram) {
+            link.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }

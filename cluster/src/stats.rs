@@ -64,6 +64,9 @@ pub struct LinkStats {
     pub messages_in: u64,
     /// Frames dropped because they were too large or did not decode.
     pub frames_rejected: u64,
+    /// Datagrams from this peer dropped at a full (or missing) actor inbox.
+    #[serde(default)]
+    pub datagrams_dropped: u64,
     /// Handshakes with this peer refused (bad certificate, wrong name, wrong direction).
     pub refused_handshakes: u64,
     /// The last connection error, if any.

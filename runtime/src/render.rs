@@ -348,6 +348,7 @@ mod tests {
             messages_out: 17,
             messages_in: 19,
             frames_rejected: 2,
+            datagrams_dropped: 0,
             refused_handshakes: 1,
             last_error: None,
         }

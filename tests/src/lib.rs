@@ -151,38 +151,31 @@ impl Workdir {
     /// Starts `colony node` for `name` inside network namespace `netns` (`ip netns exec`, which
     /// execs, so the process id is the node's), logging to `<name>.log` here.
     pub fn start_node_in(&self, name: &str, netns: &str) -> NodeProc {
-        let log_path = self.path().join(format!("{name}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(colony_bin())
-            .args(["node", "--config", self.config_str(), "--name", name])
-            .current_dir(self.path())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn colony node");
-        NodeProc {
-            name: name.to_owned(),
-            child: Some(child),
-            log: log_path,
-        }
+        self.spawn_node(name, Some(netns))
     }
 
     /// Starts `colony node` for `name`, logging to `<name>.log` here.
     pub fn start_node(&self, name: &str) -> NodeProc {
+        self.spawn_node(name, None)
+    }
+
+    /// Starts `colony node` for `name`, inside network namespace `netns` when given.
+    fn spawn_node(&self, name: &str, netns: Option<&str>) -> NodeProc {
         let log_path = self.path().join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .expect("log file");
-        let child = Command::new(colony_bin())
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(colony_bin());
+                c
+            }
+            None => Command::new(colony_bin()),
+        };
+        let child = command
             .args(["node", "--config", self.config_str(), "--name", name])
             .current_dir(self.path())
             .env("RUST_LOG", "info")

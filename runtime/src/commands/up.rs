@@ -382,6 +382,7 @@ mod tests {
                     messages_out: 0,
                     messages_in: 0,
                     frames_rejected: 0,
+                    datagrams_dropped: 0,
                     refused_handshakes: 0,
                     last_error: None,
                 }],
