@@ -46,6 +46,10 @@ pub enum Command {
     Certs(CertsArgs),
     /// Print the argon2 hash of a broker user's password, for `users` in the config.
     Passwd(crate::commands::passwd::PasswdArgs),
+    /// Estimate per node and per cluster link the messages/s and bandwidth a config will move
+    /// (from sensor counts, intervals and payloads); `--measure` compares with a running
+    /// cluster.
+    Plan(crate::commands::plan::PlanArgs),
 }
 
 /// `colony node`.
@@ -242,6 +246,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => commands::check::run(args),
         Command::Certs(args) => commands::certs::run(args),
         Command::Passwd(args) => commands::passwd::run(args),
+        Command::Plan(args) => commands::plan::run(args),
     };
     match result {
         Ok(code) => code,

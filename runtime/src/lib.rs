@@ -17,6 +17,7 @@ pub mod control;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod plan;
 pub mod reload;
 pub mod render;
 pub mod supervision;

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod netns;
+pub mod up;
 
 /// The `colony` binary of this build.
 pub fn colony_bin() -> PathBuf {

@@ -35,6 +35,12 @@ mod simulated;
 
 pub use actor::run;
 pub use schedule::SensorAction;
+pub use simulated::{payload as simulated_payload, topic as simulated_topic};
+
+/// One reading of this host's metrics, as a host sensor sends it (for sizing).
+pub fn host_reading_sample() -> std::collections::BTreeMap<String, f64> {
+    metrics::HostMetrics::new().read()
+}
 
 use serde::{Deserialize, Serialize};
 

@@ -45,6 +45,65 @@ fn simulated_value(id: u32, seq: u64) -> f64 {
     400.0 + ((u64::from(id) * 31 + seq * 17) % 200) as f64 / 2.0
 }
 
+/// The payload simulated sensor `id` of `group` on `node` publishes as reading `seq`, sent at
+/// `ts` (Unix ms): `payload_template` filled in, or a reading in `format` padded to
+/// `payload_size`.
+pub fn payload(
+    s: &SensorGroupSettings,
+    node: &str,
+    group: &str,
+    id: u32,
+    seq: u64,
+    ts: u64,
+    requested: bool,
+) -> Vec<u8> {
+    let value = simulated_value(id, seq);
+    if let Some(t) = &s.payload_template {
+        let (id, seq, ts, value) = (
+            id.to_string(),
+            seq.to_string(),
+            ts.to_string(),
+            value.to_string(),
+        );
+        let vars = [
+            ("id", id.as_str()),
+            ("group", group),
+            ("node", node),
+            ("seq", seq.as_str()),
+            ("ts", ts.as_str()),
+            ("value", value.as_str()),
+            ("requested", if requested { "true" } else { "false" }),
+        ];
+        return fill(t, &vars).into_bytes();
+    }
+    let gas = s.format == ReadingFormat::Gas;
+    let mut r = Reading::single(
+        if gas {
+            reading::simulated_mac(id)
+        } else {
+            format!("{node}/{group}/{id}")
+        },
+        seq,
+        ts,
+        value,
+    );
+    r.requested = requested;
+    if gas {
+        r.sensor_type = Some("Gas".into());
+        r.ip = Some(reading::simulated_ip(id));
+        r.mac = Some(reading::simulated_mac(id));
+    }
+    reading::encode(&r, s.format, s.payload_size)
+}
+
+/// The topic simulated sensor `id` of `group` on `node` publishes to.
+pub fn topic(s: &SensorGroupSettings, node: &str, group: &str, id: u32) -> String {
+    fill(
+        &s.topic,
+        &[("id", &id.to_string()), ("group", group), ("node", node)],
+    )
+}
+
 struct Group {
     s: SensorGroupSettings,
     node: String,
@@ -65,43 +124,7 @@ struct Group {
 
 impl Group {
     fn payload(&self, id: u32, seq: u64, ts: u64, requested: bool) -> Vec<u8> {
-        let value = simulated_value(id, seq);
-        if let Some(t) = &self.s.payload_template {
-            let (id, seq, ts, value) = (
-                id.to_string(),
-                seq.to_string(),
-                ts.to_string(),
-                value.to_string(),
-            );
-            let vars = [
-                ("id", id.as_str()),
-                ("group", self.group.as_str()),
-                ("node", self.node.as_str()),
-                ("seq", seq.as_str()),
-                ("ts", ts.as_str()),
-                ("value", value.as_str()),
-                ("requested", if requested { "true" } else { "false" }),
-            ];
-            return fill(t, &vars).into_bytes();
-        }
-        let gas = self.s.format == ReadingFormat::Gas;
-        let mut r = Reading::single(
-            if gas {
-                reading::simulated_mac(id)
-            } else {
-                format!("{}/{}/{id}", self.node, self.group)
-            },
-            seq,
-            ts,
-            value,
-        );
-        r.requested = requested;
-        if gas {
-            r.sensor_type = Some("Gas".into());
-            r.ip = Some(reading::simulated_ip(id));
-            r.mac = Some(reading::simulated_mac(id));
-        }
-        reading::encode(&r, self.s.format, self.s.payload_size)
+        payload(&self.s, &self.node, &self.group, id, seq, ts, requested)
     }
 
     fn publish(&mut self, fire: Fire) {
@@ -112,11 +135,7 @@ impl Group {
         let id = i as u32 + 1;
         let seq = self.seqs[i] + 1;
         let payload = self.payload(id, seq, unix_ms(), fire.requested);
-        let id_s = id.to_string();
-        let topic = fill(
-            &self.s.topic,
-            &[("id", &id_s), ("group", &self.group), ("node", &self.node)],
-        );
+        let topic = topic(&self.s, &self.node, &self.group, id);
         match client.try_publish(topic, self.qos, false, payload) {
             Ok(()) => {
                 self.seqs[i] = seq;

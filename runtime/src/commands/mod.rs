@@ -5,4 +5,5 @@ pub mod check;
 pub mod ctl;
 pub mod node;
 pub mod passwd;
+pub mod plan;
 pub mod up;
