@@ -122,6 +122,9 @@ impl ActorSettings {
                 if let Some(c) = &s.collector {
                     refs.push(("collector", c, Some(ActorKind::Collector)));
                 }
+                if let Some(b) = &s.balancer {
+                    refs.push(("balancer", b, Some(ActorKind::Balancer)));
+                }
             }
             ActorSettings::Balancer(_) => {}
             ActorSettings::Collector(c) => {
@@ -470,6 +473,10 @@ pub struct SensorGroupSettings {
     /// A collector host and probe sensors report to.
     #[serde(default)]
     pub collector: Option<Address>,
+    /// A balancer host sensors report this node's load to (CPU, memory, network throughput),
+    /// so that it can score nodes as it scores routers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancer: Option<Address>,
     /// Number of sensors (1 to 100,000).
     #[serde(default = "default_count")]
     pub count: u32,

@@ -366,10 +366,21 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
                     "probe sensors need at least one target in `ping`, `tcp` or `dns`",
                 );
             }
-            if s.source != SensorSource::Simulated && s.collector.is_none() {
-                p.add(
+            match s.source {
+                SensorSource::Host if s.collector.is_none() && s.balancer.is_none() => p.add(
                     key_path!["actor", i],
-                    "host and probe sensors need a `collector` to report to",
+                    "host sensors need a `collector` or a `balancer` to report to",
+                ),
+                SensorSource::Probe if s.collector.is_none() => p.add(
+                    key_path!["actor", i],
+                    "probe sensors need a `collector` to report to",
+                ),
+                _ => {}
+            }
+            if s.balancer.is_some() && s.source != SensorSource::Host {
+                p.add(
+                    key_path!["actor", i, "balancer"],
+                    "only host sensors (source = \"host\") report to a balancer",
                 );
             }
         }

@@ -12,6 +12,8 @@ use tracing::{debug, warn};
 use super::metrics::{CPU_SAMPLE, HostMetrics};
 use super::schedule::{Scheduler, SensorAction};
 use super::{SensorGroupMessage, probe, simulated};
+use crate::balancer::BalancerMessage;
+use crate::balancer::core::RouterMetrics;
 use crate::collector::CollectorMessage;
 use crate::collector::store::unix_ms;
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
@@ -37,8 +39,40 @@ pub(super) async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Turns host readings into the load a balancer scores: CPU and memory as read, network
+/// throughput from the interface byte counters' growth since the previous reading.
+#[derive(Default)]
+struct LoadReport {
+    last: Option<(Instant, f64)>,
+}
+
+impl LoadReport {
+    fn metrics(&mut self, values: &BTreeMap<String, f64>, now: Instant) -> RouterMetrics {
+        let bytes: f64 = values
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("net.") && (k.ends_with(".rx_bytes") || k.ends_with(".tx_bytes"))
+            })
+            .map(|(_, v)| v)
+            .sum();
+        let bandwidth_mbps = match self.last.replace((now, bytes)) {
+            Some((then, before)) if now > then && bytes >= before => {
+                (bytes - before) * 8.0 / now.duration_since(then).as_secs_f64() / 1e6
+            }
+            _ => 0.0,
+        };
+        RouterMetrics {
+            cpu_percent: values.get("cpu").copied().unwrap_or(0.0),
+            memory_percent: values.get("mem_used_pct").copied().unwrap_or(0.0),
+            bandwidth_mbps,
+            tunnels: 0,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
+    reports: u64,
     sent: u64,
     errors: u64,
     commands: u64,
@@ -49,10 +83,12 @@ struct Counters {
 
 /// Host or probe sensors: one schedule; each round's readings go to the collector.
 async fn periodic(mut ctx: ActorContext, mut s: SensorGroupSettings) -> Result<(), ActorFailure> {
-    let collector = s
-        .collector
-        .clone()
-        .ok_or_else(|| ActorFailure::new("host and probe sensors need a `collector`"))?;
+    if s.collector.is_none() && s.balancer.is_none() {
+        return Err(ActorFailure::new(
+            "host and probe sensors need a `collector` (or, for host sensors, a `balancer`)",
+        ));
+    }
+    let mut load = LoadReport::default();
     let base = ctx.address.to_string();
     let mut host = (s.source == SensorSource::Host).then(HostMetrics::new);
     if host.is_some() {
@@ -123,6 +159,15 @@ async fn periodic(mut ctx: ActorContext, mut s: SensorGroupSettings) -> Result<(
                             results
                         }
                     };
+                    if let (Some(balancer), Some((_, values)), true) = (&s.balancer, results.first(), host.is_some()) {
+                        let m = BalancerMessage::Report { router: base.clone(), metrics: load.metrics(values, Instant::now()) };
+                        match tokio::time::timeout(Duration::from_secs(2), ctx.cluster.send(balancer, Some(&ctx.address), &m)).await {
+                            Ok(Ok(())) => n.reports += 1,
+                            Ok(Err(e)) => { n.errors += 1; n.last_error = Some(format!("balancer: {e}")); }
+                            Err(_) => { n.errors += 1; n.last_error = Some("balancer did not take the report within 2 s".into()); }
+                        }
+                    }
+                    let Some(collector) = &s.collector else { continue };
                     for (name, values) in results {
                         let source = format!("{base}/{name}");
                         let seq = seqs.entry(source.clone()).or_insert(0);
@@ -138,7 +183,7 @@ async fn periodic(mut ctx: ActorContext, mut s: SensorGroupSettings) -> Result<(
                             mac: None,
                         };
                         let m = CollectorMessage::Reading { reading, topic: None };
-                        let sent = tokio::time::timeout(Duration::from_secs(2), ctx.cluster.send(&collector, Some(&ctx.address), &m)).await;
+                        let sent = tokio::time::timeout(Duration::from_secs(2), ctx.cluster.send(collector, Some(&ctx.address), &m)).await;
                         match sent {
                             Ok(Ok(())) => n.sent += 1,
                             Ok(Err(e)) => { n.errors += 1; debug!("reading not delivered: {e}"); n.last_error = Some(e.to_string()); }
@@ -160,6 +205,8 @@ fn detail(s: &SensorGroupSettings, n: &Counters, finished: bool) -> serde_json::
     json!({
         "source": s.source,
         "collector": s.collector,
+        "balancer": s.balancer,
+        "load_reports_sent": n.reports,
         "interval_ms": s.interval_ms,
         "readings_sent": n.sent,
         "readings_per_sec": n.rate,
@@ -168,4 +215,33 @@ fn detail(s: &SensorGroupSettings, n: &Counters, finished: bool) -> serde_json::
         "commands_received": n.commands,
         "finished": finished,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_reports_turn_interface_counters_into_throughput() {
+        let mut load = LoadReport::default();
+        let at = Instant::now();
+        let values = |rx: f64, tx: f64| {
+            BTreeMap::from([
+                ("cpu".to_owned(), 42.0),
+                ("mem_used_pct".to_owned(), 61.5),
+                ("net.eth0.rx_bytes".to_owned(), rx),
+                ("net.eth0.tx_bytes".to_owned(), tx),
+                ("disk_read_bytes".to_owned(), 1e9),
+            ])
+        };
+        let first = load.metrics(&values(1e6, 1e6), at);
+        assert_eq!((first.cpu_percent, first.memory_percent), (42.0, 61.5));
+        assert_eq!(first.bandwidth_mbps, 0.0, "no rate from one sample");
+        // 2.5 MB more in 2 s: 10 Mbit/s.
+        let second = load.metrics(&values(2e6, 2.5e6), at + Duration::from_secs(2));
+        assert!((second.bandwidth_mbps - 10.0).abs() < 1e-9, "{second:?}");
+        // Counters that went back (an interface reset) give no rate rather than a negative one.
+        let third = load.metrics(&values(0.0, 0.0), at + Duration::from_secs(4));
+        assert_eq!(third.bandwidth_mbps, 0.0);
+    }
 }

@@ -10,7 +10,8 @@
 //!   (from 1 at each start) and the send time. Each sensor also subscribes to `command_topic`.
 //! - `source = "host"`: one sensor reading CPU (overall and per core), memory, swap, disk usage
 //!   and I/O, load averages and network interface counters every `interval_ms`, sent as a
-//!   reading to `collector`.
+//!   reading to `collector`; with `balancer`, also as this node's load (CPU, memory, network
+//!   throughput) to a balancer, which then scores nodes as it scores routers.
 //! - `source = "probe"`: every `interval_ms` (for `duration_secs`, if set) pings each of `ping`
 //!   (`ping_count` echoes: RTT min/avg/max, jitter, loss), times a TCP connect to each of `tcp`
 //!   and a resolution of each of `dns`; each result is a reading to `collector`.
