@@ -220,3 +220,199 @@ fn routing_example_carries_pings_through_its_tunnels() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("edge/tun") && text.contains("via "), "{text}");
 }
+
+/// `colony ctl call` on an example's node, the reply as JSON.
+fn call(up: &Up, node: &str, address: &str, message: &str) -> serde_json::Value {
+    serde_json::from_str(&up.ctl(node, &["--json", "call", address, message])).expect("reply JSON")
+}
+
+/// The number of stored readings per source, from the collector's counts query.
+fn stored_per_source(up: &Up, node: &str, collector: &str) -> Vec<(String, u64)> {
+    let counts = call(up, node, collector, r#"{"query": {"counts": {}}}"#);
+    counts["per_source"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            (
+                s["source"].as_str().unwrap_or_default().to_owned(),
+                s["stored"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn mosquitto_pub(port: u16, topic: &str, message: &str) {
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(["-t", topic, "-m", message])
+        .output()
+        .expect("run mosquitto_pub (Debian's mosquitto-clients)");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn demo_walkthrough_works_as_the_readme_tells_it() {
+    let up = up("demo.toml");
+    // Readings from both sites cross their bridges into the core collector.
+    let ok = wait_for(Duration::from_secs(40), || {
+        let sources = stored_per_source(&up, "core", "core/store");
+        let from = |site: &str| {
+            sources
+                .iter()
+                .filter(|(s, n)| s.starts_with(site) && *n > 0)
+                .count()
+        };
+        from("site-a/sensors/") == 100 && from("site-b/sensors/") == 100
+    });
+    assert!(ok, "{:?}", stored_per_source(&up, "core", "core/store"));
+    let s = status(&up, "core");
+    assert!(healthy(&s), "{s:#}");
+
+    // A command to one sensor by actor message: a reading marked requested arrives.
+    up.ctl(
+        "core",
+        &[
+            "send",
+            "site-a/sensors",
+            r#"{"command": {"sensor": 7, "action": "read_now"}}"#,
+        ],
+    );
+    let requested = wait_for(Duration::from_secs(20), || {
+        call(
+            &up,
+            "core",
+            "core/store",
+            r#"{"query": {"latest": {"source": "site-a/sensors/7", "limit": 20}}}"#,
+        )
+        .to_string()
+        .contains("requested")
+    });
+    assert!(requested, "no requested reading from site-a/sensors/7");
+
+    // A command over MQTT at the core broker, carried down by site B's bridge to sensor 3 only.
+    let before = |source: &str| {
+        stored_per_source(&up, "core", "core/store")
+            .into_iter()
+            .find(|(s, _)| s == source)
+            .map_or(0, |(_, n)| n)
+    };
+    let (fast0, slow0) = (before("site-b/sensors/3"), before("site-b/sensors/4"));
+    mosquitto_pub(18100, "InTopic/site-b/sensors/3", r#"{"interval_ms": 200}"#);
+    let faster = wait_for(Duration::from_secs(30), || {
+        let fast = before("site-b/sensors/3") - fast0;
+        let slow = before("site-b/sensors/4") - slow0;
+        fast >= 15 && fast > 3 * slow.max(1)
+    });
+    assert!(
+        faster,
+        "sensor 3 did not speed up: {} vs {}",
+        before("site-b/sensors/3") - fast0,
+        before("site-b/sensors/4") - slow0
+    );
+
+    // The balancer scores the three nodes from their host sensors' reports.
+    let decision = call(
+        &up,
+        "core",
+        "core/lb",
+        r#"{"decide": {"endpoint": "readme"}}"#,
+    );
+    let router = decision["router"].as_str().unwrap_or_default();
+    assert!(router.ends_with("/host"), "{decision}");
+
+    // A reload that changes the sensors' interval in place: no restart, same uptime.
+    let fast = example("demo.toml").replace("interval_ms = 1000", "interval_ms = 500");
+    std::fs::write(up.path().join("demo-fast.toml"), fast).expect("write config");
+    let plan = up.ctl("core", &["reload", "demo-fast.toml", "--dry-run"]);
+    assert!(plan.contains("site-a/sensors"), "{plan}");
+    up.ctl("core", &["reload", "demo-fast.toml"]);
+    let s = status(&up, "core");
+    let sensors = actor(&s, "site-a/sensors").expect("site-a/sensors");
+    assert_eq!(sensors["settings"]["interval_ms"], 500, "{sensors:#}");
+    assert_eq!(sensors["restarts"], 0, "{sensors:#}");
+
+    // The supervisor restarts a killed broker; readings keep arriving afterwards.
+    up.ctl("core", &["kill", "site-a/broker"]);
+    let stored = detail_u64(&status(&up, "core"), "core/store", "stored");
+    let ok = wait_for(Duration::from_secs(30), || {
+        let s = status(&up, "core");
+        actor(&s, "site-a/broker").is_some_and(|a| a["state"] == "running" && a["restarts"] == 1)
+            && detail_u64(&s, "core/store", "stored") > stored + 200
+    });
+    assert!(ok, "{:#}", status(&up, "core"));
+}
+
+#[test]
+fn gas_detection_fans_sites_out_to_their_clouds_and_commands_back_down() {
+    let up = up("gas-detection.toml");
+    let topics = |cloud: &str| -> Vec<String> {
+        call(
+            &up,
+            "relay",
+            &format!("{cloud}/store"),
+            r#"{"query": {"latest": {"limit": 200}}}"#,
+        )
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["topic"].as_str().map(str::to_owned))
+        .collect()
+    };
+    let ok = wait_for(Duration::from_secs(40), || {
+        topics("cloud-1").len() >= 40 && topics("cloud-2").len() >= 40
+    });
+    assert!(
+        ok,
+        "cloud-1 {:?}\ncloud-2 {:?}",
+        topics("cloud-1"),
+        topics("cloud-2")
+    );
+    // Each cloud has its own site's readings and nothing else.
+    assert!(
+        topics("cloud-1")
+            .iter()
+            .all(|t| t.starts_with("gas/site-a/"))
+    );
+    assert!(
+        topics("cloud-2")
+            .iter()
+            .all(|t| t.starts_with("gas/site-b/"))
+    );
+    let s = status(&up, "relay");
+    assert!(healthy(&s), "{s:#}");
+    for cloud in ["cloud-1/store", "cloud-2/store"] {
+        assert_eq!(
+            detail_u64(&s, cloud, "rejected"),
+            0,
+            "{cloud} rejected readings"
+        );
+    }
+
+    // "Read now" for detector 7 of site A, published at cloud 1, reaches that detector only.
+    let commands = |group: &str| detail_u64(&status(&up, "relay"), group, "commands_received");
+    mosquitto_pub(18204, "InTopic/site-a/7", "Request");
+    let ok = wait_for(Duration::from_secs(20), || commands("site-a/gas") >= 1);
+    assert!(ok, "{:#}", status(&up, "relay"));
+    let requested = wait_for(Duration::from_secs(20), || {
+        call(
+            &up,
+            "relay",
+            "cloud-1/store",
+            r#"{"query": {"latest": {"limit": 100}}}"#,
+        )
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| r["topic"] == "gas/site-a/7" && r["flags"].to_string().contains("requested"))
+    });
+    assert!(
+        requested,
+        "no requested reading from detector 7 reached cloud 1"
+    );
+    assert_eq!(commands("site-b/gas"), 0, "site B got site A's command");
+}
