@@ -12,7 +12,7 @@ use colony_config::kinds::{BridgeDirection, BridgeRule};
 use crate::broker::topic::filter_matches;
 
 /// A side of the bridge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Side {
     /// The local Colony broker.
     Local,
