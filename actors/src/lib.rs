@@ -9,6 +9,7 @@
 //! `Err` (or panics) when it fails and its supervisor decides what happens next.
 
 pub mod balancer;
+pub mod bridge;
 pub mod broker;
 pub mod collector;
 pub mod host;
@@ -28,6 +29,7 @@ pub fn is_available(kind: ActorKind) -> bool {
     matches!(
         kind,
         ActorKind::Balancer
+            | ActorKind::Bridge
             | ActorKind::Broker
             | ActorKind::Collector
             | ActorKind::SensorGroup
@@ -39,15 +41,11 @@ pub fn is_available(kind: ActorKind) -> bool {
 pub fn run(mut ctx: ActorContext) -> BoxFuture<'static, Result<(), ActorFailure>> {
     match ctx.settings().kind() {
         ActorKind::Balancer => Box::pin(balancer::run(ctx)),
+        ActorKind::Bridge => Box::pin(bridge::run(ctx)),
         ActorKind::Broker => Box::pin(broker::run(ctx)),
         ActorKind::Collector => Box::pin(collector::run(ctx)),
         ActorKind::SensorGroup => Box::pin(sensor_group::run(ctx)),
         ActorKind::Tunnel => Box::pin(tunnel::run(ctx)),
-        kind => Box::pin(async move {
-            Err(ActorFailure::new(format!(
-                "kind {kind} is not available in this build"
-            )))
-        }),
     }
 }
 
@@ -62,11 +60,11 @@ pub fn changes_in_place(kind: ActorKind, fields: &[String]) -> bool {
             "max_bandwidth_mbps",
             "max_connections",
         ],
+        ActorKind::Bridge => bridge::IN_PLACE,
         ActorKind::Broker => &["users", "acl", "allow_anonymous", "limits"],
         ActorKind::Collector => &["batch_size", "flush_ms", "format"],
         ActorKind::SensorGroup => sensor_group::IN_PLACE,
         ActorKind::Tunnel => tunnel::IN_PLACE,
-        _ => &[],
     };
     fields.iter().all(|f| in_place.contains(&f.as_str()))
 }
@@ -83,11 +81,11 @@ pub fn encode_message(kind: ActorKind, message: &serde_json::Value) -> Result<Ve
     }
     let result = match kind {
         ActorKind::Balancer => typed::<balancer::BalancerMessage>(message),
+        ActorKind::Bridge => typed::<bridge::BridgeMessage>(message),
         ActorKind::Broker => typed::<broker::BrokerMessage>(message),
         ActorKind::Collector => typed::<collector::CollectorMessage>(message),
         ActorKind::SensorGroup => typed::<sensor_group::SensorGroupMessage>(message),
         ActorKind::Tunnel => typed::<tunnel::TunnelMessage>(message),
-        kind => return Err(format!("kind {kind} is not available in this build")),
     };
     result.map_err(|e| format!("not a {kind} message: {e}"))
 }

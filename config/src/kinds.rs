@@ -363,15 +363,102 @@ impl<'de> Deserialize<'de> for BridgeRemote {
 }
 
 /// `kind = "bridge"`: forwards topics between two brokers.
+///
+/// Topic rules change in place; everything else (the remote, its credentials and TLS files, the
+/// spool bounds) by restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BridgeSettings {
     /// The local Colony broker.
     pub local: Address,
-    /// The far broker.
+    /// The far broker: a Colony broker by address, or the primary URL of an external one.
     pub remote: BridgeRemote,
     /// Topic rules.
     pub topics: Vec<BridgeRule>,
+    /// More URLs of the external broker, tried in order when the primary is unreachable; the
+    /// bridge goes back to the primary once it answers again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<String>,
+    /// MQTT username at the external broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// MQTT password at the external broker (sent in clear inside TLS; keep the file private).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// CA certificate (PEM) an `mqtts://` broker's certificate must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) shown to an `mqtts://` broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// MQTT client id at the external broker; `colony-bridge-<node>-<name>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// MQTT keepalive with the external broker, in seconds.
+    #[serde(default = "default_bridge_keepalive")]
+    pub keepalive_secs: u64,
+    /// How long the external broker keeps the bridge's session while it is away, in seconds.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_secs: u32,
+    /// First reconnect delay, in milliseconds; it doubles (with jitter) up to `reconnect_max_ms`.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, in milliseconds.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// While on a failover address, try the primary again this often, in seconds.
+    #[serde(default = "default_primary_retry_secs")]
+    pub primary_retry_secs: u64,
+    /// Where the connection state is published, retained, on the local broker (`{name}` and
+    /// `{node}` are replaced).
+    #[serde(default = "default_notification_topic")]
+    pub notification_topic: String,
+    /// Spool bound: messages waiting per direction; past it the oldest are dropped and counted.
+    #[serde(default = "default_spool_max_messages")]
+    pub spool_max_messages: u64,
+    /// Spool bound: payload bytes waiting per direction; past it the oldest are dropped.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
+    /// Spool bound: a message waiting longer than this many seconds is dropped and counted.
+    #[serde(default = "default_spool_max_age_secs")]
+    pub spool_max_age_secs: u64,
+    /// QoS 1/2 messages sent to an external broker and not yet acknowledged, at most.
+    #[serde(default = "default_bridge_inflight")]
+    pub max_inflight: u16,
+}
+
+fn default_bridge_keepalive() -> u64 {
+    30
+}
+fn default_session_expiry() -> u32 {
+    7 * 86_400
+}
+fn default_reconnect_min_ms() -> u64 {
+    250
+}
+fn default_reconnect_max_ms() -> u64 {
+    30_000
+}
+fn default_primary_retry_secs() -> u64 {
+    60
+}
+fn default_notification_topic() -> String {
+    "colony/bridge/{node}/{name}/state".to_owned()
+}
+fn default_spool_max_messages() -> u64 {
+    1_000_000
+}
+fn default_spool_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_spool_max_age_secs() -> u64 {
+    7 * 86_400
+}
+fn default_bridge_inflight() -> u16 {
+    256
 }
 
 /// A tunnel's role.

@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::address::{is_valid_actor_name, is_valid_node_name};
-use crate::kinds::{ActorKind, ActorSettings, BrokerSettings, SensorSource, TunnelRole};
+use crate::kinds::{
+    ActorKind, ActorSettings, BridgeRemote, BridgeSettings, BrokerSettings, SensorSource,
+    TunnelRole,
+};
 use crate::model::{ClusterConfig, SupervisionSettings};
 use crate::parse::{KeyPath, Problem, Seg, key_path};
 
@@ -241,29 +244,7 @@ fn actor_rules(config: &ClusterConfig, p: &mut Problems) {
 fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
     match settings {
         ActorSettings::Broker(b) => broker_rules(b, i, p),
-        ActorSettings::Bridge(b) => {
-            if b.topics.is_empty() {
-                p.add(
-                    key_path!["actor", i, "topics"],
-                    "a bridge needs at least one topic rule",
-                );
-            }
-            for (j, rule) in b.topics.iter().enumerate() {
-                if !is_valid_topic_filter(&rule.pattern) {
-                    p.add(
-                        key_path!["actor", i, "topics", j, "pattern"],
-                        format!("'{}' is not a valid MQTT topic filter", rule.pattern),
-                    );
-                }
-                p.range(
-                    key_path!["actor", i, "topics", j, "qos"],
-                    "qos",
-                    rule.qos,
-                    0,
-                    2,
-                );
-            }
-        }
+        ActorSettings::Bridge(b) => bridge_rules(b, i, p),
         ActorSettings::Tunnel(t) => {
             p.range(key_path!["actor", i, "mtu"], "mtu", t.mtu, 576, 9000);
             if t.role == TunnelRole::Endpoint && t.peers.len() > 2 {
@@ -473,6 +454,193 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
             }
         }
     }
+}
+
+/// A problem with an external broker URL (`mqtt://host[:port]`, `mqtts://host[:port]`).
+fn url_problem(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("mqtt://"));
+    let Some(rest) = rest else {
+        return Some(format!("'{url}' must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let host = match rest.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') || h.starts_with('[') => {
+            if port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Some(format!("'{url}': the port must be a number from 1 to 65535"));
+            }
+            h
+        }
+        _ => rest,
+    };
+    if host.trim_matches(['[', ']']).is_empty() || host.contains(['/', '@', ' ']) {
+        return Some(format!("'{url}' names no host"));
+    }
+    None
+}
+
+fn bridge_rules(b: &BridgeSettings, i: usize, p: &mut Problems) {
+    if b.topics.is_empty() {
+        p.add(
+            key_path!["actor", i, "topics"],
+            "a bridge needs at least one topic rule",
+        );
+    }
+    for (j, rule) in b.topics.iter().enumerate() {
+        if !is_valid_topic_filter(&rule.pattern) || rule.pattern.starts_with("$share/") {
+            p.add(
+                key_path!["actor", i, "topics", j, "pattern"],
+                format!("'{}' is not a valid MQTT topic filter", rule.pattern),
+            );
+        }
+        for (key, prefix) in [
+            ("local_prefix", &rule.local_prefix),
+            ("remote_prefix", &rule.remote_prefix),
+        ] {
+            if prefix.contains(['+', '#', '\0']) {
+                p.add(
+                    key_path!["actor", i, "topics", j, key],
+                    format!("`{key}` '{prefix}' must not hold wildcards"),
+                );
+            }
+        }
+        p.range(
+            key_path!["actor", i, "topics", j, "qos"],
+            "qos",
+            rule.qos,
+            0,
+            2,
+        );
+    }
+    match &b.remote {
+        BridgeRemote::Actor(a) => {
+            if *a == b.local {
+                p.add(
+                    key_path!["actor", i, "remote"],
+                    "`remote` must be another broker than `local`",
+                );
+            }
+            let external = [
+                ("failover", !b.failover.is_empty()),
+                ("username", b.username.is_some()),
+                ("password", b.password.is_some()),
+                ("ca", b.ca.is_some()),
+                ("cert", b.cert.is_some()),
+                ("key", b.key.is_some()),
+                ("client_id", b.client_id.is_some()),
+            ];
+            for (key, set) in external {
+                if set {
+                    p.add(
+                        key_path!["actor", i, key],
+                        format!("`{key}` is for an external broker (`remote = \"mqtt(s)://...\"`); a Colony remote is reached over the cluster"),
+                    );
+                }
+            }
+        }
+        BridgeRemote::Url(u) => {
+            if let Some(m) = url_problem(u) {
+                p.add(key_path!["actor", i, "remote"], m);
+            }
+            for (j, u) in b.failover.iter().enumerate() {
+                if let Some(m) = url_problem(u) {
+                    p.add(key_path!["actor", i, "failover", j], m);
+                }
+            }
+            let tls = std::iter::once(u)
+                .chain(&b.failover)
+                .any(|u| u.starts_with("mqtts://"));
+            if tls && b.ca.is_none() {
+                p.add(
+                    key_path!["actor", i, "ca"],
+                    "an mqtts:// remote needs `ca` (the CA certificate, PEM)",
+                );
+            }
+            if b.cert.is_some() != b.key.is_some() {
+                p.add(
+                    key_path!["actor", i, "cert"],
+                    "a client certificate needs both `cert` and `key`",
+                );
+            }
+            if b.password.is_some() && b.username.is_none() {
+                p.add(
+                    key_path!["actor", i, "password"],
+                    "`password` needs `username`",
+                );
+            }
+            if let Some(id) = &b.client_id
+                && (id.is_empty() || id.len() > 65_535)
+            {
+                p.add(
+                    key_path!["actor", i, "client_id"],
+                    "`client_id` must not be empty",
+                );
+            }
+        }
+    }
+    p.range(
+        key_path!["actor", i, "keepalive_secs"],
+        "keepalive_secs",
+        b.keepalive_secs,
+        1,
+        65_535,
+    );
+    p.range(
+        key_path!["actor", i, "reconnect_min_ms"],
+        "reconnect_min_ms",
+        b.reconnect_min_ms,
+        1,
+        3_600_000,
+    );
+    p.range(
+        key_path!["actor", i, "reconnect_max_ms"],
+        "reconnect_max_ms",
+        b.reconnect_max_ms,
+        b.reconnect_min_ms.max(1),
+        3_600_000,
+    );
+    p.range(
+        key_path!["actor", i, "primary_retry_secs"],
+        "primary_retry_secs",
+        b.primary_retry_secs,
+        1,
+        86_400,
+    );
+    if b.notification_topic.is_empty() || b.notification_topic.contains(['+', '#', '\0']) {
+        p.add(
+            key_path!["actor", i, "notification_topic"],
+            "`notification_topic` must be a topic name without wildcards",
+        );
+    }
+    p.range(
+        key_path!["actor", i, "spool_max_messages"],
+        "spool_max_messages",
+        b.spool_max_messages,
+        1,
+        u64::MAX,
+    );
+    p.range(
+        key_path!["actor", i, "spool_max_bytes"],
+        "spool_max_bytes",
+        b.spool_max_bytes,
+        1024,
+        u64::MAX,
+    );
+    p.range(
+        key_path!["actor", i, "spool_max_age_secs"],
+        "spool_max_age_secs",
+        b.spool_max_age_secs,
+        1,
+        u64::MAX,
+    );
+    p.range(
+        key_path!["actor", i, "max_inflight"],
+        "max_inflight",
+        b.max_inflight,
+        1,
+        u16::MAX,
+    );
 }
 
 fn broker_rules(b: &BrokerSettings, i: usize, p: &mut Problems) {

@@ -6,7 +6,9 @@
 //! creates these subscriptions itself when it starts (idempotently: ones already held are left
 //! alone), and their QoS 1/2 messages wait in its store until the subscriber acknowledges them.
 
-use colony_config::kinds::CollectorVia;
+use colony_config::kinds::{BridgeRemote, CollectorVia};
+
+use crate::bridge::rules::Side;
 use colony_config::{ActorSettings, Address, ClusterConfig};
 
 /// One actor subscription declared by the config.
@@ -43,9 +45,30 @@ pub fn declared_subscriptions(
                     });
                 }
             }
+            // A bridge takes its out-rule filters from its local broker and, from a Colony
+            // remote, its in-rule filters; never its own publishes.
+            ActorSettings::Bridge(b) => {
+                let rules = crate::bridge::rules::Rules::new(b.topics.clone());
+                let mut sides = vec![(&b.local, Side::Local)];
+                if let BridgeRemote::Actor(remote) = &b.remote {
+                    sides.push((remote, Side::Remote));
+                }
+                for (on, side) in sides {
+                    if on != broker {
+                        continue;
+                    }
+                    for (qos, filters) in crate::bridge::by_qos(&rules.filters(side)) {
+                        out.push(DeclaredSubscription {
+                            subscriber: actor.address(),
+                            filters,
+                            qos,
+                            no_local: true,
+                        });
+                    }
+                }
+            }
             // Kinds that subscribe to no broker by address.
             ActorSettings::Broker(_)
-            | ActorSettings::Bridge(_)
             | ActorSettings::Tunnel(_)
             | ActorSettings::SensorGroup(_)
             | ActorSettings::Balancer(_) => {}

@@ -1,0 +1,927 @@
+//! The bridge actor: subscriptions on both brokers, the spool between them, and one forwarding
+//! lane per direction (a Colony broker by calls over the cluster, or the external MQTT link).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use colony_cluster::{Address, CallError, Cluster, Delivery};
+use colony_config::ActorSettings;
+use colony_config::kinds::{BridgeRemote, BridgeSettings};
+use futures::FutureExt;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::BridgeMessage;
+use super::link::{self, Forward, FromLink, LinkConfig, ToLink};
+use super::rules::{Rules, Side, may_forward, with_hop};
+use super::spool::{Bounds, Dir, Entry, Spool, Spooled};
+use crate::broker::{BrokerMessage, BrokerNotice, PublishStream};
+use crate::host::{ActorContext, ActorEvent, ActorFailure};
+
+/// Messages handed to a lane and not yet acknowledged, at most (Colony lanes).
+const COLONY_WINDOW: usize = 512;
+/// Messages read from the spool per batch.
+const BATCH: usize = 256;
+/// Events taken from the mailbox before the spool commits.
+const DRAIN: usize = 1024;
+/// How long a call to a broker may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn fail(e: impl std::fmt::Display) -> ActorFailure {
+    ActorFailure::new(e.to_string())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One direction's forwarding state.
+struct Lane {
+    dir: Dir,
+    tx: LaneTx,
+    epoch: u64,
+    up: bool,
+    /// The highest spool seq handed to the lane in this epoch.
+    cursor: u64,
+    outstanding: usize,
+    window: usize,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// For a Colony lane: the node that must be up.
+    node: Option<String>,
+    delivered: u64,
+}
+
+enum LaneTx {
+    Colony(mpsc::Sender<(u64, Vec<Forward>)>),
+    Mqtt(mpsc::Sender<ToLink>),
+}
+
+impl Lane {
+    fn down(&mut self, reason: &str, min: Duration, max: Duration) {
+        if self.up {
+            warn!(dir = self.dir.as_str(), "bridge lane down: {reason}");
+        }
+        self.up = false;
+        self.cursor = 0;
+        self.outstanding = 0;
+        self.retry_at = Some(Instant::now() + jitter(self.backoff));
+        self.backoff = (self.backoff * 2).clamp(min, max);
+    }
+
+    fn revive(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.up = true;
+        self.cursor = 0;
+        self.outstanding = 0;
+        self.retry_at = None;
+    }
+
+    /// Hands QoS 0 messages over now (dropped when the lane is down). Returns how many went.
+    fn send_now(&mut self, items: Vec<Forward>) -> usize {
+        if !self.up || items.is_empty() {
+            return 0;
+        }
+        let n = items.len();
+        let ok = match &self.tx {
+            LaneTx::Colony(tx) => tx.try_send((self.epoch, items)).is_ok(),
+            LaneTx::Mqtt(tx) => tx
+                .try_send(ToLink::Batch {
+                    epoch: self.epoch,
+                    items,
+                })
+                .is_ok(),
+        };
+        if ok { n } else { 0 }
+    }
+
+    /// Hands the next spooled messages to the lane while it has room.
+    fn pump(&mut self, spool: &Spool) -> Result<(), ActorFailure> {
+        while self.up && self.outstanding < self.window {
+            let want = (self.window - self.outstanding).min(BATCH);
+            let batch = spool.next(self.dir, self.cursor, want).map_err(fail)?;
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            self.cursor = last.seq;
+            self.outstanding += batch.len();
+            let items: Vec<Forward> = batch.into_iter().map(forward).collect();
+            let sent = match &self.tx {
+                LaneTx::Colony(tx) => tx.try_send((self.epoch, items)).is_ok(),
+                LaneTx::Mqtt(tx) => tx
+                    .try_send(ToLink::Batch {
+                        epoch: self.epoch,
+                        items,
+                    })
+                    .is_ok(),
+            };
+            if !sent {
+                // The lane's queue is full: take these again on the next pump.
+                self.outstanding = 0;
+                self.cursor = 0;
+                self.up = false;
+                self.retry_at = Some(Instant::now() + Duration::from_millis(100));
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn forward(m: Spooled) -> Forward {
+    Forward {
+        seq: m.seq,
+        topic: m.topic,
+        payload: m.payload,
+        qos: m.qos,
+        retain: m.retain,
+        hops: m.hops,
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos() as u64);
+    let half = d.as_millis() as u64 / 2;
+    Duration::from_millis(half + nanos % (half + 1))
+}
+
+/// Forwards batches to a Colony broker by calls, one at a time (a reply means committed).
+async fn colony_lane(
+    cluster: Cluster,
+    me: Address,
+    to: Address,
+    stream: String,
+    dir: Dir,
+    mut rx: mpsc::Receiver<(u64, Vec<Forward>)>,
+    tx: mpsc::Sender<(Dir, FromLink)>,
+) {
+    let mut dead_epoch = 0;
+    while let Some((epoch, items)) = rx.recv().await {
+        if epoch <= dead_epoch {
+            continue;
+        }
+        let mut delivered = Vec::new();
+        for f in items {
+            let seq = f.seq;
+            let msg = BrokerMessage::Publish {
+                topic: f.topic,
+                payload: f.payload,
+                qos: f.qos,
+                retain: f.retain,
+                hops: f.hops,
+                stream: (seq != 0).then(|| PublishStream {
+                    id: stream.clone(),
+                    seq,
+                }),
+            };
+            if seq == 0 {
+                if let Err(e) = cluster.send(&to, Some(&me), &msg).await {
+                    debug!(%to, "QoS 0 message not forwarded: {e}");
+                }
+                continue;
+            }
+            match cluster
+                .call::<_, ()>(&to, Some(&me), &msg, Some(CALL_TIMEOUT))
+                .await
+            {
+                Ok(()) => delivered.push(seq),
+                Err(CallError::Rejected(r)) if r.contains("is not a valid topic name") => {
+                    warn!(%to, "broker refused a forwarded message: {r}");
+                    delivered.push(seq);
+                }
+                Err(e) => {
+                    dead_epoch = epoch;
+                    let seqs = std::mem::take(&mut delivered);
+                    if (!seqs.is_empty() && tx.send((dir, FromLink::Delivered { seqs })).await.is_err())
+                        || tx
+                            .send((
+                                dir,
+                                FromLink::Down {
+                                    epoch,
+                                    reason: e.to_string(),
+                                },
+                            ))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    break;
+                }
+            }
+            if delivered.len() >= 64 {
+                let seqs = std::mem::take(&mut delivered);
+                if tx.send((dir, FromLink::Delivered { seqs })).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if !delivered.is_empty() && tx.send((dir, FromLink::Delivered { seqs: delivered })).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Something the bridge's helper tasks report.
+enum Report {
+    /// A subscription on `side` was made (or not).
+    Subscribed { side: Side, ok: bool },
+    /// The broker `source` has our acknowledgement of `ids`.
+    Acked { source: String, ids: Vec<u64> },
+}
+
+/// Subscribes the bridge to `filters` (grouped by QoS) on `broker`, with no-local.
+async fn subscribe(
+    cluster: Cluster,
+    me: Address,
+    broker: Address,
+    filters: Vec<(String, u8)>,
+    removed: Vec<String>,
+    side: Side,
+    tx: mpsc::Sender<Report>,
+) {
+    let mut ok = true;
+    if !removed.is_empty() {
+        let m = BrokerMessage::Unsubscribe {
+            filters: removed,
+            subscriber: None,
+        };
+        ok &= cluster
+            .call::<_, ()>(&broker, Some(&me), &m, Some(CALL_TIMEOUT))
+            .await
+            .is_ok();
+    }
+    for (qos, filters) in by_qos(&filters) {
+        let m = BrokerMessage::Subscribe {
+            filters,
+            qos,
+            subscriber: None,
+            no_local: true,
+        };
+        match cluster
+            .call::<_, Vec<Option<u8>>>(&broker, Some(&me), &m, Some(CALL_TIMEOUT))
+            .await
+        {
+            Ok(granted) if granted.iter().all(Option::is_some) => {}
+            Ok(granted) => {
+                warn!(%broker, ?granted, "broker refused some bridge filters");
+            }
+            Err(e) => {
+                debug!(%broker, "cannot subscribe yet: {e}");
+                ok = false;
+            }
+        }
+    }
+    let _ = tx.send(Report::Subscribed { side, ok }).await;
+}
+
+/// Filters grouped by QoS, lowest first (one actor subscription per QoS).
+pub fn by_qos(filters: &[(String, u8)]) -> Vec<(u8, Vec<String>)> {
+    let mut out: Vec<(u8, Vec<String>)> = Vec::new();
+    for (f, q) in filters {
+        match out.iter_mut().find(|(g, _)| g == q) {
+            Some((_, v)) => v.push(f.clone()),
+            None => out.push((*q, vec![f.clone()])),
+        }
+    }
+    out.sort_by_key(|(q, _)| *q);
+    out
+}
+
+#[derive(Default)]
+struct Counters {
+    forwarded_out: u64,
+    forwarded_in: u64,
+    reconnects: u64,
+    dropped_qos0: u64,
+    loops_stopped: u64,
+    unmatched: u64,
+}
+
+enum Remote {
+    Colony(Address),
+    Mqtt,
+}
+
+struct Bridge {
+    me: Address,
+    cluster: Cluster,
+    local: Address,
+    local_id: String,
+    remote: Remote,
+    remote_id: String,
+    rules: Rules,
+    spool: Spool,
+    out: Lane,
+    inn: Lane,
+    mqtt: Option<mpsc::Sender<ToLink>>,
+    mqtt_epoch: u64,
+    connected: bool,
+    address: Option<String>,
+    n: Counters,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+    notification_topic: String,
+    local_subscribed: bool,
+    remote_subscribed: bool,
+}
+
+/// An incoming message, from either side.
+struct Incoming {
+    side: Side,
+    topic: String,
+    payload: Vec<u8>,
+    qos: u8,
+    retain: bool,
+    hops: Vec<String>,
+    notice: Option<u64>,
+}
+
+impl Bridge {
+    fn side_id(&self, side: Side) -> &str {
+        match side {
+            Side::Local => &self.local_id,
+            Side::Remote => &self.remote_id,
+        }
+    }
+
+    /// Routes incoming messages: QoS 0 straight to the far lane, QoS 1/2 into the spool. Returns
+    /// the notice ids to acknowledge per source.
+    fn take(&mut self, batch: Vec<Incoming>) -> Result<HashMap<Side, Vec<u64>>, ActorFailure> {
+        let mut acks: HashMap<Side, Vec<u64>> = HashMap::new();
+        let mut spooled: [Vec<Entry>; 2] = [Vec::new(), Vec::new()];
+        let mut now: [Vec<Forward>; 2] = [Vec::new(), Vec::new()];
+        for m in batch {
+            if let Some(id) = m.notice {
+                acks.entry(m.side).or_default().push(id);
+            }
+            let from = self.side_id(m.side).to_owned();
+            let to = self.side_id(m.side.other()).to_owned();
+            let Some(mapped) = self.rules.map(m.side, &m.topic, m.qos) else {
+                self.n.unmatched += 1;
+                continue;
+            };
+            if !may_forward(&m.hops, &from, &to) {
+                self.n.loops_stopped += 1;
+                continue;
+            }
+            let hops = with_hop(&m.hops, &from);
+            let i = usize::from(m.side == Side::Remote);
+            if mapped.qos == 0 {
+                now[i].push(Forward {
+                    seq: 0,
+                    topic: mapped.topic,
+                    payload: m.payload,
+                    qos: 0,
+                    retain: m.retain,
+                    hops,
+                });
+            } else {
+                spooled[i].push(Entry {
+                    notice: m.notice.map(|id| (from.clone(), id)),
+                    topic: mapped.topic,
+                    payload: m.payload,
+                    qos: mapped.qos,
+                    retain: m.retain,
+                    hops,
+                });
+            }
+        }
+        let t = unix_ms();
+        for (i, dir) in [(0, Dir::Out), (1, Dir::In)] {
+            if !spooled[i].is_empty() {
+                self.spool.append(dir, &spooled[i], t).map_err(fail)?;
+            }
+            let items = std::mem::take(&mut now[i]);
+            let total = items.len();
+            let lane = if i == 0 { &mut self.out } else { &mut self.inn };
+            let sent = lane.send_now(items);
+            self.n.dropped_qos0 += (total - sent) as u64;
+            if i == 0 {
+                self.n.forwarded_out += sent as u64;
+            } else {
+                self.n.forwarded_in += sent as u64;
+            }
+        }
+        Ok(acks)
+    }
+
+    fn lane_event(&mut self, dir: Dir, ev: FromLink) -> Result<(), ActorFailure> {
+        let (min, max) = (self.reconnect_min, self.reconnect_max);
+        let lane = match dir {
+            Dir::Out => &mut self.out,
+            Dir::In => &mut self.inn,
+        };
+        match ev {
+            FromLink::Delivered { seqs } => {
+                lane.outstanding = lane.outstanding.saturating_sub(seqs.len());
+                lane.delivered += seqs.len() as u64;
+                match dir {
+                    Dir::Out => self.n.forwarded_out += seqs.len() as u64,
+                    Dir::In => self.n.forwarded_in += seqs.len() as u64,
+                }
+                self.spool.remove(dir, &seqs).map_err(fail)?;
+            }
+            FromLink::Down { epoch, reason } => {
+                if epoch == lane.epoch {
+                    lane.down(&reason, min, max);
+                }
+                if matches!(self.remote, Remote::Mqtt) && dir == Dir::Out {
+                    // The MQTT link retries by itself; it says when it is up.
+                    lane.retry_at = None;
+                    if self.connected {
+                        self.n.reconnects += 1;
+                    }
+                    self.connected = false;
+                }
+            }
+            FromLink::Up { epoch, address } => {
+                lane.revive(epoch);
+                self.mqtt_epoch = epoch;
+                self.connected = true;
+                self.address = Some(address);
+            }
+            FromLink::Received { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn pump(&mut self) -> Result<(), ActorFailure> {
+        self.out.pump(&self.spool)?;
+        self.inn.pump(&self.spool)
+    }
+
+    /// Colony lanes: retry a lane that is down once its node is up and its backoff has passed.
+    fn revive_colony_lanes(&mut self) {
+        let now = Instant::now();
+        for lane in [&mut self.out, &mut self.inn] {
+            let Some(node) = &lane.node else { continue };
+            if !lane.up
+                && lane.retry_at.is_none_or(|t| now >= t)
+                && self.cluster.is_up(node)
+            {
+                lane.revive(lane.epoch + 1);
+            }
+        }
+    }
+
+    fn detail(&self, rates: (u64, u64)) -> serde_json::Value {
+        let spool = |d: Dir| {
+            let c = self.spool.counters(d);
+            json!({
+                "messages": c.messages, "bytes": c.bytes,
+                "dropped_full": c.dropped_full, "dropped_expired": c.dropped_expired,
+            })
+        };
+        json!({
+            "local": self.local_id,
+            "remote": self.remote_id,
+            "connected": self.connected,
+            "address": self.address,
+            "reconnects": self.n.reconnects,
+            "forwarded_out": self.n.forwarded_out,
+            "forwarded_in": self.n.forwarded_in,
+            "out_per_sec": rates.0,
+            "in_per_sec": rates.1,
+            "spool_out": spool(Dir::Out),
+            "spool_in": spool(Dir::In),
+            "spool_depth": self.spool.counters(Dir::Out).messages + self.spool.counters(Dir::In).messages,
+            "dropped_qos0": self.n.dropped_qos0,
+            "loops_stopped": self.n.loops_stopped,
+            "unmatched": self.n.unmatched,
+        })
+    }
+
+    /// Publishes the connection state, retained, on the local broker.
+    fn notify(&self, tasks: &mut JoinSet<()>) {
+        let payload = json!({
+            "state": if self.connected { "connected" } else { "disconnected" },
+            "remote": self.remote_id,
+            "address": self.address,
+            "at_ms": unix_ms(),
+        });
+        let msg = BrokerMessage::Publish {
+            topic: self.notification_topic.clone(),
+            payload: payload.to_string().into_bytes(),
+            qos: 1,
+            retain: true,
+            hops: Vec::new(),
+            stream: None,
+        };
+        let (cluster, me, to) = (self.cluster.clone(), self.me.clone(), self.local.clone());
+        tasks.spawn(async move {
+            if let Err(e) = cluster
+                .call::<_, ()>(&to, Some(&me), &msg, Some(CALL_TIMEOUT))
+                .await
+            {
+                debug!("bridge state not published: {e}");
+            }
+        });
+    }
+}
+
+fn notice(side: Side, n: BrokerNotice) -> Incoming {
+    let BrokerNotice::Publish {
+        topic,
+        payload,
+        qos,
+        retain,
+        id,
+        dup: _,
+        hops,
+    } = n;
+    Incoming {
+        side,
+        topic,
+        payload,
+        qos,
+        retain,
+        hops,
+        notice: id,
+    }
+}
+
+fn expand(template: &str, me: &Address) -> String {
+    template
+        .replace("{node}", me.node())
+        .replace("{name}", me.actor())
+}
+
+fn bounds(s: &BridgeSettings) -> Bounds {
+    Bounds {
+        max_messages: s.spool_max_messages,
+        max_bytes: s.spool_max_bytes,
+        max_age_ms: s.spool_max_age_secs.saturating_mul(1000),
+    }
+}
+
+fn link_config(
+    s: &BridgeSettings,
+    ctx: &ActorContext,
+    primary: &str,
+    filters: Vec<(String, u8)>,
+) -> Result<LinkConfig, ActorFailure> {
+    let tls = match &s.ca {
+        Some(ca) => {
+            let ca = ctx.config.resolve(ca);
+            let client = match (&s.cert, &s.key) {
+                (Some(c), Some(k)) => Some((ctx.config.resolve(c), ctx.config.resolve(k))),
+                _ => None,
+            };
+            Some(Arc::new(
+                link::tls_config(
+                    &ca,
+                    client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                )
+                .map_err(fail)?,
+            ))
+        }
+        None => None,
+    };
+    let targets = std::iter::once(primary)
+        .chain(s.failover.iter().map(String::as_str))
+        .map(|u| link::target(u, tls.as_ref()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(fail)?;
+    Ok(LinkConfig {
+        targets,
+        client_id: s.client_id.clone().unwrap_or_else(|| {
+            format!("colony-bridge-{}-{}", ctx.address.node(), ctx.address.actor())
+        }),
+        credentials: s
+            .username
+            .clone()
+            .map(|u| (u, s.password.clone().unwrap_or_default())),
+        keepalive: Duration::from_secs(s.keepalive_secs),
+        session_expiry_secs: s.session_expiry_secs,
+        reconnect_min: Duration::from_millis(s.reconnect_min_ms),
+        reconnect_max: Duration::from_millis(s.reconnect_max_ms),
+        primary_retry: Duration::from_secs(s.primary_retry_secs),
+        max_inflight: s.max_inflight,
+        filters: capped(filters),
+    })
+}
+
+/// External brokers get QoS 1 at most (see [`link`]).
+fn capped(filters: Vec<(String, u8)>) -> Vec<(String, u8)> {
+    filters.into_iter().map(|(f, q)| (f, q.min(1))).collect()
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a bridge until it is told to stop.
+pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
+    let ActorSettings::Bridge(settings) = ctx.settings() else {
+        return Err(fail("bridge started with another kind's settings"));
+    };
+    std::fs::create_dir_all(&ctx.data_dir)
+        .map_err(|e| fail(format!("data dir {}: {e}", ctx.data_dir.display())))?;
+    let spool = Spool::open(&ctx.data_dir.join("spool.sqlite"), bounds(&settings)).map_err(fail)?;
+    let rules = Rules::new(settings.topics.clone());
+    let me = ctx.address.clone();
+    let cluster = ctx.cluster.clone();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let (lane_tx, mut lane_rx) = mpsc::channel::<(Dir, FromLink)>(1024);
+    let (report_tx, mut report_rx) = mpsc::channel::<Report>(256);
+    let min = Duration::from_millis(settings.reconnect_min_ms);
+    let max = Duration::from_millis(settings.reconnect_max_ms);
+
+    let colony_lane_for = |tasks: &mut JoinSet<()>, to: &Address, dir: Dir| {
+        let (tx, rx) = mpsc::channel(COLONY_WINDOW);
+        tasks.spawn(colony_lane(
+            cluster.clone(),
+            me.clone(),
+            to.clone(),
+            format!("bridge:{me}:{}", dir.as_str()),
+            dir,
+            rx,
+            lane_tx.clone(),
+        ));
+        Lane {
+            dir,
+            tx: LaneTx::Colony(tx),
+            epoch: 1,
+            up: true,
+            cursor: 0,
+            outstanding: 0,
+            window: COLONY_WINDOW,
+            retry_at: None,
+            backoff: min,
+            node: Some(to.node().to_owned()),
+            delivered: 0,
+        }
+    };
+
+    let inn = colony_lane_for(&mut tasks, &settings.local, Dir::In);
+    let mut mqtt_rx = None;
+    let (remote, remote_id, out, mqtt) = match &settings.remote {
+        BridgeRemote::Actor(a) => {
+            let lane = colony_lane_for(&mut tasks, a, Dir::Out);
+            (Remote::Colony(a.clone()), a.to_string(), lane, None)
+        }
+        BridgeRemote::Url(url) => {
+            let config = link_config(&settings, &ctx, url, rules.filters(Side::Remote))?;
+            let (tx, rx) = mpsc::channel(4096);
+            let (events_tx, events_rx) = mpsc::channel(4096);
+            tasks.spawn(link::run(config, rx, events_tx));
+            mqtt_rx = Some(events_rx);
+            let lane = Lane {
+                dir: Dir::Out,
+                tx: LaneTx::Mqtt(tx.clone()),
+                epoch: 0,
+                up: false,
+                cursor: 0,
+                outstanding: 0,
+                window: settings.max_inflight as usize,
+                retry_at: None,
+                backoff: min,
+                node: None,
+                delivered: 0,
+            };
+            (Remote::Mqtt, url.clone(), lane, Some(tx))
+        }
+    };
+    info!(local = %settings.local, remote = %remote_id, "bridge starting");
+    let mut b = Bridge {
+        me: me.clone(),
+        cluster: cluster.clone(),
+        local: settings.local.clone(),
+        local_id: settings.local.to_string(),
+        remote,
+        remote_id,
+        rules,
+        spool,
+        out,
+        inn,
+        mqtt,
+        mqtt_epoch: 0,
+        connected: false,
+        address: None,
+        n: Counters::default(),
+        reconnect_min: min,
+        reconnect_max: max,
+        notification_topic: expand(&settings.notification_topic, &me),
+        local_subscribed: false,
+        remote_subscribed: false,
+    };
+    if let Remote::Colony(a) = &b.remote {
+        b.connected = cluster.is_up(a.node());
+        b.address = Some(a.to_string());
+    }
+    drop(settings);
+    let mut subscribing = [false, false];
+    let start_subscribe =
+        |b: &Bridge, tasks: &mut JoinSet<()>, side: Side, removed: Vec<String>| {
+            let broker = match (side, &b.remote) {
+                (Side::Local, _) => b.local.clone(),
+                (Side::Remote, Remote::Colony(a)) => a.clone(),
+                (Side::Remote, Remote::Mqtt) => return false,
+            };
+            tasks.spawn(subscribe(
+                b.cluster.clone(),
+                b.me.clone(),
+                broker,
+                b.rules.filters(side),
+                removed,
+                side,
+                report_tx.clone(),
+            ));
+            true
+        };
+    subscribing[0] = start_subscribe(&b, &mut tasks, Side::Local, Vec::new());
+    if b.connected {
+        subscribing[1] = start_subscribe(&b, &mut tasks, Side::Remote, Vec::new());
+    }
+    b.notify(&mut tasks);
+    ctx.started();
+
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (0u64, 0u64);
+    let mut ticks = 0u64;
+    let mut was_connected = b.connected;
+    loop {
+        tokio::select! {
+            event = ctx.next_event() => {
+                let mut batch = Vec::new();
+                let mut next = Some(event);
+                let mut n = 0;
+                while let Some(event) = next.take() {
+                    match event {
+                        ActorEvent::Shutdown => return Ok(()),
+                        ActorEvent::Reconfigure(ActorSettings::Bridge(s)) => {
+                            let old = [b.rules.filters(Side::Local), b.rules.filters(Side::Remote)];
+                            b.rules = Rules::new(s.topics.clone());
+                            b.spool.set_bounds(bounds(&s));
+                            for (i, side) in [(0, Side::Local), (1, Side::Remote)] {
+                                let new = b.rules.filters(side);
+                                let removed: Vec<String> = old[i]
+                                    .iter()
+                                    .filter(|(f, _)| !new.iter().any(|(g, _)| g == f))
+                                    .map(|(f, _)| f.clone())
+                                    .collect();
+                                if side == Side::Remote && let Some(tx) = &b.mqtt {
+                                    let _ = tx.try_send(ToLink::Filters { filters: capped(new), removed });
+                                } else if !(side == Side::Remote && !b.connected) {
+                                    subscribing[i] = start_subscribe(&b, &mut tasks, side, removed);
+                                }
+                            }
+                            info!("bridge rules updated in place");
+                        }
+                        ActorEvent::Reconfigure(_) => {}
+                        ActorEvent::Message(d) => {
+                            if let Some(m) = message(&b, d, &last) {
+                                batch.push(m);
+                            }
+                        }
+                    }
+                    n += 1;
+                    if n < DRAIN {
+                        next = ctx.next_event().now_or_never();
+                    }
+                }
+                if !batch.is_empty() {
+                    let acks = b.take(batch)?;
+                    for (side, ids) in acks {
+                        let broker = match (side, &b.remote) {
+                            (Side::Local, _) => b.local.clone(),
+                            (Side::Remote, Remote::Colony(a)) => a.clone(),
+                            (Side::Remote, Remote::Mqtt) => continue,
+                        };
+                        let (cluster, me, tx) = (cluster.clone(), me.clone(), report_tx.clone());
+                        tasks.spawn(async move {
+                            let m = BrokerMessage::Ack { ids: ids.clone(), subscriber: None };
+                            if cluster.call::<_, ()>(&broker, Some(&me), &m, Some(CALL_TIMEOUT)).await.is_ok() {
+                                let _ = tx.send(Report::Acked { source: broker.to_string(), ids }).await;
+                            }
+                        });
+                    }
+                }
+            }
+            Some((dir, ev)) = lane_rx.recv() => {
+                b.lane_event(dir, ev)?;
+                while let Ok((dir, ev)) = lane_rx.try_recv() {
+                    b.lane_event(dir, ev)?;
+                }
+            }
+            Some(ev) = recv_opt(&mut mqtt_rx) => {
+                let mut received = Vec::new();
+                let mut next = Some(ev);
+                while let Some(ev) = next.take() {
+                    match ev {
+                        FromLink::Received { epoch, publish } => received.push((epoch, publish)),
+                        other => b.lane_event(Dir::Out, other)?,
+                    }
+                    if received.len() < DRAIN {
+                        next = mqtt_rx.as_mut().and_then(|rx| rx.try_recv().ok());
+                    }
+                }
+                if !received.is_empty() {
+                    let batch = received.iter().map(|(_, p)| Incoming {
+                        side: Side::Remote,
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        qos: p.qos as u8,
+                        retain: p.retain,
+                        hops: link::hops_of(p),
+                        notice: None,
+                    }).collect();
+                    b.take(batch)?;
+                    if let Some(tx) = &b.mqtt {
+                        for (epoch, publish) in received {
+                            if publish.qos as u8 > 0 {
+                                let _ = tx.send(ToLink::Ack { epoch, publish }).await;
+                            }
+                        }
+                    }
+                }
+            }
+            Some(r) = report_rx.recv() => match r {
+                Report::Subscribed { side, ok } => {
+                    let i = usize::from(side == Side::Remote);
+                    subscribing[i] = false;
+                    match side {
+                        Side::Local => b.local_subscribed = ok,
+                        Side::Remote => b.remote_subscribed = ok,
+                    }
+                }
+                Report::Acked { source, ids } => b.spool.forget_seen(&source, &ids).map_err(fail)?,
+            },
+            _ = tick.tick() => {
+                ticks += 1;
+                if let Remote::Colony(a) = &b.remote {
+                    let up = cluster.is_up(a.node());
+                    if up && !b.connected {
+                        b.remote_subscribed = false;
+                    }
+                    if !up && b.connected {
+                        b.n.reconnects += 1;
+                        b.out.down("remote node down", min, max);
+                    }
+                    b.connected = up;
+                }
+                b.revive_colony_lanes();
+                if !b.local_subscribed && !subscribing[0] {
+                    subscribing[0] = start_subscribe(&b, &mut tasks, Side::Local, Vec::new());
+                }
+                if b.connected && !b.remote_subscribed && !subscribing[1] {
+                    subscribing[1] = start_subscribe(&b, &mut tasks, Side::Remote, Vec::new());
+                }
+                if b.connected != was_connected {
+                    was_connected = b.connected;
+                    info!(remote = %b.remote_id, connected = b.connected, "bridge connection state");
+                    b.notify(&mut tasks);
+                }
+                if ticks % 10 == 0 {
+                    let dropped = b.spool.expire(unix_ms()).map_err(fail)?;
+                    if dropped > 0 {
+                        warn!(dropped, "spooled messages older than spool_max_age_secs dropped");
+                    }
+                }
+                let rates = (b.n.forwarded_out - last.0, b.n.forwarded_in - last.1);
+                last = (b.n.forwarded_out, b.n.forwarded_in);
+                ctx.stats.set_detail(b.detail(rates));
+            }
+            Some(done) = tasks.join_next() => {
+                if let Err(e) = done && e.is_panic() {
+                    return Err(fail("a bridge task panicked"));
+                }
+            }
+        }
+        b.pump()?;
+    }
+}
+
+/// Decodes a delivery: a broker notice becomes an incoming message; a status call is answered.
+fn message(b: &Bridge, mut d: Delivery, _last: &(u64, u64)) -> Option<Incoming> {
+    let side = match (&d.from, &b.remote) {
+        (Some(f), _) if *f == b.local => Some(Side::Local),
+        (Some(f), Remote::Colony(a)) if f == a => Some(Side::Remote),
+        _ => None,
+    };
+    if let Some(side) = side
+        && let Ok(n) = d.decode::<BrokerNotice>()
+    {
+        return Some(notice(side, n));
+    }
+    match d.decode::<BridgeMessage>() {
+        Ok(BridgeMessage::Status {}) => {
+            let detail = b.detail((0, 0));
+            d.reply(&detail);
+        }
+        Err(e) => d.reject(e),
+    }
+    None
+}

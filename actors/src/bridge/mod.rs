@@ -1,0 +1,53 @@
+//! The bridge: forwards topics between the local Colony broker and a far broker — another
+//! Colony broker by address over the cluster's QUIC (`remote = "cloud/broker"`), or an external
+//! MQTT broker by URL (`remote = "mqtts://host:8883"`) as an MQTT 5 client — without losing
+//! QoS 1/2 messages while the far side is away.
+//!
+//! Topic rules are Mosquitto's (see [`rules`]). Messages reach the bridge as reliable actor
+//! subscriptions of Colony brokers (acknowledged only once spooled) or as MQTT publishes
+//! (acknowledged only once spooled); QoS 1/2 ones go through the [`spool`] on disk and leave it
+//! in order once the far side has them: a Colony broker acknowledges a publish once it is
+//! committed, and drops a repeat of one it already has (each direction is a publish stream
+//! numbered by the spool), so Colony to Colony forwarding is exactly once across restarts and
+//! outages; an external broker acknowledges with PUBACK/PUBREC, and what was in flight when the
+//! connection broke is sent again (at least once). QoS 0 messages are forwarded while the far
+//! side is reachable and otherwise dropped (counted).
+//!
+//! Loops: the bridge subscribes with no-local (its own publishes do not come back to it), and
+//! every message carries the brokers it has been in (`hops`; an MQTT 5 user property
+//! `colony-hops` on an external broker), so a message never goes back to a broker it has been in
+//! — bridges in both directions, chains and rings forward each message a bounded number of times.
+//!
+//! Connection state is published retained on `notification_topic` on the local broker and shown
+//! in status with spool depth and drops, messages forwarded each way per second and reconnects.
+//! Rules and spool bounds reload in place; the remote and its settings by restart.
+//!
+//! Messages ([`BridgeMessage`]): `status {}`.
+
+mod actor;
+mod link;
+pub mod rules;
+pub mod spool;
+
+pub use actor::{by_qos, run};
+
+use serde::{Deserialize, Serialize};
+
+/// Settings a bridge applies without restarting.
+pub const IN_PLACE: &[&str] = &[
+    "topics",
+    "spool_max_messages",
+    "spool_max_bytes",
+    "spool_max_age_secs",
+];
+
+/// What the bridge accepts from the control plane (broker notices aside).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BridgeMessage {
+    /// Replies with the bridge's status detail.
+    Status {},
+}
+
+/// The MQTT 5 user property that carries a message's hops through an external broker.
+pub const HOPS_PROPERTY: &str = "colony-hops";

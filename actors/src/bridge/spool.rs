@@ -1,0 +1,480 @@
+//! The store-and-forward spool: QoS 1/2 messages waiting for the far side, in SQLite in the
+//! bridge's data directory (`spool.sqlite`), one queue per direction.
+//!
+//! A message is appended (and the notice it came in marked as seen, in the same transaction)
+//! before its source is acknowledged, and removed once the far side acknowledges it, so neither
+//! a bridge restart nor a node restart loses it. Redelivered notices that are already spooled
+//! are recognised by their source and id and not spooled twice.
+//!
+//! Bounds, per direction: `max_messages`, `max_bytes` (payload and topic bytes) and `max_age`.
+//! The policy when one is hit: the OLDEST waiting messages are dropped to make room (the newest
+//! readings are the ones worth having), and each drop is counted (`dropped_full`,
+//! `dropped_expired`), persistently.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Which way a queued message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Local broker to the remote.
+    Out,
+    /// Remote to the local broker.
+    In,
+}
+
+impl Dir {
+    /// `out` or `in`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dir::Out => "out",
+            Dir::In => "in",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Dir::Out => 0,
+            Dir::In => 1,
+        }
+    }
+}
+
+/// A message to forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spooled {
+    /// Its place in its queue (increasing, never reused).
+    pub seq: u64,
+    /// Topic on the far side.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// QoS on the far side.
+    pub qos: u8,
+    /// Retain flag.
+    pub retain: bool,
+    /// Brokers it has been in.
+    pub hops: Vec<String>,
+    /// When it was spooled (Unix ms).
+    pub at_ms: u64,
+}
+
+/// A message to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The notice it came in as (`source`, `id`), to recognise a redelivery.
+    pub notice: Option<(String, u64)>,
+    /// Topic on the far side.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// QoS on the far side.
+    pub qos: u8,
+    /// Retain flag.
+    pub retain: bool,
+    /// Brokers it has been in.
+    pub hops: Vec<String>,
+}
+
+/// Spool bounds per direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Messages.
+    pub max_messages: u64,
+    /// Bytes (topic and payload).
+    pub max_bytes: u64,
+    /// Age in milliseconds.
+    pub max_age_ms: u64,
+}
+
+/// Depth and drop counters of one direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirCounters {
+    /// Messages waiting.
+    pub messages: u64,
+    /// Bytes waiting.
+    pub bytes: u64,
+    /// Dropped because a size bound was hit.
+    pub dropped_full: u64,
+    /// Dropped because they waited longer than the age bound.
+    pub dropped_expired: u64,
+}
+
+/// A spool failure (the file).
+#[derive(Debug, thiserror::Error)]
+#[error("spool: {0}")]
+pub struct SpoolError(#[from] rusqlite::Error);
+
+/// The spool file.
+pub struct Spool {
+    conn: Connection,
+    bounds: Bounds,
+    dirs: [DirCounters; 2],
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS spool (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    dir TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    hops TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS spool_dir ON spool (dir, seq);
+CREATE TABLE IF NOT EXISTS seen (
+    source TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (source, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (
+    dir TEXT PRIMARY KEY,
+    dropped_full INTEGER NOT NULL,
+    dropped_expired INTEGER NOT NULL
+);
+";
+
+fn size(topic: &str, payload: &[u8]) -> u64 {
+    (topic.len() + payload.len()) as u64
+}
+
+impl Spool {
+    /// Opens (or creates) the spool at `path`.
+    pub fn open(path: &Path, bounds: Bounds) -> Result<Spool, SpoolError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(SCHEMA)?;
+        let mut s = Spool {
+            conn,
+            bounds,
+            dirs: [DirCounters::default(); 2],
+        };
+        for dir in [Dir::Out, Dir::In] {
+            let (messages, bytes): (u64, u64) = s.conn.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool WHERE dir = ?1",
+                [dir.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let dropped: Option<(u64, u64)> = s
+                .conn
+                .query_row(
+                    "SELECT dropped_full, dropped_expired FROM counters WHERE dir = ?1",
+                    [dir.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let (dropped_full, dropped_expired) = dropped.unwrap_or_default();
+            s.dirs[dir.index()] = DirCounters {
+                messages,
+                bytes,
+                dropped_full,
+                dropped_expired,
+            };
+        }
+        Ok(s)
+    }
+
+    /// New bounds (applied at the next append or expiry).
+    pub fn set_bounds(&mut self, bounds: Bounds) {
+        self.bounds = bounds;
+    }
+
+    /// Depth and counters of `dir`.
+    pub fn counters(&self, dir: Dir) -> DirCounters {
+        self.dirs[dir.index()]
+    }
+
+    /// Appends `entries` to `dir` in one transaction; an entry whose notice was seen before is
+    /// skipped. Then drops the oldest messages past the size bounds. Returns how many were
+    /// appended.
+    pub fn append(&mut self, dir: Dir, entries: &[Entry], now_ms: u64) -> Result<u64, SpoolError> {
+        let tx = self.conn.transaction()?;
+        let mut added = 0;
+        let mut bytes = 0;
+        {
+            let mut seen =
+                tx.prepare_cached("INSERT OR IGNORE INTO seen (source, id, at_ms) VALUES (?1, ?2, ?3)")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO spool (dir, topic, payload, qos, retain, hops, at_ms, size)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for e in entries {
+                if let Some((source, id)) = &e.notice
+                    && seen.execute(params![source, *id as i64, now_ms as i64])? == 0
+                {
+                    continue;
+                }
+                let n = size(&e.topic, &e.payload);
+                let hops = serde_json::to_string(&e.hops).unwrap_or_else(|_| "[]".into());
+                insert.execute(params![
+                    dir.as_str(),
+                    e.topic,
+                    e.payload,
+                    e.qos,
+                    e.retain,
+                    hops,
+                    now_ms as i64,
+                    n as i64
+                ])?;
+                added += 1;
+                bytes += n;
+            }
+        }
+        let c = &mut self.dirs[dir.index()];
+        let before = *c;
+        c.messages += added;
+        c.bytes += bytes;
+        let dropped = trim(&tx, dir, c, self.bounds)?;
+        if dropped > 0 {
+            c.dropped_full += dropped;
+            save_counters(&tx, dir, c)?;
+        }
+        match tx.commit() {
+            Ok(()) => Ok(added),
+            Err(e) => {
+                self.dirs[dir.index()] = before;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Up to `limit` messages of `dir` after `after`, oldest first.
+    pub fn next(&self, dir: Dir, after: u64, limit: usize) -> Result<Vec<Spooled>, SpoolError> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT seq, topic, payload, qos, retain, hops, at_ms FROM spool
+             WHERE dir = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = q.query_map(params![dir.as_str(), after as i64, limit as i64], |r| {
+            let hops: String = r.get(5)?;
+            Ok(Spooled {
+                seq: r.get::<_, i64>(0)? as u64,
+                topic: r.get(1)?,
+                payload: r.get(2)?,
+                qos: r.get(3)?,
+                retain: r.get(4)?,
+                hops: serde_json::from_str(&hops).unwrap_or_default(),
+                at_ms: r.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes delivered messages of `dir`.
+    pub fn remove(&mut self, dir: Dir, seqs: &[u64]) -> Result<(), SpoolError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        let (mut n, mut bytes) = (0, 0);
+        {
+            let mut del = tx.prepare_cached(
+                "DELETE FROM spool WHERE seq = ?1 AND dir = ?2 RETURNING size",
+            )?;
+            for s in seqs {
+                let size: Option<i64> = del
+                    .query_row(params![*s as i64, dir.as_str()], |r| r.get(0))
+                    .optional()?;
+                if let Some(size) = size {
+                    n += 1;
+                    bytes += size as u64;
+                }
+            }
+        }
+        tx.commit()?;
+        let c = &mut self.dirs[dir.index()];
+        c.messages = c.messages.saturating_sub(n);
+        c.bytes = c.bytes.saturating_sub(bytes);
+        Ok(())
+    }
+
+    /// Drops messages older than the age bound, and forgets seen notices as old. Returns how
+    /// many messages were dropped.
+    pub fn expire(&mut self, now_ms: u64) -> Result<u64, SpoolError> {
+        let cutoff = now_ms.saturating_sub(self.bounds.max_age_ms) as i64;
+        let tx = self.conn.transaction()?;
+        let mut total = 0;
+        for dir in [Dir::Out, Dir::In] {
+            let (n, bytes): (u64, u64) = tx.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool WHERE dir = ?1 AND at_ms < ?2",
+                params![dir.as_str(), cutoff],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if n == 0 {
+                continue;
+            }
+            tx.execute(
+                "DELETE FROM spool WHERE dir = ?1 AND at_ms < ?2",
+                params![dir.as_str(), cutoff],
+            )?;
+            let c = &mut self.dirs[dir.index()];
+            c.messages = c.messages.saturating_sub(n);
+            c.bytes = c.bytes.saturating_sub(bytes);
+            c.dropped_expired += n;
+            save_counters(&tx, dir, c)?;
+            total += n;
+        }
+        tx.execute("DELETE FROM seen WHERE at_ms < ?1", [cutoff])?;
+        tx.commit()?;
+        Ok(total)
+    }
+
+    /// Forgets seen notices of `source` (their acknowledgement reached the broker).
+    pub fn forget_seen(&mut self, source: &str, ids: &[u64]) -> Result<(), SpoolError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut del = tx.prepare_cached("DELETE FROM seen WHERE source = ?1 AND id = ?2")?;
+            for id in ids {
+                del.execute(params![source, *id as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn save_counters(tx: &Connection, dir: Dir, c: &DirCounters) -> Result<(), rusqlite::Error> {
+    tx.execute(
+        "INSERT INTO counters (dir, dropped_full, dropped_expired) VALUES (?1, ?2, ?3)
+         ON CONFLICT (dir) DO UPDATE SET dropped_full = ?2, dropped_expired = ?3",
+        params![dir.as_str(), c.dropped_full as i64, c.dropped_expired as i64],
+    )?;
+    Ok(())
+}
+
+/// Drops the oldest messages of `dir` until it is within the size bounds; returns how many.
+fn trim(tx: &Connection, dir: Dir, c: &mut DirCounters, b: Bounds) -> Result<u64, rusqlite::Error> {
+    let mut dropped = 0;
+    while c.messages > b.max_messages || c.bytes > b.max_bytes {
+        let over = c.messages.saturating_sub(b.max_messages).max(1);
+        let mut q = tx.prepare_cached(
+            "DELETE FROM spool WHERE seq IN
+               (SELECT seq FROM spool WHERE dir = ?1 ORDER BY seq LIMIT ?2)
+             RETURNING size",
+        )?;
+        let sizes: Vec<i64> = q
+            .query_map(params![dir.as_str(), over as i64], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if sizes.is_empty() {
+            c.messages = 0;
+            c.bytes = 0;
+            break;
+        }
+        dropped += sizes.len() as u64;
+        c.messages = c.messages.saturating_sub(sizes.len() as u64);
+        c.bytes = c
+            .bytes
+            .saturating_sub(sizes.iter().map(|s| *s as u64).sum::<u64>());
+    }
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(topic: &str, notice: Option<u64>) -> Entry {
+        Entry {
+            notice: notice.map(|id| ("n1/broker".to_owned(), id)),
+            topic: topic.into(),
+            payload: vec![b'x'; 10],
+            qos: 1,
+            retain: false,
+            hops: vec!["n1/broker".into()],
+        }
+    }
+
+    fn bounds() -> Bounds {
+        Bounds {
+            max_messages: 1000,
+            max_bytes: 1 << 20,
+            max_age_ms: 60_000,
+        }
+    }
+
+    #[test]
+    fn messages_come_back_in_order_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.sqlite");
+        let mut s = Spool::open(&path, bounds()).unwrap();
+        let entries: Vec<_> = (0..5).map(|i| entry(&format!("t/{i}"), Some(i))).collect();
+        assert_eq!(s.append(Dir::Out, &entries, 1000).unwrap(), 5);
+        s.append(Dir::In, &[entry("in/0", None)], 1000).unwrap();
+        let got = s.next(Dir::Out, 0, 3).unwrap();
+        assert_eq!(
+            got.iter().map(|m| m.topic.as_str()).collect::<Vec<_>>(),
+            ["t/0", "t/1", "t/2"]
+        );
+        assert_eq!(got[0].hops, ["n1/broker"]);
+        s.remove(Dir::Out, &[got[0].seq, got[1].seq]).unwrap();
+        drop(s);
+        let s = Spool::open(&path, bounds()).unwrap();
+        assert_eq!(s.counters(Dir::Out).messages, 3);
+        assert_eq!(s.counters(Dir::In).messages, 1);
+        let rest = s.next(Dir::Out, 0, 100).unwrap();
+        assert_eq!(
+            rest.iter().map(|m| m.topic.as_str()).collect::<Vec<_>>(),
+            ["t/2", "t/3", "t/4"]
+        );
+        let after = s.next(Dir::Out, rest[0].seq, 100).unwrap();
+        assert_eq!(after.len(), 2);
+    }
+
+    #[test]
+    fn a_redelivered_notice_is_spooled_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(&dir.path().join("s"), bounds()).unwrap();
+        assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 1).unwrap(), 1);
+        assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 2).unwrap(), 0);
+        s.forget_seen("n1/broker", &[7]).unwrap();
+        assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 3).unwrap(), 1);
+    }
+
+    #[test]
+    fn the_oldest_are_dropped_past_the_bounds_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let b = Bounds {
+            max_messages: 3,
+            ..bounds()
+        };
+        let mut s = Spool::open(&path, b).unwrap();
+        let entries: Vec<_> = (0..5).map(|i| entry(&format!("t/{i}"), None)).collect();
+        s.append(Dir::Out, &entries, 1).unwrap();
+        let c = s.counters(Dir::Out);
+        assert_eq!((c.messages, c.dropped_full), (3, 2));
+        let left = s.next(Dir::Out, 0, 10).unwrap();
+        assert_eq!(left[0].topic, "t/2");
+        // By bytes: each entry is 13 bytes.
+        s.set_bounds(Bounds {
+            max_messages: 100,
+            max_bytes: 30,
+            ..bounds()
+        });
+        s.append(Dir::Out, &[entry("t/5", None)], 1).unwrap();
+        let c = s.counters(Dir::Out);
+        assert_eq!((c.messages, c.bytes, c.dropped_full), (2, 26, 4));
+        drop(s);
+        let s = Spool::open(&path, b).unwrap();
+        assert_eq!(s.counters(Dir::Out).dropped_full, 4, "counters persist");
+    }
+
+    #[test]
+    fn old_messages_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(&dir.path().join("s"), bounds()).unwrap();
+        s.append(Dir::In, &[entry("old", Some(1))], 1_000).unwrap();
+        s.append(Dir::In, &[entry("new", Some(2))], 50_000).unwrap();
+        assert_eq!(s.expire(70_000).unwrap(), 1);
+        let c = s.counters(Dir::In);
+        assert_eq!((c.messages, c.dropped_expired), (1, 1));
+        assert_eq!(s.next(Dir::In, 0, 10).unwrap()[0].topic, "new");
+        // The expired notice is forgotten too: a redelivery would be spooled again.
+        assert_eq!(s.append(Dir::In, &[entry("old", Some(1))], 70_000).unwrap(), 1);
+    }
+}

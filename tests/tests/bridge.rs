@@ -1,0 +1,306 @@
+//! The bridge kind between real `colony` nodes, and between Colony and Debian's `mosquitto`
+//! (TLS with a client certificate, and a password), driven by `mosquitto_pub`/`mosquitto_sub`.
+//!
+//! Needs `mosquitto`, `mosquitto-clients` and `openssl`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use colony_tests::mqtt::{Sub, publish};
+use colony_tests::*;
+
+const SECS: Duration = Duration::from_secs(15);
+
+/// A `[[node]]` table.
+fn node(name: &str) -> String {
+    format!(
+        "[[node]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{}\"\n\n",
+        free_udp_port()
+    )
+}
+
+/// A broker on `node` listening on `port`.
+fn broker(node: &str, port: u16) -> String {
+    format!(
+        "[[actor]]\nname = \"broker\"\nnode = \"{node}\"\nkind = \"broker\"\n\
+         listen = \"127.0.0.1:{port}\"\nallow_anonymous = true\n\
+         limits = {{ max_queued = 100000 }}\n\n"
+    )
+}
+
+fn header() -> String {
+    "[cluster]\nname = \"br\"\n\n[supervision]\nbackoff_ms = 10\n\n".to_owned()
+}
+
+/// Starts every node of `w` and waits until all are healthy.
+fn start_all(w: &Workdir, names: &[&str]) -> Vec<NodeProc> {
+    let nodes: Vec<_> = names.iter().map(|n| w.start_node(n)).collect();
+    let up = wait_for(Duration::from_secs(30), || {
+        w.status(names[0]).is_some_and(|s| healthy(&s))
+    });
+    let logs: String = nodes.iter().map(|n| n.log_text()).collect();
+    assert!(up, "cluster never became healthy:\n{logs}");
+    nodes
+}
+
+fn detail(w: &Workdir, node: &str, address: &str) -> serde_json::Value {
+    let s = w.status(node).expect("status");
+    actor(&s, address).expect("actor in status")["detail"].clone()
+}
+
+/// Waits until the bridge at `address` says it is connected.
+fn wait_connected(w: &Workdir, node: &str, address: &str) {
+    let ok = wait_for(SECS, || {
+        w.status(node)
+            .and_then(|s| actor(&s, address).map(|a| a["detail"]["connected"] == true))
+            .unwrap_or(false)
+    });
+    assert!(ok, "{address} never connected: {}", detail(w, node, address));
+}
+
+/// Lines per topic/payload, ignoring bridge state notifications.
+fn tally(lines: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for l in lines.iter().filter(|l| !l.starts_with("colony/bridge/")) {
+        *m.entry(l.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn expect(lines: &[&str]) -> BTreeMap<String, usize> {
+    lines.iter().map(|l| (l.to_string(), 1)).collect()
+}
+
+fn pub1(dir: &Path, port: u16, topic: &str, payload: &str) {
+    publish(dir, port, 10, &["-q", "1", "-t", topic, "-m", payload]);
+}
+
+#[test]
+fn two_nodes_out_in_both_and_prefixes_deliver_what_they_should_and_nothing_else() {
+    let (p1, p2) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "cloud/broker"
+topics = [
+  {{ pattern = "up/#", direction = "out", qos = 1 }},
+  {{ pattern = "down/#", direction = "in", qos = 1 }},
+  {{ pattern = "sync/#", direction = "both", qos = 1 }},
+  {{ pattern = "#", direction = "out", qos = 1, local_prefix = "site/", remote_prefix = "sites/s1/" }},
+  {{ pattern = "cmd/#", direction = "in", qos = 0, local_prefix = "ctl/", remote_prefix = "sites/s1/" }},
+]
+"##,
+        header(),
+        node("site"),
+        node("cloud"),
+        broker("site", p1),
+        broker("cloud", p2)
+    );
+    let w = Workdir::new(&config);
+    let _nodes = start_all(&w, &["site", "cloud"]);
+    wait_connected(&w, "site", "site/bridge");
+    let s1 = Sub::start(w.path(), p1, &["-q", "1", "-t", "#"]);
+    let s2 = Sub::start(w.path(), p2, &["-q", "1", "-t", "#"]);
+    let d = w.path();
+    pub1(d, p1, "up/a", "1");
+    pub1(d, p2, "up/b", "2"); // out only: stays on the cloud
+    pub1(d, p2, "down/a", "3");
+    pub1(d, p1, "down/b", "4"); // in only: stays on the site
+    pub1(d, p1, "sync/x", "5");
+    pub1(d, p2, "sync/y", "6");
+    pub1(d, p1, "site/gas/1", "7");
+    pub1(d, p2, "sites/s1/cmd/go", "8");
+    pub1(d, p1, "other/x", "9"); // no rule
+    let want1 = expect(&[
+        "up/a 1",
+        "down/a 3",
+        "down/b 4",
+        "sync/x 5",
+        "sync/y 6",
+        "site/gas/1 7",
+        "ctl/cmd/go 8",
+        "other/x 9",
+    ]);
+    let want2 = expect(&[
+        "up/a 1",
+        "up/b 2",
+        "down/a 3",
+        "sync/x 5",
+        "sync/y 6",
+        "sites/s1/gas/1 7",
+        "sites/s1/cmd/go 8",
+    ]);
+    let mut got1 = s1.take(want1.len(), SECS);
+    let mut got2 = s2.take(want2.len(), SECS);
+    // Nothing more comes: no echo, no loop, nothing unbridged.
+    got1.extend(s1.quiet(Duration::from_secs(2)));
+    got2.extend(s2.quiet(Duration::from_secs(1)));
+    assert_eq!(tally(&got1), want1, "site subscriber");
+    assert_eq!(tally(&got2), want2, "cloud subscriber");
+
+    // Status (sampled once a second): three each way, nothing left in the spool.
+    let ok = wait_for(SECS, || {
+        let b = detail(&w, "site", "site/bridge");
+        b["connected"] == true
+            && b["forwarded_out"] == 3
+            && b["forwarded_in"] == 3
+            && b["spool_depth"] == 0
+    });
+    assert!(ok, "{}", detail(&w, "site", "site/bridge"));
+
+    // The connection state is retained on the site broker.
+    let state = Sub::start(d, p1, &["-t", "colony/bridge/site/bridge/state"]);
+    let line = state.take(1, SECS);
+    assert!(
+        line.first().is_some_and(|l| l.contains("\"connected\"")),
+        "state: {line:?}"
+    );
+
+    // Rules change in place: `up/#` stops, `new/#` starts.
+    let reloaded = config.replace(
+        r#"{ pattern = "up/#", direction = "out", qos = 1 }"#,
+        r#"{ pattern = "new/#", direction = "out", qos = 1 }"#,
+    );
+    let new_config = w.path().join("reloaded.toml");
+    std::fs::write(&new_config, reloaded).unwrap();
+    let out = w.ctl("site", &["reload", new_config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let restarts = actor(&w.status("site").unwrap(), "site/bridge").unwrap()["restarts"].clone();
+    let ok = wait_for(SECS, || {
+        pub1(d, p1, "new/z", "10");
+        s2.take(1, Duration::from_millis(500))
+            .iter()
+            .any(|l| l == "new/z 10")
+    });
+    assert!(ok, "the new rule never forwarded");
+    pub1(d, p1, "up/c", "11");
+    let later = s2.quiet(Duration::from_secs(2));
+    assert!(
+        !later.iter().any(|l| l.starts_with("up/")),
+        "the removed rule still forwards: {later:?}"
+    );
+    assert_eq!(
+        actor(&w.status("site").unwrap(), "site/bridge").unwrap()["restarts"],
+        restarts,
+        "rules changed without a restart"
+    );
+}
+
+#[test]
+fn an_intermediate_broker_splits_topics_between_two_remotes() {
+    let ports: Vec<u16> = (0..4).map(|_| free_tcp_port()).collect();
+    let names = ["site", "mid", "r1", "r2"];
+    let mut config = header();
+    for n in names {
+        config += &node(n);
+    }
+    for (n, p) in names.iter().zip(&ports) {
+        config += &broker(n, *p);
+    }
+    config += r##"
+[[actor]]
+name = "up"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "mid/broker"
+topics = [ { pattern = "#", direction = "out", qos = 1 } ]
+
+[[actor]]
+name = "to-r1"
+node = "mid"
+kind = "bridge"
+local = "mid/broker"
+remote = "r1/broker"
+topics = [ { pattern = "gas/#", direction = "out", qos = 1 } ]
+
+[[actor]]
+name = "to-r2"
+node = "mid"
+kind = "bridge"
+local = "mid/broker"
+remote = "r2/broker"
+topics = [ { pattern = "temp/#", direction = "out", qos = 1 } ]
+"##;
+    let w = Workdir::new(&config);
+    let _nodes = start_all(&w, &names);
+    wait_connected(&w, "site", "site/up");
+    wait_connected(&w, "mid", "mid/to-r1");
+    wait_connected(&w, "mid", "mid/to-r2");
+    let r1 = Sub::start(w.path(), ports[2], &["-q", "1", "-t", "#"]);
+    let r2 = Sub::start(w.path(), ports[3], &["-q", "1", "-t", "#"]);
+    for i in 0..5 {
+        pub1(w.path(), ports[0], &format!("gas/{i}"), "g");
+        pub1(w.path(), ports[0], &format!("temp/{i}"), "t");
+    }
+    pub1(w.path(), ports[0], "other/x", "o");
+    let mut g1 = r1.take(5, SECS);
+    let mut g2 = r2.take(5, SECS);
+    g1.extend(r1.quiet(Duration::from_secs(2)));
+    g2.extend(r2.quiet(Duration::from_millis(200)));
+    let want1: Vec<String> = (0..5).map(|i| format!("gas/{i} g")).collect();
+    let want2: Vec<String> = (0..5).map(|i| format!("temp/{i} t")).collect();
+    assert_eq!(tally(&g1), expect(&want1.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_eq!(tally(&g2), expect(&want2.iter().map(String::as_str).collect::<Vec<_>>()));
+}
+
+#[test]
+fn a_ring_of_both_direction_bridges_does_not_loop() {
+    let ports: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
+    let names = ["a", "b", "c"];
+    let mut config = header();
+    for n in names {
+        config += &node(n);
+    }
+    for (n, p) in names.iter().zip(&ports) {
+        config += &broker(n, *p);
+    }
+    for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
+        config += &format!(
+            "[[actor]]\nname = \"to-{to}\"\nnode = \"{from}\"\nkind = \"bridge\"\n\
+             local = \"{from}/broker\"\nremote = \"{to}/broker\"\n\
+             topics = [ {{ pattern = \"ring/#\", direction = \"both\", qos = 1 }} ]\n\n"
+        );
+    }
+    let w = Workdir::new(&config);
+    let _nodes = start_all(&w, &names);
+    for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
+        wait_connected(&w, from, &format!("{from}/to-{to}"));
+    }
+    let subs: Vec<Sub> = ports
+        .iter()
+        .map(|p| Sub::start(w.path(), *p, &["-q", "1", "-t", "ring/#"]))
+        .collect();
+    pub1(w.path(), ports[0], "ring/x", "once");
+    let got: Vec<Vec<String>> = subs
+        .iter()
+        .map(|s| {
+            let mut l = s.take(1, SECS);
+            l.extend(s.quiet(Duration::from_secs(3)));
+            l
+        })
+        .collect();
+    // The publisher's broker never gets its message back; the others get it once per path
+    // (two paths in a ring of three), and then it stops.
+    assert_eq!(got[0], ["ring/x once"], "a got it back");
+    for (i, g) in got.iter().enumerate().skip(1) {
+        assert!(
+            (1..=2).contains(&g.len()) && g.iter().all(|l| l == "ring/x once"),
+            "broker {i}: {g:?}"
+        );
+    }
+    // Quiet afterwards: no message circulates.
+    for s in &subs {
+        assert!(s.quiet(Duration::from_secs(1)).is_empty());
+    }
+    let stopped: u64 = [("a", "a/to-b"), ("b", "b/to-c"), ("c", "c/to-a")]
+        .iter()
+        .map(|(n, a)| detail(&w, n, a)["loops_stopped"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(stopped > 0, "no bridge stopped a looping message");
+}
