@@ -13,8 +13,6 @@ config="$here/routing.toml"
 state="${COLONY_STATE_DIR:-$here/.colony/routing}"
 colony="${COLONY:-$(command -v colony || echo "$here/../target/release/colony")}"
 
-ns() { ip netns exec "colony-$1" "${@:2}"; }
-
 veth() { # veth NS_A IF_A ADDR_A NS_B IF_B ADDR_B...
   ip -n "colony-$1" link add "$2" type veth peer name "$5" netns "colony-$4"
   ip -n "colony-$1" addr add "$3" dev "$2"
@@ -52,24 +50,31 @@ up() {
   "$colony" certs issue --all --config "$config" --dir "$state/certs"
   for pair in ra:ra rb:rb edge:e; do
     node="${pair%%:*}"
-    ns "${pair##*:}" "$colony" node --config "$config" --name "$node" --state-dir "$state" >"$state/$node.out" 2>&1 &
+    # `ip netns exec` execs the node, so $! is the node's own pid.
+    ip netns exec "colony-${pair##*:}" "$colony" node --config "$config" --name "$node" \
+      --state-dir "$state" >"$state/$node.out" 2>&1 &
     echo $! >"$state/$node.pid"
     echo "node $node started in colony-${pair##*:} (pid $!, log $state/$node.out)"
   done
 }
 
-status() { ns e "$colony" ctl --config "$config" --state-dir "$state" --node edge status; }
+status() { ip netns exec colony-e "$colony" ctl --config "$config" --state-dir "$state" --node edge status; }
 
-stop() { # stop NODE [SIGNAL]
-  local pidfile="$state/$1.pid"
+stop() { # stop NODE [SIGNAL]: signal the node and wait up to 5 s for it to exit
+  local pidfile="$state/$1.pid" pid
   [[ -f $pidfile ]] || return 0
-  kill "-${2:-TERM}" "$(cat "$pidfile")" 2>/dev/null || true
+  pid="$(cat "$pidfile")"
   rm -f "$pidfile"
+  kill "-${2:-TERM}" "$pid" 2>/dev/null || return 0
+  for _ in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
 }
 
 down() {
   for node in edge ra rb; do stop "$node"; done
-  sleep 1
   for n in e ra rb s; do ip netns del "colony-$n" 2>/dev/null || true; done
 }
 

@@ -454,6 +454,9 @@ impl Planner<'_> {
         };
         let body = stream.payload + stream.topic.len() + 24;
         self.message_flow(&near, bridge, "notices", stream.rate, body);
+        if stream.qos > 0 {
+            self.message_flow(bridge, &near, "acks", stream.rate, 16);
+        }
         let next = Stream {
             topic,
             rate: stream.rate,
@@ -492,6 +495,10 @@ impl Planner<'_> {
         if let Some(far) = far {
             let body = next.payload + next.topic.len() + 40;
             self.message_flow(bridge, &far, "bridged", next.rate, body);
+            if qos > 0 {
+                // A QoS 1 or 2 publish is a call: the far broker answers once it has stored it.
+                self.message_flow(&far, bridge, "replies", next.rate, 8);
+            }
             self.at_broker(&far, next);
         }
     }

@@ -56,7 +56,11 @@ fn wait_connected(w: &Workdir, node: &str, address: &str) {
             .and_then(|s| actor(&s, address).map(|a| a["detail"]["connected"] == true))
             .unwrap_or(false)
     });
-    assert!(ok, "{address} never connected: {}", detail(w, node, address));
+    assert!(
+        ok,
+        "{address} never connected: {}",
+        detail(w, node, address)
+    );
 }
 
 /// Lines per topic/payload, ignoring bridge state notifications.
@@ -169,7 +173,11 @@ topics = [
     let new_config = w.path().join("reloaded.toml");
     std::fs::write(&new_config, reloaded).unwrap();
     let out = w.ctl("site", &["reload", new_config.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let restarts = actor(&w.status("site").unwrap(), "site/bridge").unwrap()["restarts"].clone();
     let ok = wait_for(SECS, || {
         pub1(d, p1, "new/z", "10");
@@ -245,8 +253,14 @@ topics = [ { pattern = "temp/#", direction = "out", qos = 1 } ]
     g2.extend(r2.quiet(Duration::from_millis(200)));
     let want1: Vec<String> = (0..5).map(|i| format!("gas/{i} g")).collect();
     let want2: Vec<String> = (0..5).map(|i| format!("temp/{i} t")).collect();
-    assert_eq!(tally(&g1), expect(&want1.iter().map(String::as_str).collect::<Vec<_>>()));
-    assert_eq!(tally(&g2), expect(&want2.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_eq!(
+        tally(&g1),
+        expect(&want1.iter().map(String::as_str).collect::<Vec<_>>())
+    );
+    assert_eq!(
+        tally(&g2),
+        expect(&want2.iter().map(String::as_str).collect::<Vec<_>>())
+    );
 }
 
 #[test]

@@ -219,11 +219,30 @@ fn routing_example_carries_pings_through_its_tunnels() {
     let out = lab.run(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("edge/tun") && text.contains("via "), "{text}");
+
+    // `down` leaves no node running and no namespace behind.
+    let pids: Vec<String> = ["edge", "ra", "rb"]
+        .iter()
+        .map(|n| std::fs::read_to_string(lab.state.path().join(format!("{n}.pid"))).unwrap())
+        .collect();
+    let out = lab.run(&["down"]);
+    assert!(out.status.success());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "node pid {pid} still runs"
+        );
+    }
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains("colony-e"));
 }
 
 /// `colony ctl call` on an example's node, the reply as JSON.
 fn call(up: &Up, node: &str, address: &str, message: &str) -> serde_json::Value {
-    serde_json::from_str(&up.ctl(node, &["--json", "call", address, message])).expect("reply JSON")
+    let answer: serde_json::Value =
+        serde_json::from_str(&up.ctl(node, &["--json", "call", address, message]))
+            .expect("reply JSON");
+    answer["reply"].clone()
 }
 
 /// The number of stored readings per source, from the collector's counts query.
@@ -329,7 +348,10 @@ fn demo_walkthrough_works_as_the_readme_tells_it() {
     let fast = example("demo.toml").replace("interval_ms = 1000", "interval_ms = 500");
     std::fs::write(up.path().join("demo-fast.toml"), fast).expect("write config");
     let plan = up.ctl("core", &["reload", "demo-fast.toml", "--dry-run"]);
-    assert!(plan.contains("site-a/sensors"), "{plan}");
+    assert!(
+        plan.contains("change in place") && plan.contains("sensors: interval_ms"),
+        "{plan}"
+    );
     up.ctl("core", &["reload", "demo-fast.toml"]);
     let s = status(&up, "core");
     let sensors = actor(&s, "site-a/sensors").expect("site-a/sensors");

@@ -199,7 +199,8 @@ async fn colony_lane(
                 Err(e) => {
                     dead_epoch = epoch;
                     let seqs = std::mem::take(&mut delivered);
-                    if (!seqs.is_empty() && tx.send((dir, FromLink::Delivered { seqs })).await.is_err())
+                    if (!seqs.is_empty()
+                        && tx.send((dir, FromLink::Delivered { seqs })).await.is_err())
                         || tx
                             .send((
                                 dir,
@@ -223,7 +224,12 @@ async fn colony_lane(
                 }
             }
         }
-        if !delivered.is_empty() && tx.send((dir, FromLink::Delivered { seqs: delivered })).await.is_err() {
+        if !delivered.is_empty()
+            && tx
+                .send((dir, FromLink::Delivered { seqs: delivered }))
+                .await
+                .is_err()
+        {
             return;
         }
     }
@@ -463,10 +469,7 @@ impl Bridge {
         let now = Instant::now();
         for lane in [&mut self.out, &mut self.inn] {
             let Some(node) = &lane.node else { continue };
-            if !lane.up
-                && lane.retry_at.is_none_or(|t| now >= t)
-                && self.cluster.is_up(node)
-            {
+            if !lane.up && lane.retry_at.is_none_or(|t| now >= t) && self.cluster.is_up(node) {
                 lane.revive(lane.epoch + 1);
             }
         }
@@ -593,7 +596,11 @@ fn link_config(
     Ok(LinkConfig {
         targets,
         client_id: s.client_id.clone().unwrap_or_else(|| {
-            format!("colony-bridge-{}-{}", ctx.address.node(), ctx.address.actor())
+            format!(
+                "colony-bridge-{}-{}",
+                ctx.address.node(),
+                ctx.address.actor()
+            )
         }),
         credentials: s
             .username
