@@ -88,6 +88,20 @@ fn device_name(ctx: &ActorContext, settings: &TunnelSettings) -> String {
     })
 }
 
+/// A random, non-zero number for this run of a tunnel actor (see [`frame`]): a restarted actor
+/// draws a new one, so its peers know its sequence numbers start again.
+fn new_epoch() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() as u32).max(1)
+}
+
 /// Aborts a task when dropped, so a stopping actor leaves nothing behind.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

@@ -5,23 +5,36 @@
 //! router in `peers`), so replies go back through the right tunnel from the first packet, and a
 //! packet whose source address is not the sending endpoint's is dropped (no spoofing across
 //! endpoints).
+//!
+//! Redundant mode: an endpoint sends each packet to both of its routers with the same epoch and
+//! sequence number — `Redundant` to its active router, `Held` to the other. The active router
+//! forwards at once and tells the other router which numbers it forwarded (`Emitted` notices,
+//! batched per burst of datagrams). The other router holds its copy for a short time (10 ms plus
+//! four round trips to its partner) and forwards it only if no notice named it by then: when the
+//! active router dies, its packets still go out, a little late, and while both live the network
+//! behind them sees each packet once. Each router keeps a [`SenderWindow`] per endpoint over what
+//! went out (by either router), which also drops any repeated datagram. The routers of an
+//! endpoint need a direct cluster link for the notices; without one the standby's copies all go
+//! out after the hold (no loss, but duplicates), which status shows as failed notices.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use colony_cluster::{Address, DatagramError};
 use colony_config::ActorSettings;
 use colony_config::kinds::TunnelSettings;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::device::{self, Nat};
+use super::dedup::SenderWindow;
+use super::device::{self, Nat, TunDevice};
 use super::frame::{self, FrameKind};
 use super::packet::{self, TooBig};
-use super::{TunnelMessage, device_name, tunnel_addresses};
+use super::{TunnelMessage, device_name, new_epoch, tunnel_addresses};
 use crate::balancer::{BalancerMessage, core::RouterMetrics};
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
 
@@ -37,31 +50,77 @@ struct Counters {
 /// One endpoint this router serves.
 struct Endpoint {
     address: Address,
+    /// Its address as text (as `Emitted` notices name it).
+    key: String,
+    /// The endpoint's other router, which holds copies in redundant mode.
+    partner: Option<Address>,
     counters: Counters,
 }
+
+/// A redundant copy waiting to see whether the partner forwards it.
+struct HeldPacket {
+    until: Instant,
+    epoch: u32,
+    seq: u64,
+    packet: Bytes,
+}
+
+/// What the loop keeps per endpoint for duplicate suppression.
+#[derive(Default)]
+struct Redundancy {
+    window: SenderWindow,
+    held: VecDeque<HeldPacket>,
+    /// Numbers forwarded since the last notice to the partner.
+    emitted: Vec<u64>,
+    held_sent: u64,
+    held_dropped: u64,
+    notices_sent: u64,
+    notices_failed: u64,
+    notices_received: u64,
+    /// Packets the partner says it forwarded that went out here as well.
+    both_forwarded: u64,
+}
+
+/// The most copies held per endpoint; past it the oldest goes out early.
+const MAX_HELD: usize = 16_384;
 
 /// A tunnel counts as active while it probed within this long.
 const ACTIVE_WITHIN: Duration = Duration::from_secs(3);
 
-/// Runs a router until it is told to stop.
-pub async fn run(mut ctx: ActorContext, mut settings: TunnelSettings) -> Result<(), ActorFailure> {
-    let addrs = tunnel_addresses(&ctx)?;
-    let endpoints: Vec<Endpoint> = colony_config::tunnel::endpoints_of(&ctx.config, &ctx.address)
-        .into_iter()
-        .map(|(address, _)| Endpoint {
-            address,
-            counters: Counters::default(),
-        })
-        .collect();
-    let mut by_ip: HashMap<IpAddr, usize> = HashMap::new();
-    for (i, (_, a)) in colony_config::tunnel::endpoints_of(&ctx.config, &ctx.address)
+/// The endpoints that name `me` among their peers, with each one's other router.
+fn endpoints(ctx: &ActorContext) -> (Vec<Endpoint>, HashMap<IpAddr, usize>) {
+    let mut by_ip = HashMap::new();
+    let mut out = Vec::new();
+    for (i, (address, addrs)) in colony_config::tunnel::endpoints_of(&ctx.config, &ctx.address)
         .into_iter()
         .enumerate()
     {
-        for net in [a.ipv4, a.ipv6].into_iter().flatten() {
+        for net in [addrs.ipv4, addrs.ipv6].into_iter().flatten() {
             by_ip.insert(net.addr, i);
         }
+        let partner = ctx
+            .config
+            .actors
+            .iter()
+            .find(|a| a.address() == address)
+            .and_then(|a| match &a.settings {
+                ActorSettings::Tunnel(t) => t.peers.iter().find(|p| **p != ctx.address).cloned(),
+                _ => None,
+            });
+        out.push(Endpoint {
+            key: address.to_string(),
+            address,
+            partner,
+            counters: Counters::default(),
+        });
     }
+    (out, by_ip)
+}
+
+/// Runs a router until it is told to stop.
+pub async fn run(mut ctx: ActorContext, mut settings: TunnelSettings) -> Result<(), ActorFailure> {
+    let addrs = tunnel_addresses(&ctx)?;
+    let (endpoints, by_ip) = endpoints(&ctx);
     let endpoints = Arc::new(endpoints);
     let by_ip = Arc::new(by_ip);
     let name = device_name(&ctx, &settings);
@@ -69,7 +128,10 @@ pub async fn run(mut ctx: ActorContext, mut settings: TunnelSettings) -> Result<
     let mut datagrams = ctx.cluster.registry().register_datagrams(&path, 8192);
     let dev =
         device::open(&name, settings.mtu, &addrs, &settings.routes).map_err(ActorFailure::new)?;
-    device::enable_forwarding().map_err(ActorFailure::new)?;
+    // Packets this router answers with its own address come in through the device.
+    device::accept_local(&name);
+    // Dropped last: NAT and forwarding go once the device is gone.
+    let _forwarding = device::enable_forwarding().map_err(ActorFailure::new)?;
     let _nat = match &settings.egress {
         Some(egress) => {
             Some(Nat::install(&format!("colony_{name}"), egress).map_err(ActorFailure::new)?)
@@ -79,6 +141,7 @@ pub async fn run(mut ctx: ActorContext, mut settings: TunnelSettings) -> Result<
     info!(device = %name, ?addrs, endpoints = endpoints.len(), "tunnel router up");
     ctx.started();
 
+    let epoch = new_epoch();
     let too_big = Arc::new(AtomicU64::new(0));
     let unroutable = Arc::new(AtomicU64::new(0));
     let reader = tokio::spawn(read_device(
@@ -87,21 +150,35 @@ pub async fn run(mut ctx: ActorContext, mut settings: TunnelSettings) -> Result<
         endpoints.clone(),
         by_ip.clone(),
         settings.mtu,
+        epoch,
         [addrs.ipv4.map(|n| n.addr), addrs.ipv6.map(|n| n.addr)],
         too_big.clone(),
         unroutable.clone(),
     ));
     let _reader = super::AbortOnDrop(reader);
 
-    let mut last_probe: Vec<Option<Instant>> = vec![None; endpoints.len()];
-    let mut rejected_frames = 0u64;
-    let mut spoofed = 0u64;
-    let mut buf = Vec::with_capacity(64);
+    let mut r = Router {
+        endpoints: endpoints.clone(),
+        by_ip,
+        last_probe: vec![None; endpoints.len()],
+        redundancy: endpoints.iter().map(|_| Redundancy::default()).collect(),
+        hold: Duration::from_millis(20),
+        epoch,
+        rejected_frames: 0,
+        spoofed: 0,
+        buf: Vec::with_capacity(64),
+    };
     let mut report =
         tokio::time::interval(Duration::from_secs(settings.report_interval_secs.max(1)));
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status = tokio::time::interval(Duration::from_millis(500));
     let mut metrics = Metrics::new();
+    let report_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+    let release = tokio::time::sleep_until(far());
+    tokio::pin!(release);
     loop {
         tokio::select! {
             event = ctx.next_event() => match event {
@@ -130,87 +207,307 @@ pub async fn run(mut ctx: ActorContext, mut settings: TunnelSettings) -> Result<
                 },
             },
             Some(dg) = datagrams.recv() => {
-                let Ok(f) = frame::decode(&dg.payload) else {
-                    rejected_frames += 1;
-                    continue;
-                };
-                match f.kind {
-                    FrameKind::Data => {
-                        // The packet's source must be a tunnel address of an endpoint on the sending node.
-                        let owner = packet::inspect(f.body)
-                            .and_then(|p| by_ip.get(&p.source).copied())
-                            .filter(|i| endpoints[*i].address.node() == &*dg.from_node);
-                        let Some(i) = owner else {
-                            spoofed += 1;
-                            continue;
-                        };
-                        let c = &endpoints[i].counters;
-                        c.packets_from.fetch_add(1, Ordering::Relaxed);
-                        c.bytes_from.fetch_add(f.body.len() as u64, Ordering::Relaxed);
-                        let _ = dev.io.send(f.body).await;
-                    }
-                    FrameKind::Probe => {
-                        let known = std::str::from_utf8(f.body).ok().and_then(|p| {
-                            endpoints.iter().position(|e| {
-                                e.address.node() == &*dg.from_node && e.address.path().join("/") == p
-                            })
-                        });
-                        let Some(i) = known else {
-                            rejected_frames += 1;
-                            continue;
-                        };
-                        last_probe[i] = Some(Instant::now());
-                        frame::encode(&mut buf, FrameKind::ProbeReply, f.seq, &[]);
-                        let _ = ctx.cluster.send_datagram(&endpoints[i].address, &buf);
-                    }
-                    FrameKind::ProbeReply => rejected_frames += 1,
+                r.handle(&ctx, &dev, dg).await;
+                // Take what else has arrived, then tell partners about it in one notice.
+                for _ in 0..256 {
+                    let Ok(dg) = datagrams.try_recv() else { break };
+                    r.handle(&ctx, &dev, dg).await;
                 }
+                r.release(&dev, Instant::now()).await;
+                r.notify(&ctx);
+                release.as_mut().reset(r.next_release().map_or_else(far, Into::into));
+            }
+            _ = &mut release => {
+                r.release(&dev, Instant::now()).await;
+                r.notify(&ctx);
+                release.as_mut().reset(r.next_release().map_or_else(far, Into::into));
             }
             _ = report.tick() => {
-                let active = active_tunnels(&last_probe);
-                let m = metrics.sample(&endpoints, active);
-                if let Some(balancer) = settings.balancer.clone() {
-                    let cluster = ctx.cluster.clone();
-                    let me = ctx.address.clone();
-                    let message = BalancerMessage::Report { router: me.to_string(), metrics: m };
-                    tokio::spawn(async move {
-                        let sent = tokio::time::timeout(Duration::from_secs(2), cluster.send(&balancer, Some(&me), &message)).await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            tracing::debug!("metrics report to {balancer} not delivered");
-                        }
-                    });
-                }
+                let m = metrics.sample(&endpoints, active_tunnels(&r.last_probe));
+                send_report(&ctx, &settings, m, &report_failed);
+            }
+            // A report that did not get through (the balancer's node not linked yet, say) is
+            // sent again a second later rather than a whole interval later.
+            _ = retry.tick(), if report_failed.load(Ordering::Relaxed) => {
+                let m = metrics.sample(&endpoints, active_tunnels(&r.last_probe));
+                send_report(&ctx, &settings, m, &report_failed);
             }
             _ = status.tick() => {
-                let now = Instant::now();
-                let tunnels: Vec<_> = endpoints.iter().enumerate().map(|(i, e)| {
-                    let c = &e.counters;
-                    json!({
-                        "peer": e.address.to_string(),
-                        "device": dev.name,
-                        "state": if last_probe[i].is_some_and(|t| now - t < ACTIVE_WITHIN) { "up" } else { "idle" },
-                        "last_probe_ms_ago": last_probe[i].map(|t| now.saturating_duration_since(t).as_millis() as u64),
-                        "packets_in": c.packets_from.load(Ordering::Relaxed),
-                        "bytes_in": c.bytes_from.load(Ordering::Relaxed),
-                        "packets_out": c.packets_to.load(Ordering::Relaxed),
-                        "bytes_out": c.bytes_to.load(Ordering::Relaxed),
-                    })
-                }).collect();
-                ctx.stats.set_detail(json!({
-                    "role": "router",
-                    "device": dev.name,
-                    "egress_nat": settings.egress,
-                    "active_tunnels": active_tunnels(&last_probe),
-                    "tunnels": tunnels,
-                    "last_report": metrics.last,
-                    "too_big": too_big.load(Ordering::Relaxed),
-                    "unroutable": unroutable.load(Ordering::Relaxed),
-                    "spoofed": spoofed,
-                    "rejected_frames": rejected_frames,
-                }));
+                r.hold = hold_time(&ctx, &endpoints);
+                ctx.stats.set_detail(r.detail(&dev, &settings, &metrics, &too_big, &unroutable));
             }
         }
     }
+}
+
+/// Sends `metrics` to the balancer, if there is one, without holding up the loop; sets `failed`
+/// while a report does not get through.
+fn send_report(
+    ctx: &ActorContext,
+    settings: &TunnelSettings,
+    metrics: RouterMetrics,
+    failed: &Arc<std::sync::atomic::AtomicBool>,
+) {
+    let Some(balancer) = settings.balancer.clone() else {
+        return;
+    };
+    let cluster = ctx.cluster.clone();
+    let me = ctx.address.clone();
+    let failed = failed.clone();
+    let message = BalancerMessage::Report {
+        router: me.to_string(),
+        metrics,
+    };
+    tokio::spawn(async move {
+        let sent = tokio::time::timeout(
+            Duration::from_secs(2),
+            cluster.send(&balancer, Some(&me), &message),
+        )
+        .await;
+        let ok = matches!(sent, Ok(Ok(())));
+        if !ok {
+            tracing::debug!("metrics report to {balancer} not delivered");
+        }
+        failed.store(!ok, Ordering::Relaxed);
+    });
+}
+
+/// How long a standby copy waits for the partner's notice: 10 ms plus four round trips to the
+/// slowest partner link, at most 200 ms.
+fn hold_time(ctx: &ActorContext, endpoints: &[Endpoint]) -> Duration {
+    let links = ctx.cluster.link_stats();
+    let rtt = endpoints
+        .iter()
+        .filter_map(|e| e.partner.as_ref())
+        .filter_map(|p| links.iter().find(|l| l.peer == p.node()))
+        .map(|l| Duration::from_micros(l.rtt_us))
+        .max()
+        .unwrap_or_default();
+    (Duration::from_millis(10) + rtt * 4).min(Duration::from_millis(200))
+}
+
+/// The router loop's state.
+struct Router {
+    endpoints: Arc<Vec<Endpoint>>,
+    by_ip: Arc<HashMap<IpAddr, usize>>,
+    last_probe: Vec<Option<Instant>>,
+    redundancy: Vec<Redundancy>,
+    hold: Duration,
+    epoch: u32,
+    rejected_frames: u64,
+    spoofed: u64,
+    buf: Vec<u8>,
+}
+
+impl Router {
+    async fn handle(&mut self, ctx: &ActorContext, dev: &TunDevice, dg: colony_cluster::Datagram) {
+        let Ok(f) = frame::decode(&dg.payload) else {
+            self.rejected_frames += 1;
+            return;
+        };
+        match f.kind {
+            FrameKind::Data | FrameKind::Redundant | FrameKind::Held => {
+                // The packet's source must be a tunnel address of an endpoint on the sending node.
+                let owner = packet::inspect(f.body)
+                    .and_then(|p| self.by_ip.get(&p.source).copied())
+                    .filter(|i| self.endpoints[*i].address.node() == &*dg.from_node);
+                let Some(i) = owner else {
+                    self.spoofed += 1;
+                    return;
+                };
+                let red = &mut self.redundancy[i];
+                if red.window.enter(f.epoch) {
+                    // The endpoint restarted: what was held belongs to its old run.
+                    red.held.clear();
+                    red.emitted.clear();
+                }
+                match f.kind {
+                    FrameKind::Held => {
+                        if red.window.seen(f.epoch, f.seq) {
+                            red.held_dropped += 1;
+                            return;
+                        }
+                        if red.held.len() >= MAX_HELD
+                            && let Some(old) = red.held.pop_front()
+                        {
+                            if red.window.seen(old.epoch, old.seq) {
+                                red.held_dropped += 1;
+                            } else {
+                                red.window.accept(old.epoch, old.seq);
+                                red.held_sent += 1;
+                                red.emitted.push(old.seq);
+                                write(dev, &self.endpoints[i], &old.packet).await;
+                            }
+                        }
+                        red.held.push_back(HeldPacket {
+                            until: Instant::now() + self.hold,
+                            epoch: f.epoch,
+                            seq: f.seq,
+                            packet: dg.payload.slice(frame::HEADER_LEN..),
+                        });
+                    }
+                    kind => {
+                        if !red.window.accept(f.epoch, f.seq) {
+                            return;
+                        }
+                        if kind == FrameKind::Redundant {
+                            red.emitted.push(f.seq);
+                        }
+                        write(dev, &self.endpoints[i], f.body).await;
+                    }
+                }
+            }
+            FrameKind::Emitted => {
+                let Ok((endpoint, seqs)) = frame::decode_emitted(f.body) else {
+                    self.rejected_frames += 1;
+                    return;
+                };
+                // Only the endpoint's other router may say what it forwarded.
+                let Some(i) = self.endpoints.iter().position(|e| {
+                    e.key == endpoint
+                        && e.partner
+                            .as_ref()
+                            .is_some_and(|p| p.node() == &*dg.from_node)
+                }) else {
+                    self.rejected_frames += 1;
+                    return;
+                };
+                let red = &mut self.redundancy[i];
+                red.notices_received += 1;
+                if red.window.enter(f.epoch) {
+                    red.held.clear();
+                    red.emitted.clear();
+                }
+                for seq in seqs {
+                    if red.window.seen(f.epoch, seq) {
+                        // Forwarded here too (a held copy whose notice came late).
+                        red.both_forwarded += 1;
+                    } else {
+                        red.window.accept(f.epoch, seq);
+                    }
+                }
+            }
+            FrameKind::Probe => {
+                let known = std::str::from_utf8(f.body).ok().and_then(|p| {
+                    self.endpoints.iter().position(|e| {
+                        e.address.node() == &*dg.from_node && e.address.path().join("/") == p
+                    })
+                });
+                let Some(i) = known else {
+                    self.rejected_frames += 1;
+                    return;
+                };
+                self.last_probe[i] = Some(Instant::now());
+                frame::encode(&mut self.buf, FrameKind::ProbeReply, self.epoch, f.seq, &[]);
+                let _ = ctx
+                    .cluster
+                    .send_datagram(&self.endpoints[i].address, &self.buf);
+            }
+            FrameKind::ProbeReply => self.rejected_frames += 1,
+        }
+    }
+
+    /// Forwards the held copies whose time is up and that the partner did not forward.
+    async fn release(&mut self, dev: &TunDevice, now: Instant) {
+        for (i, red) in self.redundancy.iter_mut().enumerate() {
+            while red.held.front().is_some_and(|h| h.until <= now) {
+                let Some(h) = red.held.pop_front() else { break };
+                if red.window.seen(h.epoch, h.seq) {
+                    red.held_dropped += 1;
+                } else {
+                    red.window.accept(h.epoch, h.seq);
+                    red.held_sent += 1;
+                    red.emitted.push(h.seq);
+                    write(dev, &self.endpoints[i], &h.packet).await;
+                }
+            }
+        }
+    }
+
+    /// When the next held copy is due.
+    fn next_release(&self) -> Option<Instant> {
+        self.redundancy
+            .iter()
+            .filter_map(|r| r.held.front().map(|h| h.until))
+            .min()
+    }
+
+    /// Tells each endpoint's partner which of its packets went out here.
+    fn notify(&mut self, ctx: &ActorContext) {
+        for (e, red) in self.endpoints.iter().zip(&mut self.redundancy) {
+            if red.emitted.is_empty() {
+                continue;
+            }
+            let (Some(partner), Some(epoch)) = (&e.partner, red.window.epoch()) else {
+                red.emitted.clear();
+                continue;
+            };
+            for chunk in red.emitted.chunks(frame::MAX_EMITTED) {
+                frame::encode_emitted(&mut self.buf, &e.key, epoch, chunk);
+                match ctx.cluster.send_datagram(partner, &self.buf) {
+                    Ok(()) => red.notices_sent += 1,
+                    Err(_) => red.notices_failed += 1,
+                }
+            }
+            red.emitted.clear();
+        }
+    }
+
+    fn detail(
+        &self,
+        dev: &TunDevice,
+        settings: &TunnelSettings,
+        metrics: &Metrics,
+        too_big: &AtomicU64,
+        unroutable: &AtomicU64,
+    ) -> serde_json::Value {
+        let now = Instant::now();
+        let tunnels: Vec<_> = self.endpoints.iter().zip(&self.redundancy).enumerate().map(|(i, (e, red))| {
+            let c = &e.counters;
+            json!({
+                "peer": e.key,
+                "device": dev.name,
+                "state": if self.last_probe[i].is_some_and(|t| now - t < ACTIVE_WITHIN) { "up" } else { "idle" },
+                "last_probe_ms_ago": self.last_probe[i].map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                "packets_in": c.packets_from.load(Ordering::Relaxed),
+                "bytes_in": c.bytes_from.load(Ordering::Relaxed),
+                "packets_out": c.packets_to.load(Ordering::Relaxed),
+                "bytes_out": c.bytes_to.load(Ordering::Relaxed),
+                "partner": e.partner.as_ref().map(ToString::to_string),
+                "duplicates_dropped": red.window.dropped() + red.held_dropped,
+                "held_now": red.held.len(),
+                "held_forwarded": red.held_sent,
+                "held_dropped": red.held_dropped,
+                "notices_sent": red.notices_sent,
+                "notices_failed": red.notices_failed,
+                "notices_received": red.notices_received,
+                "both_forwarded": red.both_forwarded,
+                "endpoint_restarts": red.window.restarts(),
+            })
+        }).collect();
+        json!({
+            "role": "router",
+            "device": dev.name,
+            "egress_nat": settings.egress,
+            "active_tunnels": active_tunnels(&self.last_probe),
+            "tunnels": tunnels,
+            "hold_ms": self.hold.as_millis() as u64,
+            "last_report": metrics.last,
+            "too_big": too_big.load(Ordering::Relaxed),
+            "unroutable": unroutable.load(Ordering::Relaxed),
+            "spoofed": self.spoofed,
+            "rejected_frames": self.rejected_frames,
+        })
+    }
+}
+
+/// Writes an endpoint's packet to the device and counts it.
+async fn write(dev: &TunDevice, e: &Endpoint, packet: &[u8]) {
+    e.counters.packets_from.fetch_add(1, Ordering::Relaxed);
+    e.counters
+        .bytes_from
+        .fetch_add(packet.len() as u64, Ordering::Relaxed);
+    let _ = dev.io.send(packet).await;
 }
 
 fn active_tunnels(last_probe: &[Option<Instant>]) -> u32 {
@@ -291,6 +588,7 @@ async fn read_device(
     endpoints: Arc<Vec<Endpoint>>,
     by_ip: Arc<HashMap<IpAddr, usize>>,
     mtu: u16,
+    epoch: u32,
     own: [Option<IpAddr>; 2],
     too_big: Arc<AtomicU64>,
     unroutable: Arc<AtomicU64>,
@@ -313,7 +611,7 @@ async fn read_device(
             continue;
         };
         seq += 1;
-        frame::encode(&mut buf, FrameKind::Data, seq, pkt);
+        frame::encode(&mut buf, FrameKind::Data, epoch, seq, pkt);
         let e = &endpoints[i];
         match cluster.send_datagram(&e.address, &buf) {
             Ok(()) => {
