@@ -31,7 +31,12 @@ fn ping_v4_and_v6_and_tcp_reach_the_server_through_the_tunnel() {
     if !root() {
         return;
     }
-    let lab = TunnelLab::start(&LabOptions::default());
+    // Slow probes: a machine loaded by parallel tests must not fail over mid-transfer (a move
+    // to the other router's NAT breaks TCP connections).
+    let lab = TunnelLab::start(&LabOptions {
+        probe_interval_ms: 100,
+        ..LabOptions::default()
+    });
     let v4 = ping(&lab, &["-c", "5", "-i", "0.05", "-W", "1", SERVER_V4]);
     assert!(v4.contains(" 0% packet loss"), "ping v4: {v4}");
     let v6 = ping(&lab, &["-6", "-c", "5", "-i", "0.05", "-W", "1", SERVER_V6]);
@@ -128,7 +133,12 @@ fn tcp_both_ways(lab: &TunnelLab, addr: &str, len: u32) {
             .stdin(server_in)
             .spawn()
             .expect("nc -l");
-        std::thread::sleep(Duration::from_millis(300));
+        // The client connects once the server listens (bounded wait).
+        let listening = wait_for(Duration::from_secs(5), || {
+            let out = lab.ns.exec(&lab.s, "ss", &["-Hltn", "sport = :5201"]);
+            !out.stdout.is_empty()
+        });
+        assert!(listening, "nc -l never listened");
         // Downloading, the client must not half-close at once (the server would stop).
         let client_args: Vec<&str> = if upload {
             vec!["-N", addr, "5201"]
@@ -361,6 +371,7 @@ fn packets_too_big_for_the_datagram_get_the_icmp_answer() {
     }
     // Devices larger than what a datagram carries, so the tunnel itself must answer.
     let lab = TunnelLab::start(&LabOptions {
+        probe_interval_ms: 100,
         endpoint_mtu: Some(1500),
         router_mtu: Some(1500),
         ..LabOptions::default()
@@ -500,7 +511,9 @@ fn local_health_beats_the_balancer() {
     }
     let mut lab = TunnelLab::start(&LabOptions {
         follow_balancer: true,
+        balancer_hold_secs: 1,
         report_interval_secs: 3600,
+        recovery_hold_ms: 500,
         ..LabOptions::default()
     });
     let report = |lab: &TunnelLab, router: &str, cpu: f64| {

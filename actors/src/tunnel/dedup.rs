@@ -5,11 +5,14 @@
 //! accepts a number only once. Numbers older than the window are refused (they are late
 //! duplicates, or so late that delivering them would not help).
 //!
+//! The window is wide (65,536 numbers, 8 KiB per sender) because a router in redundant mode
+//! holds copies for tens of milliseconds, in which a fast endpoint sends thousands of packets.
+//!
 //! [`SenderWindow`] adds the sender's epoch (a random number it draws at start): a new epoch means
 //! the sender restarted and counts from 1 again, so the window starts afresh.
 
 /// How many sequence numbers below the highest are remembered.
-pub const WINDOW: u64 = 4096;
+pub const WINDOW: u64 = 65_536;
 
 const WORDS: usize = (WINDOW / 64) as usize;
 
@@ -164,6 +167,177 @@ impl SenderWindow {
     }
 }
 
+/// How a copy of an endpoint's packet reached a router (see the router's redundant mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copy {
+    /// The only copy (not redundant): forward it unless it is a repeat.
+    Only,
+    /// The active router's copy: forward it now and tell the partner.
+    Active,
+    /// The standby router's copy: hold it; forward it only if the partner has not.
+    Standby,
+}
+
+/// A held standby copy.
+#[derive(Debug, Clone)]
+struct Held<P> {
+    until: std::time::Instant,
+    epoch: u32,
+    seq: u64,
+    packet: P,
+}
+
+/// One router's side of an endpoint's redundant mode, with no I/O: which copies go out, which
+/// are held and which are dropped, and which numbers to report to the partner router.
+///
+/// Every packet that goes out here or that the partner says went out there is marked in one
+/// [`SenderWindow`]; a copy already marked is dropped. Standby copies wait until their hold time
+/// is up ([`Redundancy::release`]).
+#[derive(Debug, Clone)]
+pub struct Redundancy<P> {
+    window: SenderWindow,
+    held: std::collections::VecDeque<Held<P>>,
+    max_held: usize,
+    emitted: Vec<u64>,
+    /// Standby copies forwarded, and dropped because the partner forwarded them.
+    pub held_forwarded: u64,
+    /// Standby copies dropped because the partner (or an earlier copy) forwarded them.
+    pub held_dropped: u64,
+    /// Numbers the partner reported that went out here too (a late notice: one duplicate).
+    pub both_forwarded: u64,
+    /// Notices from the partner.
+    pub notices: u64,
+}
+
+impl<P> Redundancy<P> {
+    /// Holds at most `max_held` standby copies; past that the oldest goes out early.
+    pub fn new(max_held: usize) -> Self {
+        Redundancy {
+            window: SenderWindow::default(),
+            held: std::collections::VecDeque::new(),
+            max_held: max_held.max(1),
+            emitted: Vec::new(),
+            held_forwarded: 0,
+            held_dropped: 0,
+            both_forwarded: 0,
+            notices: 0,
+        }
+    }
+
+    /// Switches to the endpoint's `epoch`; a new one (it restarted) forgets what was held.
+    fn enter(&mut self, epoch: u32) {
+        if self.window.enter(epoch) {
+            self.held.clear();
+            self.emitted.clear();
+        }
+    }
+
+    /// A copy arrived at `now`: returns it when it must go out at once; a standby copy is held
+    /// until `now + hold`.
+    pub fn packet(
+        &mut self,
+        copy: Copy,
+        epoch: u32,
+        seq: u64,
+        packet: P,
+        now: std::time::Instant,
+        hold: std::time::Duration,
+    ) -> Option<P> {
+        self.enter(epoch);
+        match copy {
+            Copy::Only | Copy::Active => {
+                if !self.window.accept(epoch, seq) {
+                    return None;
+                }
+                if copy == Copy::Active {
+                    self.emitted.push(seq);
+                }
+                Some(packet)
+            }
+            Copy::Standby => {
+                if self.window.seen(epoch, seq) {
+                    self.held_dropped += 1;
+                    return None;
+                }
+                if self.held.len() >= self.max_held
+                    && let Some(oldest) = self.held.front_mut()
+                {
+                    oldest.until = now;
+                }
+                self.held.push_back(Held {
+                    until: now + hold,
+                    epoch,
+                    seq,
+                    packet,
+                });
+                None
+            }
+        }
+    }
+
+    /// The partner forwarded the endpoint's packets `seqs` of `epoch`.
+    pub fn notice(&mut self, epoch: u32, seqs: &[u64]) {
+        self.notices += 1;
+        self.enter(epoch);
+        for &seq in seqs {
+            if self.window.seen(epoch, seq) {
+                self.both_forwarded += 1;
+            } else {
+                self.window.accept(epoch, seq);
+            }
+        }
+    }
+
+    /// The held copies due by `now` that the partner did not forward (to send out now).
+    pub fn release(&mut self, now: std::time::Instant) -> Vec<P> {
+        let mut out = Vec::new();
+        while self.held.front().is_some_and(|h| h.until <= now) {
+            let Some(h) = self.held.pop_front() else {
+                break;
+            };
+            if self.window.seen(h.epoch, h.seq) {
+                self.held_dropped += 1;
+            } else {
+                self.window.accept(h.epoch, h.seq);
+                self.held_forwarded += 1;
+                self.emitted.push(h.seq);
+                out.push(h.packet);
+            }
+        }
+        out
+    }
+
+    /// When the next held copy is due.
+    pub fn next_due(&self) -> Option<std::time::Instant> {
+        self.held.iter().map(|h| h.until).min()
+    }
+
+    /// The endpoint's epoch and the numbers forwarded here since the last call (to tell the
+    /// partner).
+    pub fn take_emitted(&mut self) -> Option<(u32, Vec<u64>)> {
+        if self.emitted.is_empty() {
+            return None;
+        }
+        let seqs = std::mem::take(&mut self.emitted);
+        Some((self.window.epoch()?, seqs))
+    }
+
+    /// Copies held now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Copies dropped as repeats or because the partner forwarded them.
+    pub fn dropped(&self) -> u64 {
+        self.window.dropped() + self.held_dropped
+    }
+
+    /// Times the endpoint restarted (its epoch changed).
+    pub fn endpoint_restarts(&self) -> u64 {
+        self.window.restarts()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +401,113 @@ mod tests {
         assert!(w.accept(2, 1));
         assert!(!w.accept(2, 1));
         assert_eq!((w.restarts(), w.dropped(), w.epoch()), (1, 2, Some(2)));
+    }
+
+    /// Two routers and an endpoint sending every packet to both, with the active router's
+    /// notices reaching the standby after `notice_delay`.
+    struct Pair {
+        active: Redundancy<u64>,
+        standby: Redundancy<u64>,
+        out: Vec<u64>,
+    }
+
+    const MS: std::time::Duration = std::time::Duration::from_millis(1);
+
+    impl Pair {
+        fn new() -> Pair {
+            Pair {
+                active: Redundancy::new(1000),
+                standby: Redundancy::new(1000),
+                out: Vec::new(),
+            }
+        }
+
+        /// Sends packets `seqs` at `t`; `active_alive`: the active router gets them.
+        fn send(&mut self, t: std::time::Instant, seqs: std::ops::Range<u64>, active_alive: bool) {
+            for seq in seqs {
+                if active_alive {
+                    self.out
+                        .extend(self.active.packet(Copy::Active, 7, seq, seq, t, 20 * MS));
+                }
+                let held = self.standby.packet(Copy::Standby, 7, seq, seq, t, 20 * MS);
+                assert_eq!(held, None);
+            }
+            if let Some((epoch, seqs)) = self.active.take_emitted() {
+                self.standby.notice(epoch, &seqs);
+            }
+        }
+
+        fn release(&mut self, t: std::time::Instant) {
+            self.out.extend(self.standby.release(t));
+        }
+    }
+
+    #[test]
+    fn both_alive_each_packet_goes_out_once() {
+        let t = std::time::Instant::now();
+        let mut p = Pair::new();
+        p.send(t, 1..101, true);
+        p.release(t + 30 * MS);
+        assert_eq!(p.out, (1..101).collect::<Vec<_>>());
+        assert_eq!((p.standby.held_dropped, p.standby.held_forwarded), (100, 0));
+        assert_eq!(p.standby.held(), 0);
+    }
+
+    #[test]
+    fn the_standby_forwards_what_the_dead_active_did_not() {
+        let t = std::time::Instant::now();
+        let mut p = Pair::new();
+        p.send(t, 1..51, true);
+        // The active router dies: packets 51.. reach only the standby.
+        p.send(t + MS, 51..101, false);
+        p.release(t + 10 * MS);
+        assert_eq!(p.out.len(), 50, "nothing released before the hold");
+        assert_eq!(
+            p.standby.next_due(),
+            Some(t + 20 * MS),
+            "the first copies, due first"
+        );
+        p.release(t + 21 * MS);
+        let mut all = p.out.clone();
+        all.sort_unstable();
+        assert_eq!(all, (1..101).collect::<Vec<_>>(), "no loss, no duplicate");
+        assert_eq!(p.standby.held_forwarded, 50);
+    }
+
+    #[test]
+    fn a_late_notice_is_counted_and_an_active_copy_after_release_dropped() {
+        let t = std::time::Instant::now();
+        let mut r: Redundancy<u64> = Redundancy::new(10);
+        assert_eq!(r.packet(Copy::Standby, 1, 5, 5, t, 20 * MS), None);
+        assert_eq!(r.release(t + 20 * MS), vec![5]);
+        assert_eq!(r.take_emitted(), Some((1, vec![5])));
+        r.notice(1, &[5]);
+        assert_eq!(r.both_forwarded, 1);
+        // Roles swapped: this router is active now and gets a copy already forwarded.
+        assert_eq!(r.packet(Copy::Active, 1, 5, 5, t, 20 * MS), None);
+        assert_eq!(r.packet(Copy::Active, 1, 6, 6, t, 20 * MS), Some(6));
+    }
+
+    #[test]
+    fn an_endpoint_restart_forgets_held_copies_and_numbers() {
+        let t = std::time::Instant::now();
+        let mut r: Redundancy<u64> = Redundancy::new(10);
+        assert_eq!(r.packet(Copy::Only, 1, 1, 1, t, MS), Some(1));
+        assert_eq!(r.packet(Copy::Standby, 1, 2, 2, t, MS), None);
+        // New epoch: number 1 again is a new packet; the old held copy is gone.
+        assert_eq!(r.packet(Copy::Only, 2, 1, 10, t, MS), Some(10));
+        assert_eq!(r.release(t + MS), Vec::<u64>::new());
+        assert_eq!(r.endpoint_restarts(), 1);
+    }
+
+    #[test]
+    fn too_many_held_copies_go_out_early() {
+        let t = std::time::Instant::now();
+        let mut r: Redundancy<u64> = Redundancy::new(2);
+        for seq in 1..=3 {
+            r.packet(Copy::Standby, 1, seq, seq, t, 20 * MS);
+        }
+        assert_eq!(r.release(t), vec![1]);
+        assert_eq!(r.held(), 2);
     }
 }

@@ -9,15 +9,17 @@
 //! Redundant mode: an endpoint sends each packet to both of its routers with the same epoch and
 //! sequence number — `Redundant` to its active router, `Held` to the other. The active router
 //! forwards at once and tells the other router which numbers it forwarded (`Emitted` notices,
-//! batched per burst of datagrams). The other router holds its copy for a short time (10 ms plus
-//! four round trips to its partner) and forwards it only if no notice named it by then: when the
+//! batched per burst of datagrams). The other router holds its copy for a short time (at least
+//! 50 ms, and four round trips to its partner; doubled, up to 1 s, whenever a notice comes too
+//! late and a packet went out twice) and forwards it only if no notice named it by then: when the
 //! active router dies, its packets still go out, a little late, and while both live the network
-//! behind them sees each packet once. Each router keeps a [`SenderWindow`] per endpoint over what
-//! went out (by either router), which also drops any repeated datagram. The routers of an
+//! behind them sees each packet once. The rules are the pure [`Redundancy`] core, one per
+//! endpoint, whose window over what went out (by either router) also drops any repeated
+//! datagram and starts afresh when the endpoint restarts (a new epoch). The routers of an
 //! endpoint need a direct cluster link for the notices; without one the standby's copies all go
 //! out after the hold (no loss, but duplicates), which status shows as failed notices.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +32,7 @@ use colony_config::kinds::TunnelSettings;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::dedup::SenderWindow;
+use super::dedup::{Copy, Redundancy};
 use super::device::{self, Nat, TunDevice};
 use super::frame::{self, FrameKind};
 use super::packet::{self, TooBig};
@@ -57,28 +59,11 @@ struct Endpoint {
     counters: Counters,
 }
 
-/// A redundant copy waiting to see whether the partner forwards it.
-struct HeldPacket {
-    until: Instant,
-    epoch: u32,
-    seq: u64,
-    packet: Bytes,
-}
-
-/// What the loop keeps per endpoint for duplicate suppression.
-#[derive(Default)]
-struct Redundancy {
-    window: SenderWindow,
-    held: VecDeque<HeldPacket>,
-    /// Numbers forwarded since the last notice to the partner.
-    emitted: Vec<u64>,
-    held_sent: u64,
-    held_dropped: u64,
+/// What the loop keeps per endpoint for redundant mode, with notice counters.
+struct PerEndpoint {
+    copies: Redundancy<Bytes>,
     notices_sent: u64,
     notices_failed: u64,
-    notices_received: u64,
-    /// Packets the partner says it forwarded that went out here as well.
-    both_forwarded: u64,
 }
 
 /// The most copies held per endpoint; past it the oldest goes out early.
@@ -161,8 +146,17 @@ pub async fn run(mut ctx: ActorContext, mut settings: TunnelSettings) -> Result<
         endpoints: endpoints.clone(),
         by_ip,
         last_probe: vec![None; endpoints.len()],
-        redundancy: endpoints.iter().map(|_| Redundancy::default()).collect(),
-        hold: Duration::from_millis(20),
+        redundancy: endpoints
+            .iter()
+            .map(|_| PerEndpoint {
+                copies: Redundancy::new(MAX_HELD),
+                notices_sent: 0,
+                notices_failed: 0,
+            })
+            .collect(),
+        hold: MIN_HOLD,
+        hold_floor: MIN_HOLD,
+        late_notices: 0,
         epoch,
         rejected_frames: 0,
         spoofed: 0,
@@ -233,7 +227,7 @@ pub async fn run(mut ctx: ActorContext, mut settings: TunnelSettings) -> Result<
                 send_report(&ctx, &settings, m, &report_failed);
             }
             _ = status.tick() => {
-                r.hold = hold_time(&ctx, &endpoints);
+                r.adapt_hold(&ctx);
                 ctx.stats.set_detail(r.detail(&dev, &settings, &metrics, &too_big, &unroutable));
             }
         }
@@ -272,27 +266,24 @@ fn send_report(
     });
 }
 
-/// How long a standby copy waits for the partner's notice: 10 ms plus four round trips to the
-/// slowest partner link, at most 200 ms.
-fn hold_time(ctx: &ActorContext, endpoints: &[Endpoint]) -> Duration {
-    let links = ctx.cluster.link_stats();
-    let rtt = endpoints
-        .iter()
-        .filter_map(|e| e.partner.as_ref())
-        .filter_map(|p| links.iter().find(|l| l.peer == p.node()))
-        .map(|l| Duration::from_micros(l.rtt_us))
-        .max()
-        .unwrap_or_default();
-    (Duration::from_millis(10) + rtt * 4).min(Duration::from_millis(200))
-}
+/// The shortest time a standby copy waits for the partner's notice.
+const MIN_HOLD: Duration = Duration::from_millis(50);
+
+/// The longest.
+const MAX_HOLD: Duration = Duration::from_secs(1);
 
 /// The router loop's state.
 struct Router {
     endpoints: Arc<Vec<Endpoint>>,
     by_ip: Arc<HashMap<IpAddr, usize>>,
     last_probe: Vec<Option<Instant>>,
-    redundancy: Vec<Redundancy>,
+    redundancy: Vec<PerEndpoint>,
+    /// How long standby copies wait now.
     hold: Duration,
+    /// The hold's lower bound, raised when notices come late.
+    hold_floor: Duration,
+    /// Late notices seen so far (packets that went out twice).
+    late_notices: u64,
     epoch: u32,
     rejected_frames: u64,
     spoofed: u64,
@@ -300,6 +291,30 @@ struct Router {
 }
 
 impl Router {
+    /// Sets the hold time: four round trips to the slowest partner, and at least the floor,
+    /// which doubles whenever a notice came after its copy had been forwarded.
+    fn adapt_hold(&mut self, ctx: &ActorContext) {
+        let late: u64 = self
+            .redundancy
+            .iter()
+            .map(|r| r.copies.both_forwarded)
+            .sum();
+        if late > self.late_notices {
+            self.late_notices = late;
+            self.hold_floor = (self.hold_floor * 2).min(MAX_HOLD);
+        }
+        let links = ctx.cluster.link_stats();
+        let rtt = self
+            .endpoints
+            .iter()
+            .filter_map(|e| e.partner.as_ref())
+            .filter_map(|p| links.iter().find(|l| l.peer == p.node()))
+            .map(|l| Duration::from_micros(l.rtt_us))
+            .max()
+            .unwrap_or_default();
+        self.hold = (rtt * 4).clamp(self.hold_floor, MAX_HOLD);
+    }
+
     async fn handle(&mut self, ctx: &ActorContext, dev: &TunDevice, dg: colony_cluster::Datagram) {
         let Ok(f) = frame::decode(&dg.payload) else {
             self.rejected_frames += 1;
@@ -315,46 +330,16 @@ impl Router {
                     self.spoofed += 1;
                     return;
                 };
-                let red = &mut self.redundancy[i];
-                if red.window.enter(f.epoch) {
-                    // The endpoint restarted: what was held belongs to its old run.
-                    red.held.clear();
-                    red.emitted.clear();
-                }
-                match f.kind {
-                    FrameKind::Held => {
-                        if red.window.seen(f.epoch, f.seq) {
-                            red.held_dropped += 1;
-                            return;
-                        }
-                        if red.held.len() >= MAX_HELD
-                            && let Some(old) = red.held.pop_front()
-                        {
-                            if red.window.seen(old.epoch, old.seq) {
-                                red.held_dropped += 1;
-                            } else {
-                                red.window.accept(old.epoch, old.seq);
-                                red.held_sent += 1;
-                                red.emitted.push(old.seq);
-                                write(dev, &self.endpoints[i], &old.packet).await;
-                            }
-                        }
-                        red.held.push_back(HeldPacket {
-                            until: Instant::now() + self.hold,
-                            epoch: f.epoch,
-                            seq: f.seq,
-                            packet: dg.payload.slice(frame::HEADER_LEN..),
-                        });
-                    }
-                    kind => {
-                        if !red.window.accept(f.epoch, f.seq) {
-                            return;
-                        }
-                        if kind == FrameKind::Redundant {
-                            red.emitted.push(f.seq);
-                        }
-                        write(dev, &self.endpoints[i], f.body).await;
-                    }
+                let copy = match f.kind {
+                    FrameKind::Redundant => Copy::Active,
+                    FrameKind::Held => Copy::Standby,
+                    _ => Copy::Only,
+                };
+                let packet = dg.payload.slice(frame::HEADER_LEN..);
+                let now = Instant::now();
+                let copies = &mut self.redundancy[i].copies;
+                if let Some(p) = copies.packet(copy, f.epoch, f.seq, packet, now, self.hold) {
+                    write(dev, &self.endpoints[i], &p).await;
                 }
             }
             FrameKind::Emitted => {
@@ -372,20 +357,7 @@ impl Router {
                     self.rejected_frames += 1;
                     return;
                 };
-                let red = &mut self.redundancy[i];
-                red.notices_received += 1;
-                if red.window.enter(f.epoch) {
-                    red.held.clear();
-                    red.emitted.clear();
-                }
-                for seq in seqs {
-                    if red.window.seen(f.epoch, seq) {
-                        // Forwarded here too (a held copy whose notice came late).
-                        red.both_forwarded += 1;
-                    } else {
-                        red.window.accept(f.epoch, seq);
-                    }
-                }
+                self.redundancy[i].copies.notice(f.epoch, &seqs);
             }
             FrameKind::Probe => {
                 let known = std::str::from_utf8(f.body).ok().and_then(|p| {
@@ -409,17 +381,9 @@ impl Router {
 
     /// Forwards the held copies whose time is up and that the partner did not forward.
     async fn release(&mut self, dev: &TunDevice, now: Instant) {
-        for (i, red) in self.redundancy.iter_mut().enumerate() {
-            while red.held.front().is_some_and(|h| h.until <= now) {
-                let Some(h) = red.held.pop_front() else { break };
-                if red.window.seen(h.epoch, h.seq) {
-                    red.held_dropped += 1;
-                } else {
-                    red.window.accept(h.epoch, h.seq);
-                    red.held_sent += 1;
-                    red.emitted.push(h.seq);
-                    write(dev, &self.endpoints[i], &h.packet).await;
-                }
+        for (e, red) in self.endpoints.iter().zip(&mut self.redundancy) {
+            for p in red.copies.release(now) {
+                write(dev, e, &p).await;
             }
         }
     }
@@ -428,28 +392,24 @@ impl Router {
     fn next_release(&self) -> Option<Instant> {
         self.redundancy
             .iter()
-            .filter_map(|r| r.held.front().map(|h| h.until))
+            .filter_map(|r| r.copies.next_due())
             .min()
     }
 
     /// Tells each endpoint's partner which of its packets went out here.
     fn notify(&mut self, ctx: &ActorContext) {
         for (e, red) in self.endpoints.iter().zip(&mut self.redundancy) {
-            if red.emitted.is_empty() {
-                continue;
-            }
-            let (Some(partner), Some(epoch)) = (&e.partner, red.window.epoch()) else {
-                red.emitted.clear();
+            let Some((epoch, seqs)) = red.copies.take_emitted() else {
                 continue;
             };
-            for chunk in red.emitted.chunks(frame::MAX_EMITTED) {
+            let Some(partner) = &e.partner else { continue };
+            for chunk in seqs.chunks(frame::MAX_EMITTED) {
                 frame::encode_emitted(&mut self.buf, &e.key, epoch, chunk);
                 match ctx.cluster.send_datagram(partner, &self.buf) {
                     Ok(()) => red.notices_sent += 1,
                     Err(_) => red.notices_failed += 1,
                 }
             }
-            red.emitted.clear();
         }
     }
 
@@ -474,15 +434,15 @@ impl Router {
                 "packets_out": c.packets_to.load(Ordering::Relaxed),
                 "bytes_out": c.bytes_to.load(Ordering::Relaxed),
                 "partner": e.partner.as_ref().map(ToString::to_string),
-                "duplicates_dropped": red.window.dropped() + red.held_dropped,
-                "held_now": red.held.len(),
-                "held_forwarded": red.held_sent,
-                "held_dropped": red.held_dropped,
+                "duplicates_dropped": red.copies.dropped(),
+                "held_now": red.copies.held(),
+                "held_forwarded": red.copies.held_forwarded,
+                "held_dropped": red.copies.held_dropped,
                 "notices_sent": red.notices_sent,
                 "notices_failed": red.notices_failed,
-                "notices_received": red.notices_received,
-                "both_forwarded": red.both_forwarded,
-                "endpoint_restarts": red.window.restarts(),
+                "notices_received": red.copies.notices,
+                "both_forwarded": red.copies.both_forwarded,
+                "endpoint_restarts": red.copies.endpoint_restarts(),
             })
         }).collect();
         json!({
