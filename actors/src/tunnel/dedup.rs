@@ -174,35 +174,57 @@ pub enum Copy {
     Only,
     /// The active router's copy: forward it now and tell the partner.
     Active,
-    /// The standby router's copy: hold it; forward it only if the partner has not.
+    /// The standby router's copy: hold it in case the endpoint moves here.
     Standby,
 }
 
 /// A held standby copy.
 #[derive(Debug, Clone)]
 struct Held<P> {
-    until: std::time::Instant,
+    arrived: std::time::Instant,
     epoch: u32,
     seq: u64,
     packet: P,
 }
 
+/// How long held copies wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldTimes {
+    /// Once this router is active, a held copy goes out when it is this old and the partner has
+    /// not said it sent it (the partner's notice has had time to arrive).
+    pub grace: std::time::Duration,
+    /// While this router is standby, a held copy is dropped when it is this old: the active
+    /// router sent it, or lost it while alive (as without redundancy). Longer than the
+    /// endpoint takes to find the active router dead, so copies the dead router never sent are
+    /// still here when the endpoint moves.
+    pub expiry: std::time::Duration,
+}
+
 /// One router's side of an endpoint's redundant mode, with no I/O: which copies go out, which
 /// are held and which are dropped, and which numbers to report to the partner router.
 ///
-/// Every packet that goes out here or that the partner says went out there is marked in one
-/// [`SenderWindow`]; a copy already marked is dropped. Standby copies wait until their hold time
-/// is up ([`Redundancy::release`]).
+/// The endpoint sends each packet to its active router (`Active`) and a copy to the other
+/// (`Standby`). The active router sends its copy at once and reports the number to the standby,
+/// which marks it in one [`SenderWindow`] with what it sent itself; a copy already marked is
+/// dropped. The standby holds its copies: when the endpoint moves here (because the active router
+/// died, the first `Active` or `Only` copy says so), the held copies the old router never reported
+/// go out — no loss; while the endpoint stays, they expire. The standby never sends a copy while
+/// the other router is active, so a flow keeps to one router (and its source NAT): a TCP segment
+/// sent by the wrong router would have its connection reset.
 #[derive(Debug, Clone)]
 pub struct Redundancy<P> {
     window: SenderWindow,
     held: std::collections::VecDeque<Held<P>>,
     max_held: usize,
+    /// The endpoint's latest copy says this router is active.
+    active: bool,
     emitted: Vec<u64>,
-    /// Standby copies forwarded, and dropped because the partner forwarded them.
+    /// Held copies sent after the endpoint moved here.
     pub held_forwarded: u64,
-    /// Standby copies dropped because the partner (or an earlier copy) forwarded them.
+    /// Held copies dropped because the partner sent them.
     pub held_dropped: u64,
+    /// Held copies that expired (or overflowed) while the partner was active.
+    pub held_expired: u64,
     /// Numbers the partner reported that went out here too (a late notice: one duplicate).
     pub both_forwarded: u64,
     /// Notices from the partner.
@@ -210,15 +232,17 @@ pub struct Redundancy<P> {
 }
 
 impl<P> Redundancy<P> {
-    /// Holds at most `max_held` standby copies; past that the oldest goes out early.
+    /// Holds at most `max_held` standby copies; past that the oldest is dropped.
     pub fn new(max_held: usize) -> Self {
         Redundancy {
             window: SenderWindow::default(),
             held: std::collections::VecDeque::new(),
             max_held: max_held.max(1),
+            active: false,
             emitted: Vec::new(),
             held_forwarded: 0,
             held_dropped: 0,
+            held_expired: 0,
             both_forwarded: 0,
             notices: 0,
         }
@@ -232,8 +256,7 @@ impl<P> Redundancy<P> {
         }
     }
 
-    /// A copy arrived at `now`: returns it when it must go out at once; a standby copy is held
-    /// until `now + hold`.
+    /// A copy arrived at `now`: returns it when it must go out at once; a standby copy is held.
     pub fn packet(
         &mut self,
         copy: Copy,
@@ -241,11 +264,11 @@ impl<P> Redundancy<P> {
         seq: u64,
         packet: P,
         now: std::time::Instant,
-        hold: std::time::Duration,
     ) -> Option<P> {
         self.enter(epoch);
         match copy {
             Copy::Only | Copy::Active => {
+                self.active = true;
                 if !self.window.accept(epoch, seq) {
                     return None;
                 }
@@ -255,17 +278,17 @@ impl<P> Redundancy<P> {
                 Some(packet)
             }
             Copy::Standby => {
+                self.active = false;
                 if self.window.seen(epoch, seq) {
                     self.held_dropped += 1;
                     return None;
                 }
-                if self.held.len() >= self.max_held
-                    && let Some(oldest) = self.held.front_mut()
-                {
-                    oldest.until = now;
+                if self.held.len() >= self.max_held {
+                    self.held.pop_front();
+                    self.held_expired += 1;
                 }
                 self.held.push_back(Held {
-                    until: now + hold,
+                    arrived: now,
                     epoch,
                     seq,
                     packet,
@@ -275,7 +298,7 @@ impl<P> Redundancy<P> {
         }
     }
 
-    /// The partner forwarded the endpoint's packets `seqs` of `epoch`.
+    /// The partner sent the endpoint's packets `seqs` of `epoch`.
     pub fn notice(&mut self, epoch: u32, seqs: &[u64]) {
         self.notices += 1;
         self.enter(epoch);
@@ -288,31 +311,46 @@ impl<P> Redundancy<P> {
         }
     }
 
-    /// The held copies due by `now` that the partner did not forward (to send out now).
-    pub fn release(&mut self, now: std::time::Instant) -> Vec<P> {
+    /// Settles the held copies due by `now`: returns those to send out now (this router is
+    /// active and the partner never reported them); drops the reported and the expired.
+    pub fn release(&mut self, now: std::time::Instant, times: HoldTimes) -> Vec<P> {
         let mut out = Vec::new();
-        while self.held.front().is_some_and(|h| h.until <= now) {
-            let Some(h) = self.held.pop_front() else {
-                break;
-            };
+        while let Some(h) = self.held.front() {
             if self.window.seen(h.epoch, h.seq) {
+                self.held.pop_front();
                 self.held_dropped += 1;
-            } else {
+                continue;
+            }
+            let age = now.saturating_duration_since(h.arrived);
+            if self.active && age >= times.grace {
+                let Some(h) = self.held.pop_front() else {
+                    break;
+                };
                 self.window.accept(h.epoch, h.seq);
                 self.held_forwarded += 1;
                 self.emitted.push(h.seq);
                 out.push(h.packet);
+            } else if !self.active && age >= times.expiry {
+                self.held.pop_front();
+                self.held_expired += 1;
+            } else {
+                break;
             }
         }
         out
     }
 
-    /// When the next held copy is due.
-    pub fn next_due(&self) -> Option<std::time::Instant> {
-        self.held.iter().map(|h| h.until).min()
+    /// When the oldest held copy is next due.
+    pub fn next_due(&self, times: HoldTimes) -> Option<std::time::Instant> {
+        let wait = if self.active {
+            times.grace
+        } else {
+            times.expiry
+        };
+        self.held.front().map(|h| h.arrived + wait)
     }
 
-    /// The endpoint's epoch and the numbers forwarded here since the last call (to tell the
+    /// The endpoint's epoch and the numbers sent here since the last call (to tell the
     /// partner).
     pub fn take_emitted(&mut self) -> Option<(u32, Vec<u64>)> {
         if self.emitted.is_empty() {
@@ -327,7 +365,12 @@ impl<P> Redundancy<P> {
         self.held.len()
     }
 
-    /// Copies dropped as repeats or because the partner forwarded them.
+    /// True while the endpoint's latest copy made this router its active one.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Copies dropped as repeats or because the partner sent them.
     pub fn dropped(&self) -> u64 {
         self.window.dropped() + self.held_dropped
     }
@@ -403,42 +446,69 @@ mod tests {
         assert_eq!((w.restarts(), w.dropped(), w.epoch()), (1, 2, Some(2)));
     }
 
-    /// Two routers and an endpoint sending every packet to both, with the active router's
-    /// notices reaching the standby after `notice_delay`.
+    const MS: std::time::Duration = std::time::Duration::from_millis(1);
+    const TIMES: HoldTimes = HoldTimes {
+        grace: MS.saturating_mul(5),
+        expiry: MS.saturating_mul(200),
+    };
+
+    /// Two routers and an endpoint sending every packet to both; notices arrive at once.
     struct Pair {
-        active: Redundancy<u64>,
-        standby: Redundancy<u64>,
+        a: Redundancy<u64>,
+        b: Redundancy<u64>,
         out: Vec<u64>,
     }
-
-    const MS: std::time::Duration = std::time::Duration::from_millis(1);
 
     impl Pair {
         fn new() -> Pair {
             Pair {
-                active: Redundancy::new(1000),
-                standby: Redundancy::new(1000),
+                a: Redundancy::new(1000),
+                b: Redundancy::new(1000),
                 out: Vec::new(),
             }
         }
 
-        /// Sends packets `seqs` at `t`; `active_alive`: the active router gets them.
-        fn send(&mut self, t: std::time::Instant, seqs: std::ops::Range<u64>, active_alive: bool) {
+        /// The endpoint sends `seqs` at `t` with `a` active (`a_alive`: `a` gets them) or, when
+        /// `to_b`, with `b` active.
+        fn send(
+            &mut self,
+            t: std::time::Instant,
+            seqs: std::ops::Range<u64>,
+            a_alive: bool,
+            to_b: bool,
+        ) {
             for seq in seqs {
-                if active_alive {
-                    self.out
-                        .extend(self.active.packet(Copy::Active, 7, seq, seq, t, 20 * MS));
+                if to_b {
+                    self.out.extend(self.b.packet(Copy::Active, 7, seq, seq, t));
+                    if a_alive {
+                        assert_eq!(self.a.packet(Copy::Standby, 7, seq, seq, t), None);
+                    }
+                } else {
+                    if a_alive {
+                        self.out.extend(self.a.packet(Copy::Active, 7, seq, seq, t));
+                    }
+                    assert_eq!(self.b.packet(Copy::Standby, 7, seq, seq, t), None);
                 }
-                let held = self.standby.packet(Copy::Standby, 7, seq, seq, t, 20 * MS);
-                assert_eq!(held, None);
             }
-            if let Some((epoch, seqs)) = self.active.take_emitted() {
-                self.standby.notice(epoch, &seqs);
+            if a_alive && let Some((epoch, seqs)) = self.a.take_emitted() {
+                self.b.notice(epoch, &seqs);
+            }
+            if let Some((epoch, seqs)) = self.b.take_emitted()
+                && a_alive
+            {
+                self.a.notice(epoch, &seqs);
             }
         }
 
         fn release(&mut self, t: std::time::Instant) {
-            self.out.extend(self.standby.release(t));
+            self.out.extend(self.b.release(t, TIMES));
+            self.out.extend(self.a.release(t, TIMES));
+        }
+
+        fn sorted(&self) -> Vec<u64> {
+            let mut all = self.out.clone();
+            all.sort_unstable();
+            all
         }
     }
 
@@ -446,68 +516,102 @@ mod tests {
     fn both_alive_each_packet_goes_out_once() {
         let t = std::time::Instant::now();
         let mut p = Pair::new();
-        p.send(t, 1..101, true);
-        p.release(t + 30 * MS);
+        p.send(t, 1..101, true, false);
+        p.release(t + 300 * MS);
         assert_eq!(p.out, (1..101).collect::<Vec<_>>());
-        assert_eq!((p.standby.held_dropped, p.standby.held_forwarded), (100, 0));
-        assert_eq!(p.standby.held(), 0);
+        assert_eq!((p.b.held_dropped, p.b.held_forwarded), (100, 0));
+        assert_eq!(p.b.held(), 0);
     }
 
     #[test]
-    fn the_standby_forwards_what_the_dead_active_did_not() {
+    fn the_standby_sends_what_the_dead_active_did_not_once_the_endpoint_moves() {
         let t = std::time::Instant::now();
         let mut p = Pair::new();
-        p.send(t, 1..51, true);
-        // The active router dies: packets 51.. reach only the standby.
-        p.send(t + MS, 51..101, false);
-        p.release(t + 10 * MS);
-        assert_eq!(p.out.len(), 50, "nothing released before the hold");
+        p.send(t, 1..51, true, false);
+        // The active router dies: packets 51..101 reach only the standby, which holds them.
+        p.send(t + MS, 51..101, false, false);
+        p.release(t + 60 * MS);
         assert_eq!(
-            p.standby.next_due(),
-            Some(t + 20 * MS),
-            "the first copies, due first"
+            p.out.len(),
+            50,
+            "the standby sends nothing while it is standby"
         );
-        p.release(t + 21 * MS);
-        let mut all = p.out.clone();
-        all.sort_unstable();
-        assert_eq!(all, (1..101).collect::<Vec<_>>(), "no loss, no duplicate");
-        assert_eq!(p.standby.held_forwarded, 50);
+        // The endpoint finds A dead and moves to B.
+        p.send(t + 70 * MS, 101..111, false, true);
+        p.release(t + 70 * MS);
+        assert_eq!(
+            p.sorted(),
+            (1..111).collect::<Vec<_>>(),
+            "no loss, no duplicate"
+        );
+        assert_eq!(p.b.held_forwarded, 50);
+    }
+
+    #[test]
+    fn copies_expire_while_the_partner_is_active() {
+        let t = std::time::Instant::now();
+        let mut r: Redundancy<u64> = Redundancy::new(10);
+        assert_eq!(r.packet(Copy::Standby, 1, 5, 5, t), None);
+        assert_eq!(r.next_due(TIMES), Some(t + TIMES.expiry));
+        assert_eq!(r.release(t + TIMES.expiry, TIMES), Vec::<u64>::new());
+        assert_eq!((r.held(), r.held_expired), (0, 1));
+    }
+
+    #[test]
+    fn moving_back_waits_the_grace_for_the_partners_notices() {
+        let t = std::time::Instant::now();
+        let mut p = Pair::new();
+        // B is active; A holds copies.
+        p.send(t, 1..11, true, true);
+        // Copies 11..21 reach A; B sent them, but its notice is still on the way when the
+        // endpoint moves back to A.
+        for seq in 11..21 {
+            p.out.extend(p.b.packet(Copy::Active, 7, seq, seq, t + MS));
+            p.a.packet(Copy::Standby, 7, seq, seq, t + MS);
+        }
+        let late = p.b.take_emitted().unwrap();
+        p.out
+            .extend(p.a.packet(Copy::Active, 7, 21, 21, t + 2 * MS));
+        p.release(t + 3 * MS);
+        p.a.notice(late.0, &late.1);
+        p.release(t + 10 * MS);
+        assert_eq!(p.sorted(), (1..22).collect::<Vec<_>>(), "each once");
     }
 
     #[test]
     fn a_late_notice_is_counted_and_an_active_copy_after_release_dropped() {
         let t = std::time::Instant::now();
         let mut r: Redundancy<u64> = Redundancy::new(10);
-        assert_eq!(r.packet(Copy::Standby, 1, 5, 5, t, 20 * MS), None);
-        assert_eq!(r.release(t + 20 * MS), vec![5]);
-        assert_eq!(r.take_emitted(), Some((1, vec![5])));
+        assert_eq!(r.packet(Copy::Standby, 1, 5, 5, t), None);
+        assert_eq!(r.packet(Copy::Active, 1, 6, 6, t), Some(6));
+        assert_eq!(r.release(t + TIMES.grace, TIMES), vec![5]);
+        assert_eq!(r.take_emitted(), Some((1, vec![6, 5])));
         r.notice(1, &[5]);
         assert_eq!(r.both_forwarded, 1);
-        // Roles swapped: this router is active now and gets a copy already forwarded.
-        assert_eq!(r.packet(Copy::Active, 1, 5, 5, t, 20 * MS), None);
-        assert_eq!(r.packet(Copy::Active, 1, 6, 6, t, 20 * MS), Some(6));
+        assert_eq!(r.packet(Copy::Active, 1, 5, 5, t), None);
     }
 
     #[test]
     fn an_endpoint_restart_forgets_held_copies_and_numbers() {
         let t = std::time::Instant::now();
         let mut r: Redundancy<u64> = Redundancy::new(10);
-        assert_eq!(r.packet(Copy::Only, 1, 1, 1, t, MS), Some(1));
-        assert_eq!(r.packet(Copy::Standby, 1, 2, 2, t, MS), None);
+        assert_eq!(r.packet(Copy::Only, 1, 1, 1, t), Some(1));
+        assert_eq!(r.packet(Copy::Standby, 1, 2, 2, t), None);
         // New epoch: number 1 again is a new packet; the old held copy is gone.
-        assert_eq!(r.packet(Copy::Only, 2, 1, 10, t, MS), Some(10));
-        assert_eq!(r.release(t + MS), Vec::<u64>::new());
+        assert_eq!(r.packet(Copy::Only, 2, 1, 10, t), Some(10));
+        assert_eq!(r.release(t + TIMES.expiry, TIMES), Vec::<u64>::new());
         assert_eq!(r.endpoint_restarts(), 1);
     }
 
     #[test]
-    fn too_many_held_copies_go_out_early() {
+    fn too_many_held_copies_drop_the_oldest() {
         let t = std::time::Instant::now();
         let mut r: Redundancy<u64> = Redundancy::new(2);
         for seq in 1..=3 {
-            r.packet(Copy::Standby, 1, seq, seq, t, 20 * MS);
+            r.packet(Copy::Standby, 1, seq, seq, t);
         }
-        assert_eq!(r.release(t), vec![1]);
-        assert_eq!(r.held(), 2);
+        assert_eq!((r.held(), r.held_expired), (2, 1));
+        assert_eq!(r.packet(Copy::Active, 1, 4, 4, t), Some(4));
+        assert_eq!(r.release(t + TIMES.grace, TIMES), vec![2, 3]);
     }
 }

@@ -8,16 +8,19 @@
 //!
 //! Redundant mode: an endpoint sends each packet to both of its routers with the same epoch and
 //! sequence number — `Redundant` to its active router, `Held` to the other. The active router
-//! forwards at once and tells the other router which numbers it forwarded (`Emitted` notices,
-//! batched per burst of datagrams). The other router holds its copy for a short time (at least
-//! 50 ms, and four round trips to its partner; doubled, up to 1 s, whenever a notice comes too
-//! late and a packet went out twice) and forwards it only if no notice named it by then: when the
-//! active router dies, its packets still go out, a little late, and while both live the network
-//! behind them sees each packet once. The rules are the pure [`Redundancy`] core, one per
-//! endpoint, whose window over what went out (by either router) also drops any repeated
-//! datagram and starts afresh when the endpoint restarts (a new epoch). The routers of an
-//! endpoint need a direct cluster link for the notices; without one the standby's copies all go
-//! out after the hold (no loss, but duplicates), which status shows as failed notices.
+//! sends it on at once and tells the other router which numbers it sent (`Emitted` notices,
+//! batched per burst of datagrams). The other router holds its copies: while the endpoint keeps
+//! to the active router they expire (after twice the endpoint's failure-detection time and
+//! 100 ms); when the endpoint moves here (the active router died), the held copies the old one
+//! never reported go out after a short grace for late notices (at least 10 ms and four round
+//! trips to the partner; doubled, up to 1 s, whenever a late notice shows a packet went out
+//! twice). So the network behind the routers sees each packet once, nothing is lost when the
+//! active router dies, and a flow never leaks through the standby router's NAT (which would reset
+//! a TCP connection). The rules are the pure [`Redundancy`] core, one per endpoint, whose window
+//! also drops repeated datagrams and starts afresh when the endpoint restarts (a new epoch). The
+//! routers of an endpoint need a direct cluster link for the notices; without one, the copies
+//! held when the endpoint moves all go out (no loss, some duplicates), and status counts the
+//! failed notices.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,7 +35,7 @@ use colony_config::kinds::TunnelSettings;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::dedup::{Copy, Redundancy};
+use super::dedup::{Copy, HoldTimes, Redundancy};
 use super::device::{self, Nat, TunDevice};
 use super::frame::{self, FrameKind};
 use super::packet::{self, TooBig};
@@ -56,6 +59,8 @@ struct Endpoint {
     key: String,
     /// The endpoint's other router, which holds copies in redundant mode.
     partner: Option<Address>,
+    /// How long held copies of this endpoint's packets live while the partner is active.
+    expiry: Duration,
     counters: Counters,
 }
 
@@ -83,19 +88,26 @@ fn endpoints(ctx: &ActorContext) -> (Vec<Endpoint>, HashMap<IpAddr, usize>) {
         for net in [addrs.ipv4, addrs.ipv6].into_iter().flatten() {
             by_ip.insert(net.addr, i);
         }
-        let partner = ctx
+        let settings = ctx
             .config
             .actors
             .iter()
             .find(|a| a.address() == address)
             .and_then(|a| match &a.settings {
-                ActorSettings::Tunnel(t) => t.peers.iter().find(|p| **p != ctx.address).cloned(),
+                ActorSettings::Tunnel(t) => Some(t),
                 _ => None,
             });
+        let partner = settings.and_then(|t| t.peers.iter().find(|p| **p != ctx.address).cloned());
+        // Twice the time the endpoint takes to find a router dead, and 100 ms more.
+        let detect = settings.map_or(Duration::from_millis(60), |t| {
+            Duration::from_millis(t.probe_interval_ms.saturating_mul(u64::from(t.dead_after)))
+        });
+        let expiry = (detect * 2 + Duration::from_millis(100)).min(Duration::from_secs(10));
         out.push(Endpoint {
             key: address.to_string(),
             address,
             partner,
+            expiry,
             counters: Counters::default(),
         });
     }
@@ -266,8 +278,8 @@ fn send_report(
     });
 }
 
-/// The shortest time a standby copy waits for the partner's notice.
-const MIN_HOLD: Duration = Duration::from_millis(50);
+/// The shortest grace a held copy gets for the partner's notice once this router is active.
+const MIN_HOLD: Duration = Duration::from_millis(10);
 
 /// The longest.
 const MAX_HOLD: Duration = Duration::from_secs(1);
@@ -338,7 +350,7 @@ impl Router {
                 let packet = dg.payload.slice(frame::HEADER_LEN..);
                 let now = Instant::now();
                 let copies = &mut self.redundancy[i].copies;
-                if let Some(p) = copies.packet(copy, f.epoch, f.seq, packet, now, self.hold) {
+                if let Some(p) = copies.packet(copy, f.epoch, f.seq, packet, now) {
                     write(dev, &self.endpoints[i], &p).await;
                 }
             }
@@ -382,7 +394,11 @@ impl Router {
     /// Forwards the held copies whose time is up and that the partner did not forward.
     async fn release(&mut self, dev: &TunDevice, now: Instant) {
         for (e, red) in self.endpoints.iter().zip(&mut self.redundancy) {
-            for p in red.copies.release(now) {
+            let times = HoldTimes {
+                grace: self.hold,
+                expiry: e.expiry,
+            };
+            for p in red.copies.release(now, times) {
                 write(dev, e, &p).await;
             }
         }
@@ -390,9 +406,15 @@ impl Router {
 
     /// When the next held copy is due.
     fn next_release(&self) -> Option<Instant> {
-        self.redundancy
+        self.endpoints
             .iter()
-            .filter_map(|r| r.copies.next_due())
+            .zip(&self.redundancy)
+            .filter_map(|(e, r)| {
+                r.copies.next_due(HoldTimes {
+                    grace: self.hold,
+                    expiry: e.expiry,
+                })
+            })
             .min()
     }
 
@@ -438,6 +460,8 @@ impl Router {
                 "held_now": red.copies.held(),
                 "held_forwarded": red.copies.held_forwarded,
                 "held_dropped": red.copies.held_dropped,
+                "held_expired": red.copies.held_expired,
+                "redundant_active": red.copies.is_active(),
                 "notices_sent": red.notices_sent,
                 "notices_failed": red.notices_failed,
                 "notices_received": red.copies.notices,
@@ -451,7 +475,7 @@ impl Router {
             "egress_nat": settings.egress,
             "active_tunnels": active_tunnels(&self.last_probe),
             "tunnels": tunnels,
-            "hold_ms": self.hold.as_millis() as u64,
+            "hold_grace_ms": self.hold.as_millis() as u64,
             "last_report": metrics.last,
             "too_big": too_big.load(Ordering::Relaxed),
             "unroutable": unroutable.load(Ordering::Relaxed),
