@@ -67,6 +67,15 @@ fn ping_v4_and_v6_and_tcp_reach_the_server_through_the_tunnel() {
         "1400-byte ping -6: {full6}"
     );
 
+    let d = lab.endpoint().unwrap();
+    assert_eq!(d["mtu"], 1400, "{d}");
+    for t in d["tunnels"].as_array().unwrap() {
+        assert!(
+            t["max_packet"].as_u64() >= Some(1400),
+            "datagram too small: {d}"
+        );
+    }
+
     // The packets went through the tunnel: the active router counted them.
     let active = lab.active().expect("active tunnel");
     let counted = wait_for(Duration::from_secs(3), || {
@@ -429,6 +438,15 @@ fn packets_too_big_for_the_datagram_get_the_icmp_answer() {
     assert!(fits.contains(" 0% packet loss"), "{fits}");
     let d = lab.endpoint().unwrap();
     assert!(d["too_big"].as_u64() >= Some(2), "{d}");
+    // The MTU named is what status says a datagram to the router carries.
+    let active = d["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["active"] == true)
+        .unwrap()
+        .clone();
+    assert_eq!(active["max_packet"].as_u64(), Some(u64::from(mtu)), "{d}");
     let active = lab.active().unwrap();
     let r = lab.detail(&active).unwrap();
     assert!(
@@ -597,7 +615,8 @@ fn routers_restore_forwarding_and_remove_nat_when_they_stop_and_report_every_int
         assert!(
             decisions.iter().any(|d| d["endpoint"] == "edge/tun"
                 && d["router"].is_string()
-                && d["changed_ms_ago"].is_u64()),
+                && d["changed_ms_ago"].is_u64()
+                && d["changed_unix_ms"].is_u64()),
             "{b}"
         );
     }

@@ -222,7 +222,16 @@ async fn run_loop(
                 apply(&mut sel, &shared, peers, now);
             }
             _ = status.tick() => {
-                ctx.stats.set_detail(detail(&dev, &settings, peers, &sel, &shared, &windows, last_decision.as_ref(), rejected_frames));
+                // What a datagram to each router carries now (its largest IP packet).
+                let max_packet: Vec<Option<usize>> = peers
+                    .iter()
+                    .map(|p| {
+                        ctx.cluster
+                            .max_datagram_payload(p.node(), &p.path().join("/"))
+                            .map(|m| m.saturating_sub(frame::HEADER_LEN))
+                    })
+                    .collect();
+                ctx.stats.set_detail(detail(&dev, &settings, peers, &sel, &shared, &windows, &max_packet, last_decision.as_ref(), rejected_frames));
             }
         }
     }
@@ -326,6 +335,7 @@ fn detail(
     sel: &PathSelector,
     shared: &Shared,
     windows: &[SenderWindow],
+    max_packet: &[Option<usize>],
     decision: Option<&RoutingDecision>,
     rejected_frames: u64,
 ) -> serde_json::Value {
@@ -353,6 +363,7 @@ fn detail(
                 "bytes_in": c.bytes_in.load(Ordering::Relaxed),
                 "send_errors": c.send_errors.load(Ordering::Relaxed),
                 "too_big": c.too_big.load(Ordering::Relaxed),
+                "max_packet": max_packet[i],
                 "duplicates_dropped": windows[i].dropped(),
                 "router_restarts": windows[i].restarts(),
             }))
@@ -372,6 +383,7 @@ fn detail(
     json!({
         "role": "endpoint",
         "device": dev.name,
+        "mtu": settings.mtu,
         "active": sel.active().map(|i| peers[i].to_string()),
         "preferred": sel.preferred().map(|i| peers[i].to_string()),
         "balancer_decision": decision.map(|d| json!({"router": d.router, "score": d.score, "reason": d.reason})),
