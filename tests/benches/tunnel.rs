@@ -1,5 +1,7 @@
-//! Tunnel benchmark (needs root): TCP throughput with iperf3 through the tunnel next to the same
-//! namespaces routed without it, and the failover time over repeated kills of the active router.
+//! Tunnel benchmark (needs root): TCP throughput with iperf3 through the tunnel (plain and in
+//! redundant mode) next to the same namespaces routed without it, the failover time over
+//! repeated kills of the active router, and in redundant mode the pings lost and the duplicate
+//! echo requests reaching the server over repeated kills.
 //!
 //! Run: `cargo build --release --bins && cargo bench -p colony-tests --bench tunnel`
 //! (`TUNNEL_BENCH_KILLS=N` sets the number of router kills, 10 by default).
@@ -8,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use colony_tests::netns::{LabOptions, Netns, SERVER_V4, TunnelLab, ip, ping_gap};
+use colony_tests::netns::{EchoCounter, LabOptions, Netns, SERVER_V4, TunnelLab, ip, ping_gap};
 
 /// Runs iperf3 from `client_ns` to the server in `server_ns`; Gbit/s received.
 fn iperf(ns: &Netns, client_ns: &str, server_ns: &str) -> f64 {
@@ -63,18 +65,37 @@ fn main() {
         let lab = TunnelLab::start(&LabOptions::default());
         iperf(&lab.ns, &lab.e, &lab.s)
     };
+    let redundant = {
+        let lab = TunnelLab::start(&LabOptions {
+            redundant: true,
+            ..LabOptions::default()
+        });
+        iperf(&lab.ns, &lab.e, &lab.s)
+    };
     println!("tcp throughput (iperf3, 5 s, 1 stream)");
-    println!("  routed, no tunnel : {baseline:.2} Gbit/s");
-    println!("  through the tunnel: {tunneled:.2} Gbit/s");
-    println!("  ratio             : {:.2}", tunneled / baseline.max(1e-9));
+    println!("  routed, no tunnel           : {baseline:.2} Gbit/s");
+    println!("  through the tunnel          : {tunneled:.2} Gbit/s");
+    println!(
+        "  ratio                       : {:.2}",
+        tunneled / baseline.max(1e-9)
+    );
+    println!("  through the tunnel, redundant: {redundant:.2} Gbit/s");
 
     let kills: usize = std::env::var("TUNNEL_BENCH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let mut gaps_ms = Vec::new();
-    for _ in 0..kills {
-        let mut lab = TunnelLab::start(&LabOptions::default());
+    let mut lost = Vec::new();
+    let mut dups_at_server = Vec::new();
+    for run in 0..2 * kills {
+        // First the plain runs, then the redundant ones.
+        let redundant = run >= kills;
+        let mut lab = TunnelLab::start(&LabOptions {
+            redundant,
+            ..LabOptions::default()
+        });
+        let counter = EchoCounter::install(&lab.ns, &lab.s);
         let victim = if lab.active().as_deref() == Some("rb/tun") {
             "rb"
         } else {
@@ -98,9 +119,16 @@ fn main() {
         std::thread::sleep(Duration::from_millis(1000));
         lab.kill(victim);
         let _ = child.wait();
-        let (gap, _) = ping_gap(&reader.join().unwrap_or_default());
-        // Each lost ping is 10 ms of no traffic.
-        gaps_ms.push(gap * 10);
+        let out = reader.join().unwrap_or_default();
+        let (gap, replies) = ping_gap(&out);
+        if redundant {
+            lost.push(300 - replies as u64);
+            // Requests beyond the 300 sent reached the server twice.
+            dups_at_server.push(counter.requests(&lab.ns).saturating_sub(300));
+        } else {
+            // Each lost ping is 10 ms of no traffic.
+            gaps_ms.push(gap * 10);
+        }
     }
     gaps_ms.sort_unstable();
     if !gaps_ms.is_empty() {
@@ -117,5 +145,16 @@ fn main() {
             gaps_ms[gaps_ms.len() - 1]
         );
         println!("  all: {gaps_ms:?}");
+    }
+    if !lost.is_empty() {
+        println!(
+            "redundant mode, kill -9 of the active router during 300 pings at 10 ms, {} runs",
+            lost.len()
+        );
+        println!(
+            "  pings lost: {} in all {lost:?}; duplicate requests at the server: {} in all {dups_at_server:?}",
+            lost.iter().sum::<u64>(),
+            dups_at_server.iter().sum::<u64>()
+        );
     }
 }

@@ -118,6 +118,44 @@ impl Drop for Netns {
     }
 }
 
+/// An nftables counter of ICMP echo requests arriving in a namespace (the server's), so a test
+/// can tell how many copies of its pings reached it.
+pub struct EchoCounter {
+    name: String,
+}
+
+impl EchoCounter {
+    /// Installs the counter in namespace `name` of `ns` (removed with the namespace).
+    pub fn install(ns: &Netns, name: &str) -> EchoCounter {
+        for cmd in [
+            "add table inet colonytest",
+            "add chain inet colonytest input { type filter hook input priority 0 ; }",
+            "add rule inet colonytest input icmp type echo-request counter",
+            "add rule inet colonytest input icmpv6 type echo-request counter",
+        ] {
+            let out = ns.exec(name, "nft", &cmd.split(' ').collect::<Vec<_>>());
+            assert!(
+                out.status.success(),
+                "nft {cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        EchoCounter {
+            name: name.to_owned(),
+        }
+    }
+
+    /// Echo requests (IPv4 and IPv6) counted so far.
+    pub fn requests(&self, ns: &Netns) -> u64 {
+        let out = ns.exec(&self.name, "nft", &["list", "table", "inet", "colonytest"]);
+        String::from_utf8_lossy(&out.stdout)
+            .split("packets ")
+            .skip(1)
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
 /// Options of a [`TunnelLab`].
 #[derive(Debug, Clone)]
 pub struct LabOptions {
@@ -133,6 +171,14 @@ pub struct LabOptions {
     pub balancer_hold_secs: u64,
     /// How often routers report (and the balancer's report interval).
     pub report_interval_secs: u64,
+    /// The endpoint's device MTU (the tunnel's default when `None`).
+    pub endpoint_mtu: Option<u16>,
+    /// The routers' device MTU (the tunnel's default when `None`).
+    pub router_mtu: Option<u16>,
+    /// More config appended as is (more actors).
+    pub extra_config: String,
+    /// Turn IPv4 and IPv6 forwarding on in router B's namespace before its node starts.
+    pub preset_forwarding_rb: bool,
 }
 
 impl Default for LabOptions {
@@ -144,6 +190,10 @@ impl Default for LabOptions {
             follow_balancer: false,
             balancer_hold_secs: 30,
             report_interval_secs: 10,
+            endpoint_mtu: None,
+            router_mtu: None,
+            extra_config: String::new(),
+            preset_forwarding_rb: false,
         }
     }
 }
@@ -252,6 +302,26 @@ impl TunnelLab {
             "via",
             "fd01:2::2",
         ]);
+        // The routers are joined directly (their nodes talk: redundant mode's notices).
+        ns.link(&ra, "ab", &["10.202.0.1/30"], &rb, "ba", &["10.202.0.2/30"]);
+        ip(&[
+            "-n",
+            &ra,
+            "route",
+            "add",
+            "10.200.2.2/32",
+            "via",
+            "10.202.0.2",
+        ]);
+        ip(&[
+            "-n",
+            &rb,
+            "route",
+            "add",
+            "10.200.1.2/32",
+            "via",
+            "10.202.0.1",
+        ]);
         // Router B reaches the endpoint node's listen address through its own link.
         ip(&[
             "-n",
@@ -268,12 +338,27 @@ impl TunnelLab {
     /// Builds everything and waits until the endpoint has an active tunnel.
     pub fn start(opts: &LabOptions) -> TunnelLab {
         let (ns, [e, ra, rb, s], egress) = Self::namespaces();
+        if opts.preset_forwarding_rb {
+            let out = ns.exec(
+                &rb,
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                ],
+            );
+            assert!(out.status.success(), "sysctl in {rb}");
+        }
         let router = |node: &str, v4: &str, v6: &str, egress: &str| {
             format!(
                 "[[actor]]\nname = \"tun\"\nnode = \"{node}\"\nkind = \"tunnel\"\nrole = \"router\"\n\
                  ipv4 = \"{v4}\"\nipv6 = \"{v6}\"\negress = \"{egress}\"\nbalancer = \"edge/lb\"\n\
-                 report_interval_secs = {}\n\n",
-                opts.report_interval_secs
+                 report_interval_secs = {}\n{}\n",
+                opts.report_interval_secs,
+                opts.router_mtu
+                    .map(|m| format!("mtu = {m}\n"))
+                    .unwrap_or_default(),
             )
         };
         let config = format!(
@@ -313,6 +398,8 @@ routes = ["10.99.0.0/24", "fd99::/64"]
 probe_interval_ms = {probe}
 recovery_hold_ms = {recovery}
 redundant = {redundant}
+{endpoint_mtu}
+{extra}
 "#,
             hold = opts.balancer_hold_secs,
             report = opts.report_interval_secs,
@@ -326,6 +413,11 @@ redundant = {redundant}
             probe = opts.probe_interval_ms,
             recovery = opts.recovery_hold_ms,
             redundant = opts.redundant,
+            endpoint_mtu = opts
+                .endpoint_mtu
+                .map(|m| format!("mtu = {m}"))
+                .unwrap_or_default(),
+            extra = opts.extra_config,
         );
         let work = crate::Workdir::new(&config);
         let nodes = vec![
@@ -343,13 +435,7 @@ redundant = {redundant}
             s,
             egress,
         };
-        let up = crate::wait_for(std::time::Duration::from_secs(20), || {
-            lab.endpoint().is_some_and(|d| {
-                d["tunnels"]
-                    .as_array()
-                    .is_some_and(|t| t.len() == 2 && t.iter().all(|t| t["state"] == "up"))
-            })
-        });
+        let up = lab.wait_both_up(std::time::Duration::from_secs(20));
         assert!(
             up,
             "the endpoint's tunnels never came up: {:?}",
@@ -379,6 +465,31 @@ redundant = {redundant}
         if let Some(n) = self.nodes.iter_mut().find(|n| n.name == name) {
             n.kill9();
         }
+    }
+
+    /// Starts router node `name` (`ra` or `rb`) again, in its namespace.
+    pub fn restart_node(&mut self, name: &str) {
+        self.nodes.retain(|n| n.name != name);
+        let ns = if name == "ra" { &self.ra } else { &self.rb };
+        let node = self.work.start_node_in(name, ns);
+        self.nodes.push(node);
+    }
+
+    /// Waits until both of the endpoint's tunnels are up (bounded by `within`).
+    pub fn wait_both_up(&self, within: std::time::Duration) -> bool {
+        crate::wait_for(within, || {
+            self.endpoint().is_some_and(|d| {
+                d["tunnels"]
+                    .as_array()
+                    .is_some_and(|t| t.len() == 2 && t.iter().all(|t| t["state"] == "up"))
+            })
+        })
+    }
+
+    /// Reads a sysctl file (`/proc/sys/...`) inside namespace `ns`.
+    pub fn sysctl(&self, ns: &str, path: &str) -> String {
+        let out = self.ns.exec(ns, "cat", &[path]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// Runs `program args` in the endpoint namespace.

@@ -71,11 +71,21 @@ impl Balancer {
                     "endpoint": e,
                     "router": self.core.current_router(e),
                     "changed_ms_ago": self.core.last_change(e).map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                    "changed_unix_ms": self.core.last_change(e).map(|t| unix_ms(now.saturating_duration_since(t))),
                 })
             })
             .collect();
         json!({ "routers": routers, "decisions": decisions })
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, `ago` before now.
+fn unix_ms(ago: Duration) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(ago)
+        .as_millis() as u64
 }
 
 /// Runs a balancer until it is told to stop.

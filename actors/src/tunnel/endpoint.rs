@@ -1,8 +1,14 @@
 //! The endpoint role: a TUN device, two tunnels to routers, probes, failover, and the balancer.
 //!
 //! A reading task moves packets from the device to the active router (or to every up router in
-//! redundant mode) as datagrams; the actor loop probes both routers, feeds [`PathSelector`],
-//! writes packets from routers to the device, and follows the balancer's routing decisions.
+//! redundant mode: `Redundant` to the active one, `Held` copies to the others, with the same
+//! epoch and sequence number, see the router) as datagrams; the actor loop probes both routers,
+//! feeds [`PathSelector`], writes packets from routers to the device (dropping repeats per router
+//! and router run, [`SenderWindow`]), and follows the balancer's routing decisions.
+//!
+//! A packet too large for the datagram gets an ICMP/ICMPv6 "too big" answer from the active
+//! router's tunnel address, as that router would send it (the device's own address would be
+//! dropped by the kernel as a martian source).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -15,11 +21,12 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::dedup::SenderWindow;
 use super::device::{self, TunDevice};
 use super::frame::{self, FrameKind};
 use super::packet::{self, TooBig};
 use super::path::{PathSelector, PathTiming};
-use super::{AbortOnDrop, TunnelMessage, device_name, tunnel_addresses};
+use super::{AbortOnDrop, TunnelMessage, device_name, new_epoch, tunnel_addresses};
 use crate::balancer::{BalancerMessage, core::RoutingDecision};
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
 
@@ -34,6 +41,7 @@ struct Counters {
     packets_in: AtomicU64,
     bytes_in: AtomicU64,
     send_errors: AtomicU64,
+    too_big: AtomicU64,
 }
 
 /// What the reading task and the actor loop share.
@@ -79,6 +87,15 @@ pub async fn run(mut ctx: ActorContext, settings: TunnelSettings) -> Result<(), 
     info!(device = %name, ?addrs, "tunnel endpoint up");
     ctx.started();
 
+    // The routers' tunnel addresses, the source of "too big" answers.
+    let router_addrs: Vec<[Option<std::net::IpAddr>; 2]> = peers
+        .iter()
+        .map(|p| {
+            let a = colony_config::tunnel::tunnel_addresses(&ctx.config, p).unwrap_or_default();
+            [a.ipv4.map(|n| n.addr), a.ipv6.map(|n| n.addr)]
+        })
+        .collect();
+    let epoch = new_epoch();
     let shared = Arc::new(Shared {
         active: AtomicUsize::new(NONE),
         up_mask: AtomicUsize::new(0),
@@ -92,8 +109,8 @@ pub async fn run(mut ctx: ActorContext, settings: TunnelSettings) -> Result<(), 
         peers.clone(),
         shared.clone(),
         settings.mtu,
-        addrs.ipv4.map(|n| n.addr),
-        addrs.ipv6.map(|n| n.addr),
+        epoch,
+        router_addrs,
     ));
     let _reader = AbortOnDrop(reader);
 
@@ -109,7 +126,7 @@ pub async fn run(mut ctx: ActorContext, settings: TunnelSettings) -> Result<(), 
     });
 
     run_loop(
-        &mut ctx, settings, &peers, &path, dev, datagrams, decisions, shared,
+        &mut ctx, settings, &peers, &path, epoch, dev, datagrams, decisions, shared,
     )
     .await
 }
@@ -120,6 +137,7 @@ async fn run_loop(
     mut settings: TunnelSettings,
     peers: &[Address],
     path: &str,
+    epoch: u32,
     dev: TunDevice,
     mut datagrams: mpsc::Receiver<colony_cluster::Datagram>,
     mut decisions: mpsc::Receiver<RoutingDecision>,
@@ -132,6 +150,7 @@ async fn run_loop(
     let mut buf = Vec::with_capacity(64);
     let mut last_decision: Option<RoutingDecision> = None;
     let mut rejected_frames = 0u64;
+    let mut windows: Vec<SenderWindow> = peers.iter().map(|_| SenderWindow::default()).collect();
     loop {
         tokio::select! {
             event = ctx.next_event() => match event {
@@ -172,6 +191,9 @@ async fn run_loop(
                 };
                 match frame::decode(&dg.payload) {
                     Ok(f) if f.kind == FrameKind::Data => {
+                        if !windows[i].accept(f.epoch, f.seq) {
+                            continue;
+                        }
                         let c = &shared.counters[i];
                         c.packets_in.fetch_add(1, Ordering::Relaxed);
                         c.bytes_in.fetch_add(f.body.len() as u64, Ordering::Relaxed);
@@ -192,7 +214,7 @@ async fn run_loop(
                 let now = Instant::now();
                 for (i, peer) in peers.iter().enumerate() {
                     let Some(seq) = sel.probe_sent(i, now) else { continue };
-                    frame::encode(&mut buf, FrameKind::Probe, seq, path.as_bytes());
+                    frame::encode(&mut buf, FrameKind::Probe, epoch, seq, path.as_bytes());
                     if let Err(DatagramError::NoLink(_)) = ctx.cluster.send_datagram(peer, &buf) {
                         sel.link_lost(i, now);
                     }
@@ -200,7 +222,16 @@ async fn run_loop(
                 apply(&mut sel, &shared, peers, now);
             }
             _ = status.tick() => {
-                ctx.stats.set_detail(detail(&dev, &settings, peers, &sel, &shared, last_decision.as_ref(), rejected_frames));
+                // What a datagram to each router carries now (its largest IP packet).
+                let max_packet: Vec<Option<usize>> = peers
+                    .iter()
+                    .map(|p| {
+                        ctx.cluster
+                            .max_datagram_payload(p.node(), &p.path().join("/"))
+                            .map(|m| m.saturating_sub(frame::HEADER_LEN))
+                    })
+                    .collect();
+                ctx.stats.set_detail(detail(&dev, &settings, peers, &sel, &shared, &windows, &max_packet, last_decision.as_ref(), rejected_frames));
             }
         }
     }
@@ -225,15 +256,16 @@ fn apply(sel: &mut PathSelector, shared: &Shared, peers: &[Address], now: Instan
     shared.up_mask.store(mask, Ordering::Relaxed);
 }
 
-/// Moves packets from the device to the active router.
+/// Moves packets from the device to the active router (and in redundant mode, copies to the
+/// other up routers).
 async fn read_device(
     dev: Arc<tun::AsyncDevice>,
     cluster: colony_cluster::Cluster,
     peers: Vec<Address>,
     shared: Arc<Shared>,
     mtu: u16,
-    ipv4: Option<std::net::IpAddr>,
-    ipv6: Option<std::net::IpAddr>,
+    epoch: u32,
+    router_addrs: Vec<[Option<std::net::IpAddr>; 2]>,
 ) {
     let mut packet = vec![0u8; usize::from(mtu) + 64];
     let mut buf = Vec::with_capacity(usize::from(mtu) + frame::HEADER_LEN);
@@ -249,7 +281,6 @@ async fn read_device(
         };
         let pkt = &packet[..n];
         seq += 1;
-        frame::encode(&mut buf, FrameKind::Data, seq, pkt);
         let active = shared.active.load(Ordering::Relaxed);
         let targets = if shared.redundant.load(Ordering::Relaxed) {
             shared.up_mask.load(Ordering::Relaxed)
@@ -262,6 +293,14 @@ async fn read_device(
             if targets & (1 << i) == 0 {
                 continue;
             }
+            let kind = if targets.count_ones() == 1 {
+                FrameKind::Data
+            } else if i == active {
+                FrameKind::Redundant
+            } else {
+                FrameKind::Held
+            };
+            frame::encode(&mut buf, kind, epoch, seq, pkt);
             let c = &shared.counters[i];
             match cluster.send_datagram(peer, &buf) {
                 Ok(()) => {
@@ -269,12 +308,10 @@ async fn read_device(
                     c.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(DatagramError::TooLarge { max, .. }) => {
+                    c.too_big.fetch_add(1, Ordering::Relaxed);
                     shared.too_big.fetch_add(1, Ordering::Relaxed);
-                    let from = if pkt.first().is_some_and(|b| b >> 4 == 6) {
-                        ipv6
-                    } else {
-                        ipv4
-                    };
+                    let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+                    let from = router_addrs[i][usize::from(v6)];
                     if let TooBig::Reply(icmp) =
                         packet::too_big(pkt, max.saturating_sub(frame::HEADER_LEN), from)
                     {
@@ -290,12 +327,15 @@ async fn read_device(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // everything status shows
 fn detail(
     dev: &TunDevice,
     settings: &TunnelSettings,
     peers: &[Address],
     sel: &PathSelector,
     shared: &Shared,
+    windows: &[SenderWindow],
+    max_packet: &[Option<usize>],
     decision: Option<&RoutingDecision>,
     rejected_frames: u64,
 ) -> serde_json::Value {
@@ -322,6 +362,10 @@ fn detail(
                 "packets_in": c.packets_in.load(Ordering::Relaxed),
                 "bytes_in": c.bytes_in.load(Ordering::Relaxed),
                 "send_errors": c.send_errors.load(Ordering::Relaxed),
+                "too_big": c.too_big.load(Ordering::Relaxed),
+                "max_packet": max_packet[i],
+                "duplicates_dropped": windows[i].dropped(),
+                "router_restarts": windows[i].restarts(),
             }))
         })
         .collect();
@@ -339,6 +383,7 @@ fn detail(
     json!({
         "role": "endpoint",
         "device": dev.name,
+        "mtu": settings.mtu,
         "active": sel.active().map(|i| peers[i].to_string()),
         "preferred": sel.preferred().map(|i| peers[i].to_string()),
         "balancer_decision": decision.map(|d| json!({"router": d.router, "score": d.score, "reason": d.reason})),

@@ -9,10 +9,13 @@
 //! `probe_interval_ms` (20 ms by default), declares one dead after `dead_after` missed probes and
 //! moves traffic to the other; a recovered path is taken back only after `recovery_hold_ms`
 //! ([`path`]). With a `balancer` it prefers the balancer's router unless that tunnel is
-//! unhealthy. In `redundant` mode every packet goes on every up tunnel.
+//! unhealthy. In `redundant` mode every packet goes on both tunnels and the two routers see to
+//! it that it leaves once: the standby router holds its copy until the active one says it sent
+//! it, and sends it itself when no word comes (the active one died) — see [`dedup`] and the
+//! router. Frames carry the sender's epoch and sequence number ([`frame`]) for this.
 //!
-//! A router enables IP forwarding, source-NATs forwarded traffic on `egress` when set (removed
-//! when it stops), answers probes, sends each packet for a tunnel address back to the endpoint
+//! A router enables IP forwarding (back to its earlier value when the namespace's last router
+//! stops), source-NATs forwarded traffic on `egress` when set (removed when it stops), answers probes, sends each packet for a tunnel address back to the endpoint
 //! that owns it, and reports CPU, memory, bandwidth and active tunnels to its `balancer` every
 //! `report_interval_secs`.
 //!
@@ -86,6 +89,20 @@ fn device_name(ctx: &ActorContext, settings: &TunnelSettings) -> String {
         }
         name
     })
+}
+
+/// A random, non-zero number for this run of a tunnel actor (see [`frame`]): a restarted actor
+/// draws a new one, so its peers know its sequence numbers start again.
+fn new_epoch() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() as u32).max(1)
 }
 
 /// Aborts a task when dropped, so a stopping actor leaves nothing behind.

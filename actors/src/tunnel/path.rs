@@ -213,6 +213,7 @@ pub struct PathSelector {
     preferred: Option<usize>,
     active: Option<usize>,
     switches: VecDeque<Switch>,
+    failovers: usize,
 }
 
 /// How many past switches are kept for status.
@@ -227,6 +228,7 @@ impl PathSelector {
             preferred: None,
             active: None,
             switches: VecDeque::new(),
+            failovers: 0,
         }
     }
 
@@ -260,12 +262,10 @@ impl PathSelector {
         self.switches.iter()
     }
 
-    /// Failovers so far (switches away from a path that died).
+    /// Failovers so far (switches away from a path that died), all of them (the history of
+    /// [`PathSelector::switches`] keeps only the latest).
     pub fn failovers(&self) -> usize {
-        self.switches
-            .iter()
-            .filter(|s| s.reason == SwitchReason::Dead)
-            .count()
+        self.failovers
     }
 
     /// Up paths, for redundant mode.
@@ -344,6 +344,9 @@ impl PathSelector {
             Some(_) => SwitchReason::Preferred,
         };
         self.active = Some(target);
+        if reason == SwitchReason::Dead {
+            self.failovers += 1;
+        }
         let switch = Switch {
             at: now,
             from,
@@ -542,5 +545,19 @@ mod tests {
         assert_eq!(sel.probe_reply(0, 99, Instant::now()), None);
         assert_eq!(sel.probe_reply(7, 0, Instant::now()), None);
         assert_eq!(sel.path(0).unwrap().health(), PathHealth::Unknown);
+    }
+
+    #[test]
+    fn failovers_are_counted_past_the_switch_history() {
+        let mut s = Sim::new(2);
+        s.run(100);
+        for _ in 0..SWITCH_HISTORY {
+            s.alive = vec![false, true];
+            s.run(100);
+            s.alive = vec![true, false];
+            s.run(100);
+        }
+        assert_eq!(s.sel.switches().count(), SWITCH_HISTORY);
+        assert_eq!(s.sel.failovers(), 2 * SWITCH_HISTORY);
     }
 }
