@@ -857,7 +857,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                         Side::Remote => b.remote_subscribed = ok,
                     }
                 }
-                Report::Acked { source, ids } => b.spool.forget_seen(&source, &ids).map_err(fail)?,
+                Report::Acked { source, ids } => b.spool.acked(&source, &ids, unix_ms()).map_err(fail)?,
             },
             _ = tick.tick() => {
                 ticks += 1;
