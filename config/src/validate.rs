@@ -457,7 +457,9 @@ fn url_problem(url: &str) -> Option<String> {
     let host = match rest.rsplit_once(':') {
         Some((h, port)) if !h.ends_with(']') || h.starts_with('[') => {
             if port.parse::<u16>().map_or(true, |p| p == 0) {
-                return Some(format!("'{url}': the port must be a number from 1 to 65535"));
+                return Some(format!(
+                    "'{url}': the port must be a number from 1 to 65535"
+                ));
             }
             h
         }

@@ -63,8 +63,21 @@ pub fn make_certs(dir: &Path) {
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", &pem, "-days", "2", "-extfile", ext,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                ext,
             ],
         );
     }
@@ -84,7 +97,16 @@ impl Sub {
         let port = port.to_string();
         // stdbuf: mosquitto_sub's lines are otherwise block-buffered into the pipe.
         let mut child = Command::new("stdbuf")
-            .args(["-oL", "mosquitto_sub", "-d", "-v", "-h", "127.0.0.1", "-p", &port])
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-d",
+                "-v",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+            ])
             .args(args)
             .current_dir(dir)
             .stdout(Stdio::piped())
@@ -170,7 +192,14 @@ impl Drop for Sub {
 pub fn publish(dir: &Path, port: u16, secs: u32, args: &[&str]) -> Output {
     let port = port.to_string();
     let secs = secs.to_string();
-    let mut all = vec![secs.as_str(), "mosquitto_pub", "-h", "127.0.0.1", "-p", &port];
+    let mut all = vec![
+        secs.as_str(),
+        "mosquitto_pub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+    ];
     all.extend_from_slice(args);
     let out = Command::new("timeout")
         .args(&all)

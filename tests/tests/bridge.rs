@@ -56,7 +56,11 @@ fn wait_connected(w: &Workdir, node: &str, address: &str) {
             .and_then(|s| actor(&s, address).map(|a| a["detail"]["connected"] == true))
             .unwrap_or(false)
     });
-    assert!(ok, "{address} never connected: {}", detail(w, node, address));
+    assert!(
+        ok,
+        "{address} never connected: {}",
+        detail(w, node, address)
+    );
 }
 
 /// Lines per topic/payload, ignoring bridge state notifications.
@@ -169,7 +173,11 @@ topics = [
     let new_config = w.path().join("reloaded.toml");
     std::fs::write(&new_config, reloaded).unwrap();
     let out = w.ctl("site", &["reload", new_config.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let restarts = actor(&w.status("site").unwrap(), "site/bridge").unwrap()["restarts"].clone();
     let ok = wait_for(SECS, || {
         pub1(d, p1, "new/z", "10");
@@ -245,8 +253,14 @@ topics = [ { pattern = "temp/#", direction = "out", qos = 1 } ]
     g2.extend(r2.quiet(Duration::from_millis(200)));
     let want1: Vec<String> = (0..5).map(|i| format!("gas/{i} g")).collect();
     let want2: Vec<String> = (0..5).map(|i| format!("temp/{i} t")).collect();
-    assert_eq!(tally(&g1), expect(&want1.iter().map(String::as_str).collect::<Vec<_>>()));
-    assert_eq!(tally(&g2), expect(&want2.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_eq!(
+        tally(&g1),
+        expect(&want1.iter().map(String::as_str).collect::<Vec<_>>())
+    );
+    assert_eq!(
+        tally(&g2),
+        expect(&want2.iter().map(String::as_str).collect::<Vec<_>>())
+    );
 }
 
 #[test]
@@ -372,7 +386,12 @@ topics = [
         "up/a 1", "down/a 3", "down/b 4", "sync/x 5", "sync/y 6", "q0/t 7",
     ]);
     let want2 = expect(&[
-        "up/a 1", "up/b 2", "down/a 3", "sync/x 5", "sync/y 6", "site/q0/t 7",
+        "up/a 1",
+        "up/b 2",
+        "down/a 3",
+        "sync/x 5",
+        "sync/y 6",
+        "site/q0/t 7",
     ]);
     let mut got1 = s1.take(want1.len(), SECS);
     let mut got2 = sm.take(want2.len(), SECS);
@@ -402,18 +421,38 @@ fn readings(dir: &Path, name: &str, from: u64, count: u64) -> std::path::PathBuf
 fn publish_lines(dir: &Path, port: u16, topic: &str, file: &Path, auth: &[&str]) {
     let port = port.to_string();
     let out = std::process::Command::new("timeout")
-        .args(["60", "mosquitto_pub", "-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", topic, "-l"])
+        .args([
+            "60",
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ])
         .args(auth)
         .current_dir(dir)
         .stdin(std::fs::File::open(file).unwrap())
         .output()
         .expect("mosquitto_pub");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn kill_actor(w: &Workdir, node: &str, address: &str) {
     let out = w.ctl(node, &["kill", address]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn wait_spooled(w: &Workdir, node: &str, address: &str, at_least: u64) {
@@ -423,7 +462,11 @@ fn wait_spooled(w: &Workdir, node: &str, address: &str, at_least: u64) {
             .flatten()
             .is_some_and(|n| n >= at_least)
     });
-    assert!(ok, "spool never reached {at_least}: {}", detail(w, node, address));
+    assert!(
+        ok,
+        "spool never reached {at_least}: {}",
+        detail(w, node, address)
+    );
 }
 
 #[test]
@@ -477,7 +520,10 @@ source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
     std::thread::sleep(Duration::from_secs(3));
     nodes[1] = w.start_node("cloud");
     let counts = || {
-        w.ctl_json("cloud", &["call", "cloud/collector", r#"{"query": {"counts": {}}}"#])["reply"]
+        w.ctl_json(
+            "cloud",
+            &["call", "cloud/collector", r#"{"query": {"counts": {}}}"#],
+        )["reply"]
             .take()
     };
     // Mid-way through the catch-up the site node crashes again, with calls in flight.
@@ -551,7 +597,9 @@ topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
     let far = Sub::start(
         d,
         mp,
-        &["-q", "1", "-c", "-i", "far", "-t", "gas/#", "-u", MQ_USER, "-P", MQ_PASS],
+        &[
+            "-q", "1", "-c", "-i", "far", "-t", "gas/#", "-u", MQ_USER, "-P", MQ_PASS,
+        ],
     );
     publish_lines(d, p1, "gas/s1", &readings(d, "a.txt", 1, 2000), &[]);
     // MQTT QoS 1 is at least once: a message in flight when the connection breaks is sent

@@ -199,7 +199,8 @@ async fn colony_lane(
                 Err(e) => {
                     dead_epoch = epoch;
                     let seqs = std::mem::take(&mut delivered);
-                    if (!seqs.is_empty() && tx.send((dir, FromLink::Delivered { seqs })).await.is_err())
+                    if (!seqs.is_empty()
+                        && tx.send((dir, FromLink::Delivered { seqs })).await.is_err())
                         || tx
                             .send((
                                 dir,
@@ -223,7 +224,12 @@ async fn colony_lane(
                 }
             }
         }
-        if !delivered.is_empty() && tx.send((dir, FromLink::Delivered { seqs: delivered })).await.is_err() {
+        if !delivered.is_empty()
+            && tx
+                .send((dir, FromLink::Delivered { seqs: delivered }))
+                .await
+                .is_err()
+        {
             return;
         }
     }
@@ -463,10 +469,7 @@ impl Bridge {
         let now = Instant::now();
         for lane in [&mut self.out, &mut self.inn] {
             let Some(node) = &lane.node else { continue };
-            if !lane.up
-                && lane.retry_at.is_none_or(|t| now >= t)
-                && self.cluster.is_up(node)
-            {
+            if !lane.up && lane.retry_at.is_none_or(|t| now >= t) && self.cluster.is_up(node) {
                 lane.revive(lane.epoch + 1);
             }
         }
@@ -593,7 +596,11 @@ fn link_config(
     Ok(LinkConfig {
         targets,
         client_id: s.client_id.clone().unwrap_or_else(|| {
-            format!("colony-bridge-{}-{}", ctx.address.node(), ctx.address.actor())
+            format!(
+                "colony-bridge-{}-{}",
+                ctx.address.node(),
+                ctx.address.actor()
+            )
         }),
         credentials: s
             .username
@@ -774,7 +781,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                                     .collect();
                                 if side == Side::Remote && let Some(tx) = &b.mqtt {
                                     let _ = tx.try_send(ToLink::Filters { filters: capped(new), removed });
-                                } else if !(side == Side::Remote && !b.connected) {
+                                } else if side != Side::Remote || b.connected {
                                     subscribing[i] = start_subscribe(&b, &mut tasks, side, removed);
                                 }
                             }
@@ -884,7 +891,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     info!(remote = %b.remote_id, connected = b.connected, "bridge connection state");
                     b.notify(&mut tasks);
                 }
-                if ticks % 10 == 0 {
+                if ticks.is_multiple_of(10) {
                     let dropped = b.spool.expire(unix_ms()).map_err(fail)?;
                     if dropped > 0 {
                         warn!(dropped, "spooled messages older than spool_max_age_secs dropped");

@@ -218,7 +218,7 @@ fn subscribe(client: &AsyncClient, filters: &[(String, u8)]) {
     }
 }
 
-fn publish(client: &AsyncClient, f: Forward) -> Result<(), rumqttc::v5::ClientError> {
+fn publish(client: &AsyncClient, f: Forward) -> Result<(), String> {
     let mut props = PublishProperties::default();
     if !f.hops.is_empty() {
         props.user_properties.push((
@@ -226,7 +226,9 @@ fn publish(client: &AsyncClient, f: Forward) -> Result<(), rumqttc::v5::ClientEr
             serde_json::to_string(&f.hops).unwrap_or_default(),
         ));
     }
-    client.try_publish_with_properties(f.topic, qos(f.qos), f.retain, f.payload, props)
+    client
+        .try_publish_with_properties(f.topic, qos(f.qos), f.retain, f.payload, props)
+        .map_err(|e| e.to_string())
 }
 
 /// Hops carried by an incoming publish.
@@ -363,7 +365,7 @@ pub(super) async fn run(
                         for f in items {
                             let seq = f.seq;
                             if let Err(e) = publish(&client, f) {
-                                failed = Some(e.to_string());
+                                failed = Some(e);
                                 break;
                             }
                             sent.push_back(seq);

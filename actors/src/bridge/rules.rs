@@ -218,7 +218,10 @@ mod tests {
         let h = with_hop(&[], "n1/broker");
         let h = with_hop(&h, "n2/broker");
         assert_eq!(h, ["n1/broker", "n2/broker"]);
-        assert!(!may_forward(&h, "n3/broker", "n1/broker"), "back to the start");
+        assert!(
+            !may_forward(&h, "n3/broker", "n1/broker"),
+            "back to the start"
+        );
         assert!(may_forward(&h, "n3/broker", "n4/broker"));
         assert_eq!(with_hop(&h, "n1/broker").len(), 2);
     }

@@ -202,8 +202,9 @@ impl Spool {
         let mut added = 0;
         let mut bytes = 0;
         {
-            let mut seen =
-                tx.prepare_cached("INSERT OR IGNORE INTO seen (source, id, at_ms) VALUES (?1, ?2, ?3)")?;
+            let mut seen = tx.prepare_cached(
+                "INSERT OR IGNORE INTO seen (source, id, at_ms) VALUES (?1, ?2, ?3)",
+            )?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO spool (dir, topic, payload, qos, retain, hops, at_ms, size)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -277,9 +278,8 @@ impl Spool {
         let tx = self.conn.transaction()?;
         let (mut n, mut bytes) = (0, 0);
         {
-            let mut del = tx.prepare_cached(
-                "DELETE FROM spool WHERE seq = ?1 AND dir = ?2 RETURNING size",
-            )?;
+            let mut del =
+                tx.prepare_cached("DELETE FROM spool WHERE seq = ?1 AND dir = ?2 RETURNING size")?;
             for s in seqs {
                 let size: Option<i64> = del
                     .query_row(params![*s as i64, dir.as_str()], |r| r.get(0))
@@ -338,9 +338,8 @@ impl Spool {
     pub fn acked(&mut self, source: &str, ids: &[u64], now_ms: u64) -> Result<(), SpoolError> {
         let tx = self.conn.transaction()?;
         {
-            let mut up = tx.prepare_cached(
-                "UPDATE seen SET acked_ms = ?3 WHERE source = ?1 AND id = ?2",
-            )?;
+            let mut up =
+                tx.prepare_cached("UPDATE seen SET acked_ms = ?3 WHERE source = ?1 AND id = ?2")?;
             for id in ids {
                 up.execute(params![source, *id as i64, now_ms as i64])?;
             }
@@ -354,7 +353,11 @@ fn save_counters(tx: &Connection, dir: Dir, c: &DirCounters) -> Result<(), rusql
     tx.execute(
         "INSERT INTO counters (dir, dropped_full, dropped_expired) VALUES (?1, ?2, ?3)
          ON CONFLICT (dir) DO UPDATE SET dropped_full = ?2, dropped_expired = ?3",
-        params![dir.as_str(), c.dropped_full as i64, c.dropped_expired as i64],
+        params![
+            dir.as_str(),
+            c.dropped_full as i64,
+            c.dropped_expired as i64
+        ],
     )?;
     Ok(())
 }
@@ -446,9 +449,15 @@ mod tests {
         // Acknowledged: a redelivery already on its way is still recognised for a minute.
         s.acked("n1/broker", &[7], 3).unwrap();
         s.expire(30_000).unwrap();
-        assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 30_000).unwrap(), 0);
+        assert_eq!(
+            s.append(Dir::Out, &[entry("a", Some(7))], 30_000).unwrap(),
+            0
+        );
         s.expire(70_000).unwrap();
-        assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 70_000).unwrap(), 1);
+        assert_eq!(
+            s.append(Dir::Out, &[entry("a", Some(7))], 70_000).unwrap(),
+            1
+        );
     }
 
     #[test]
@@ -491,6 +500,9 @@ mod tests {
         assert_eq!((c.messages, c.dropped_expired), (1, 1));
         assert_eq!(s.next(Dir::In, 0, 10).unwrap()[0].topic, "new");
         // The expired notice is forgotten too: a redelivery would be spooled again.
-        assert_eq!(s.append(Dir::In, &[entry("old", Some(1))], 70_000).unwrap(), 1);
+        assert_eq!(
+            s.append(Dir::In, &[entry("old", Some(1))], 70_000).unwrap(),
+            1
+        );
     }
 }
