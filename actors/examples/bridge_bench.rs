@@ -41,7 +41,11 @@ async fn subscriber(
     filter: &str,
     qos: QoS,
     epoch: Instant,
-) -> (Arc<AtomicU64>, Arc<std::sync::Mutex<Vec<u64>>>, tokio::task::JoinHandle<()>) {
+) -> (
+    Arc<AtomicU64>,
+    Arc<std::sync::Mutex<Vec<u64>>>,
+    tokio::task::JoinHandle<()>,
+) {
     let count = Arc::new(AtomicU64::new(0));
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (client, mut ev) = AsyncClient::new(options(format!("bb-sub-{}", tag()), addr), 1000);
@@ -94,7 +98,9 @@ async fn throughput(from: &str, to: &str, root: &str, qos: QoS, total: u64) -> (
     // Warm up the path (and the bridge's subscription) with a few messages.
     let topic = format!("{root}/t");
     for _ in 0..10 {
-        let _ = client.publish(&topic, qos, false, vec![b'w'; PAYLOAD]).await;
+        let _ = client
+            .publish(&topic, qos, false, vec![b'w'; PAYLOAD])
+            .await;
     }
     let warm = Instant::now();
     while count.load(Ordering::Relaxed) < 10 && warm.elapsed() < Duration::from_secs(10) {
@@ -172,7 +178,10 @@ async fn main() {
             )
         })
         .collect();
-    assert!(!setups.is_empty(), "usage: bridge_bench label=PUB,SUB,ROOT ...");
+    assert!(
+        !setups.is_empty(),
+        "usage: bridge_bench label=PUB,SUB,ROOT ..."
+    );
     let total: u64 = std::env::var("BRIDGE_BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -643,3 +643,64 @@ topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
         );
     }
 }
+
+#[test]
+fn an_external_bridge_fails_over_and_goes_back_to_the_primary() {
+    let (p1, primary, secondary) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "mqtt://127.0.0.1:{primary}"
+failover = ["mqtt://127.0.0.1:{secondary}"]
+username = "{MQ_USER}"
+password = "{MQ_PASS}"
+reconnect_min_ms = 100
+reconnect_max_ms = 500
+primary_retry_secs = 1
+topics = [ {{ pattern = "up/#", direction = "out", qos = 1 }} ]
+"##,
+        header(),
+        node("site"),
+        broker("site", p1),
+    );
+    let w = Workdir::new(&config);
+    let setup = |name, port| MosquittoSetup {
+        name,
+        port,
+        tls_port: None,
+        user: Some((MQ_USER, MQ_PASS)),
+        extra: "",
+    };
+    // Only the secondary is there at first.
+    let _s = Mosquitto::start(w.path(), &setup("secondary", secondary));
+    let _nodes = start_all(&w, &["site"]);
+    let on = |port: u16| {
+        let want = format!("mqtt://127.0.0.1:{port}");
+        let ok = wait_for(Duration::from_secs(20), || {
+            let b = detail(&w, "site", "site/bridge");
+            b["connected"] == true && b["address"] == want.as_str()
+        });
+        assert!(ok, "not on {want}: {}", detail(&w, "site", "site/bridge"));
+    };
+    on(secondary);
+    let auth = ["-u", MQ_USER, "-P", MQ_PASS];
+    let mut args = vec!["-q", "1", "-t", "up/#"];
+    args.extend(auth);
+    let sub_s = Sub::start(w.path(), secondary, &args);
+    pub1(w.path(), p1, "up/1", "to-secondary");
+    assert_eq!(sub_s.take(1, SECS), ["up/1 to-secondary"]);
+
+    // The primary comes up: the bridge goes back to it.
+    let _p = Mosquitto::start(w.path(), &setup("primary", primary));
+    on(primary);
+    let sub_p = Sub::start(w.path(), primary, &args);
+    pub1(w.path(), p1, "up/2", "to-primary");
+    assert_eq!(sub_p.take(1, SECS), ["up/2 to-primary"]);
+    assert!(sub_s.quiet(Duration::from_millis(500)).is_empty());
+    let b = detail(&w, "site", "site/bridge");
+    assert!(b["reconnects"].as_u64().unwrap_or(0) >= 1, "{b}");
+}
