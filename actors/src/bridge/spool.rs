@@ -111,6 +111,41 @@ pub struct Spool {
     conn: Connection,
     bounds: Bounds,
     dirs: [DirCounters; 2],
+    _checkpoints: Checkpointer,
+}
+
+/// Copies the write-ahead log into the database from a thread of its own, so that the fsync a
+/// checkpoint needs never stalls the bridge's appends (SQLite's automatic checkpoint would run
+/// inside a commit).
+struct Checkpointer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("bridge-spool-checkpoint".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!("spool checkpoint: {e}");
+                    }
+                }
+            })
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        Ok(Checkpointer { stop })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 const SCHEMA: &str = "
@@ -154,10 +189,13 @@ impl Spool {
     pub fn open(path: &Path, bounds: Bounds) -> Result<Spool, SpoolError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpoints = Checkpointer::start(path)?;
         let mut s = Spool {
             conn,
             bounds,
             dirs: [DirCounters::default(); 2],
+            _checkpoints: checkpoints,
         };
         for dir in [Dir::Out, Dir::In] {
             let (messages, bytes): (u64, u64) = s.conn.query_row(
