@@ -239,11 +239,13 @@ async fn colony_lane(
             continue;
         }
         if items.iter().all(|f| f.seq == 0) {
-            for f in items {
-                let msg = publish_message(f, &stream);
-                if let Err(e) = cluster.send(&to, Some(&me), &msg).await {
-                    debug!(%to, "QoS 0 message not forwarded: {e}");
-                }
+            let bodies: Vec<bytes::Bytes> = items
+                .into_iter()
+                .filter_map(|f| colony_cluster::encode_body(&publish_message(f, &stream)).ok())
+                .map(bytes::Bytes::from)
+                .collect();
+            if let Err(e) = cluster.send_batch(&to, Some(&me), bodies).await {
+                debug!(%to, "QoS 0 messages not forwarded: {e}");
             }
             continue;
         }
