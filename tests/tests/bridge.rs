@@ -704,3 +704,70 @@ topics = [ {{ pattern = "up/#", direction = "out", qos = 1 }} ]
     let b = detail(&w, "site", "site/bridge");
     assert!(b["reconnects"].as_u64().unwrap_or(0) >= 1, "{b}");
 }
+
+#[test]
+fn a_full_spool_drops_the_oldest_and_counts_them() {
+    let (p1, p2) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "cloud/broker"
+spool_max_messages = 100
+topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
+
+[[actor]]
+name = "collector"
+node = "cloud"
+kind = "collector"
+database = "readings.sqlite"
+source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
+"##,
+        header(),
+        node("site"),
+        node("cloud"),
+        broker("site", p1),
+        broker("cloud", p2),
+    );
+    let w = Workdir::new(&config);
+    // Only the site runs: the far side is unreachable from the start.
+    let site = w.start_node("site");
+    let up = wait_for(SECS, || {
+        std::net::TcpStream::connect(("127.0.0.1", p1)).is_ok()
+            && w.status("site")
+                .is_some_and(|s| actor(&s, "site/bridge").is_some_and(|a| a["state"] == "running"))
+    });
+    assert!(up, "site never came up:\n{}", site.log_text());
+    let d = w.path();
+    publish_lines(d, p1, "gas/s1", &readings(d, "a.txt", 1, 300), &[]);
+    let ok = wait_for(SECS, || {
+        let b = detail(&w, "site", "site/bridge");
+        b["spool_out"]["messages"] == 100 && b["spool_out"]["dropped_full"] == 200
+    });
+    assert!(ok, "{}", detail(&w, "site", "site/bridge"));
+    assert_eq!(detail(&w, "site", "site/bridge")["connected"], false);
+    // The far side comes: it gets the newest 100, in order.
+    let _cloud = w.start_node("cloud");
+    wait_connected(&w, "site", "site/bridge");
+    let ok = wait_for(SECS, || {
+        let b = detail(&w, "site", "site/bridge");
+        b["spool_out"]["messages"] == 0 && b["forwarded_out"] == 100
+    });
+    assert!(ok, "{}", detail(&w, "site", "site/bridge"));
+    // Exactly 201..=300 arrived: 100 readings, the highest 300, no gap after the first.
+    let ok = wait_for(SECS, || {
+        detail(&w, "cloud", "cloud/collector")["per_source"][0]["received"] == 100
+    });
+    let col = detail(&w, "cloud", "cloud/collector");
+    assert!(ok, "{col}");
+    let s1 = &col["per_source"][0];
+    assert_eq!(
+        (s1["highest"].as_u64(), s1["gaps"].as_u64()),
+        (Some(300), Some(0)),
+        "{col}"
+    );
+    assert_eq!(s1["reordered"], 0, "{col}");
+}
