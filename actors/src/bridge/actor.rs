@@ -496,6 +496,7 @@ impl Bridge {
         };
         match ev {
             FromLink::Delivered { seqs } => {
+                lane.backoff = min;
                 lane.outstanding = lane.outstanding.saturating_sub(seqs.len());
                 lane.delivered += seqs.len() as u64;
                 match dir {
@@ -538,10 +539,25 @@ impl Bridge {
         let now = Instant::now();
         for lane in [&mut self.out, &mut self.inn] {
             let Some(node) = &lane.node else { continue };
-            if !lane.up && lane.retry_at.is_none_or(|t| now >= t) && self.cluster.is_up(node) {
+            if lane.up || lane.retry_at.is_some_and(|t| now < t) {
+                continue;
+            }
+            if self.cluster.is_up(node) {
                 lane.revive(lane.epoch + 1);
+            } else {
+                // Checked again each second until the node is back.
+                lane.retry_at = None;
             }
         }
+    }
+
+    /// When a Colony lane that is down may be tried again.
+    fn next_retry(&self) -> Option<Instant> {
+        [&self.out, &self.inn]
+            .into_iter()
+            .filter(|l| !l.up && l.node.is_some())
+            .filter_map(|l| l.retry_at)
+            .min()
     }
 
     fn detail(&self, rates: (u64, u64)) -> serde_json::Value {
@@ -688,6 +704,13 @@ fn link_config(
 /// External brokers get QoS 1 at most (see [`link`]).
 fn capped(filters: Vec<(String, u8)>) -> Vec<(String, u8)> {
     filters.into_iter().map(|(f, q)| (f, q.min(1))).collect()
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
@@ -943,8 +966,9 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                         b.remote_subscribed = false;
                     }
                     if !up && b.connected {
+                        // The lane finds out by itself (its calls fail); a missed heartbeat
+                        // alone must not stall forwarding.
                         b.n.reconnects += 1;
-                        b.out.down("remote node down", min, max);
                     }
                     b.connected = up;
                 }
@@ -970,6 +994,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 last = (b.n.forwarded_out, b.n.forwarded_in);
                 ctx.stats.set_detail(b.detail(rates));
             }
+            _ = sleep_until(b.next_retry()) => b.revive_colony_lanes(),
             Some(done) = tasks.join_next() => {
                 if let Err(e) = done && e.is_panic() {
                     return Err(fail("a bridge task panicked"));
