@@ -524,6 +524,10 @@ impl Bridge {
                 self.connected = true;
                 self.address = Some(address);
             }
+            FromLink::Dropped { count } => {
+                self.n.dropped_qos0 += count;
+                self.n.forwarded_out = self.n.forwarded_out.saturating_sub(count);
+            }
             FromLink::Received { .. } => {}
         }
         Ok(())
