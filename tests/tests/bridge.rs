@@ -771,3 +771,64 @@ source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
     );
     assert_eq!(s1["reordered"], 0, "{col}");
 }
+
+#[test]
+fn hops_travel_through_mosquitto_so_a_mixed_ring_does_not_loop() {
+    let (pa, pb, mp) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let mut config = header() + &node("a") + &node("b") + &broker("a", pa) + &broker("b", pb);
+    for (n, remote) in [
+        ("a", format!("mqtt://127.0.0.1:{mp}")),
+        ("b", format!("mqtt://127.0.0.1:{mp}")),
+        ("a", "b/broker".to_owned()),
+    ] {
+        let name = if remote.starts_with("mqtt") {
+            "to-m"
+        } else {
+            "to-b"
+        };
+        config += &format!(
+            "[[actor]]\nname = \"{name}\"\nnode = \"{n}\"\nkind = \"bridge\"\n\
+             local = \"{n}/broker\"\nremote = \"{remote}\"\n\
+             topics = [ {{ pattern = \"x/#\", direction = \"both\", qos = 1 }} ]\n\n"
+        );
+    }
+    let w = Workdir::new(&config);
+    let _m = Mosquitto::start(
+        w.path(),
+        &MosquittoSetup {
+            name: "mosq",
+            port: mp,
+            tls_port: None,
+            user: None,
+            extra: "",
+        },
+    );
+    let _nodes = start_all(&w, &["a", "b"]);
+    for (n, a) in [("a", "a/to-m"), ("b", "b/to-m"), ("a", "a/to-b")] {
+        wait_connected(&w, n, a);
+    }
+    let subs: Vec<Sub> = [pa, pb, mp]
+        .iter()
+        .map(|p| Sub::start(w.path(), *p, &["-q", "1", "-t", "x/#"]))
+        .collect();
+    pub1(w.path(), pa, "x/1", "m");
+    let got: Vec<Vec<String>> = subs
+        .iter()
+        .map(|s| {
+            let mut l = s.take(1, SECS);
+            l.extend(s.quiet(Duration::from_secs(3)));
+            l
+        })
+        .collect();
+    // Without the hops carried through Mosquitto, a/broker would get its message back from b.
+    assert_eq!(got[0], ["x/1 m"], "a got it back");
+    for (i, g) in got.iter().enumerate().skip(1) {
+        assert!(
+            (1..=2).contains(&g.len()) && g.iter().all(|l| l == "x/1 m"),
+            "broker {i}: {g:?}"
+        );
+    }
+    for s in &subs {
+        assert!(s.quiet(Duration::from_secs(1)).is_empty());
+    }
+}
