@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use colony_cluster::Address;
 use colony_config::ActorSettings;
 use colony_config::kinds::{BrokerListener, BrokerSettings};
-use rumqttc::mqttbytes::v4::Packet;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -29,7 +28,8 @@ use futures::FutureExt;
 use super::auth::AccessPolicy;
 use super::core::{Action, ActorPublish, BrokerCore, Subscriber};
 use super::declared::declared_subscriptions;
-use super::listener::{ConnEvent, ConnLimits, Outgoing, serve, tls_acceptor};
+use super::listener::{ConnEvent, ConnLimits, Ended, Outgoing, serve, tls_acceptor};
+use super::packet::{ClientPacket, DisconnectCode, ServerPacket};
 use super::session::Message;
 use super::store::BrokerStore;
 use super::topic::SubOptions;
@@ -51,6 +51,7 @@ struct Shell {
     conns: HashMap<u64, mpsc::Sender<Outgoing>>,
     notifiers: HashMap<Arc<str>, mpsc::Sender<BrokerNotice>>,
     actions: Vec<Action>,
+    panics: u64,
 }
 
 impl Shell {
@@ -68,7 +69,7 @@ impl Shell {
                     let Some(tx) = self.conns.get(&id) else {
                         continue;
                     };
-                    let qos0 = matches!(&packet, Packet::Publish(p) if p.qos as u8 == 0);
+                    let qos0 = matches!(&packet, ServerPacket::Publish { message, .. } if message.qos == 0);
                     if tx.try_send(Outgoing::Packet(packet)).is_err() {
                         if qos0 {
                             dropped += 1;
@@ -116,6 +117,22 @@ impl Shell {
         Ok(())
     }
 
+    fn conn_ended(&mut self, id: u64, how: Ended) {
+        self.conns.remove(&id);
+        match how {
+            Ended::Closed => self.core.closed(id),
+            Ended::CutOff(code) => self.core.cut_off(id, code),
+            Ended::Panicked => {
+                self.panics += 1;
+                warn!(
+                    conn = id,
+                    "a connection task panicked; that client was cut off"
+                );
+                self.core.cut_off(id, DisconnectCode::ProtocolError);
+            }
+        }
+    }
+
     fn conn_event(&mut self, ev: ConnEvent) {
         match ev {
             ConnEvent::Connect(id, connect, tx) => {
@@ -150,7 +167,7 @@ async fn accept_loop(
     tls: Option<tokio_rustls::TlsAcceptor>,
     next_id: Arc<AtomicU64>,
     events: mpsc::Sender<ConnEvent>,
-    closed: mpsc::UnboundedSender<u64>,
+    closed: mpsc::UnboundedSender<(u64, Ended)>,
     limits: ConnLimits,
 ) {
     let mut conns = JoinSet::new();
@@ -186,7 +203,7 @@ async fn accept_loop(
             }
             Some(done) = conns.join_next() => {
                 if let Err(e) = done && e.is_panic() {
-                    warn!("a connection task panicked; that client was cut off");
+                    debug!("a connection task panicked (reported by its guard)");
                 }
             }
         }
@@ -223,6 +240,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         .map_err(|e| ActorFailure::new(e.to_string()))?;
     let restored = store.load().map_err(|e| ActorFailure::new(e.to_string()))?;
     let mut core = BrokerCore::new(policy(&settings), settings.limits.clone(), restored);
+    core.set_now(unix_now());
     for d in declared_subscriptions(&ctx.config, &ctx.address) {
         let opts = SubOptions {
             qos: d.qos,
@@ -237,10 +255,11 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         conns: HashMap::new(),
         notifiers: HashMap::new(),
         actions: Vec::new(),
+        panics: 0,
     };
 
     let (events_tx, mut events) = mpsc::channel::<ConnEvent>(4096);
-    let (closed_tx, mut closed) = mpsc::unbounded_channel::<u64>();
+    let (closed_tx, mut closed) = mpsc::unbounded_channel::<(u64, Ended)>();
     let next_id = Arc::new(AtomicU64::new(1));
     let limits = ConnLimits {
         max_packet_size: settings.limits.max_packet_size as usize,
@@ -324,7 +343,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             },
             _ = tick.tick() => {
                 ticks += 1;
-                shell.core.actor_tick();
+                shell.core.tick(unix_now());
                 let now = shell.core.counters();
                 let detail = json!({
                     "listeners": bound,
@@ -341,6 +360,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     "denied": now.denied,
                     "auth_failures": now.auth_failures,
                     "protocol_errors": now.protocol_errors,
+                    "connection_panics": shell.panics,
                 });
                 ctx.stats.set_detail(detail);
                 last = now;
@@ -353,7 +373,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 let mut n = 0;
                 let mut next = Some(ev);
                 while let Some(ev) = next {
-                    if matches!(ev, ConnEvent::Packet(_, Packet::Publish(_))) {
+                    if matches!(ev, ConnEvent::Packet(_, ClientPacket::Publish(_))) {
                         ctx.stats.handled();
                     }
                     shell.conn_event(ev);
@@ -362,12 +382,11 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 }
                 shell.flush(&ctx, &mut tasks)?;
             }
-            Some(id) = closed.recv() => {
-                shell.conns.remove(&id);
-                shell.core.closed(id);
-                while let Ok(id) = closed.try_recv() {
-                    shell.conns.remove(&id);
-                    shell.core.closed(id);
+            Some(first) = closed.recv() => {
+                let mut next = Some(first);
+                while let Some((id, how)) = next {
+                    shell.conn_ended(id, how);
+                    next = closed.try_recv().ok();
                 }
                 shell.flush(&ctx, &mut tasks)?;
             }
@@ -493,6 +512,12 @@ fn status(core: &BrokerCore, detail: &serde_json::Value) -> serde_json::Value {
         })
         .collect();
     json!({ "detail": detail, "actor_subscriptions": subs })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn publish_sys(core: &mut BrokerCore, uptime: Duration) {

@@ -51,6 +51,7 @@ pub mod codec;
 pub mod core;
 pub mod declared;
 pub mod listener;
+pub mod packet;
 pub mod retained;
 pub mod session;
 pub mod store;
