@@ -883,3 +883,154 @@ fn actor_publish_streams_are_exactly_once_and_no_local_holds() {
         ["public/x for-ghost", "public/still alive"]
     );
 }
+
+/// Every MQTT 5 feature a paho client can see: topic aliases, no-local, retain-as-published and
+/// retain handling, subscription identifiers, shared subscriptions, reason codes (SUBACK,
+/// UNSUBACK, CONNACK), session expiry (resumed within it, gone after it) and message expiry.
+#[test]
+fn mqtt5_features_with_paho() {
+    let b = start();
+    let script = include_str!("broker_mqtt5.py");
+    let out = Command::new("timeout")
+        .args(["60", "/usr/bin/python3", "-c", script, &b.tcp.to_string()])
+        .current_dir(b.dir())
+        .output()
+        .expect("run /usr/bin/python3");
+    assert!(
+        out.status.success(),
+        "paho script failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("script printed JSON");
+    let j = |v: &str| serde_json::from_str::<serde_json::Value>(v).unwrap();
+    assert_eq!(
+        r["alias"],
+        j(r#"[["a/alias/one", "first"], ["a/alias/one", "second"]]"#)
+    );
+    assert_eq!(r["no_local"], j(r#"["other"]"#), "no-local");
+    assert_eq!(r["rap"], j("[1]"), "retain-as-published keeps the flag");
+    assert_eq!(r["not_rap"], j("[0]"), "without it the flag is cleared");
+    assert_eq!(r["retain_handling"], j("[0, 1]"), "retain handling 2 and 0");
+    assert_eq!(r["sub_ids"], j("[[42]]"), "subscription identifier");
+    assert_eq!(r["shared"], j("[3, 3]"), "shared subscription round-robin");
+    assert_eq!(r["suback"], j("[135]"), "SUBACK not authorized");
+    assert_eq!(r["unsuback"], j("[17]"), "UNSUBACK no subscription existed");
+    assert_eq!(
+        r["bad_login"],
+        j("[0, 134]"),
+        "CONNACK bad user name or password"
+    );
+    assert_eq!(
+        r["se_resumed"],
+        j(r#"[1, ["while-away"]]"#),
+        "session resumed"
+    );
+    assert_eq!(r["se_expired"], j("[0, []]"), "session expired");
+    assert_eq!(
+        r["message_expiry"],
+        j(r#"["long"]"#),
+        "expired message dropped"
+    );
+    let remaining = r["remaining"][0].as_u64().expect("remaining expiry");
+    assert!(
+        (90..100).contains(&remaining),
+        "remaining expiry {remaining}"
+    );
+}
+
+/// MQTT 5 properties through mosquitto's clients, a 3.1.1 subscriber on the same topic, PUBACK
+/// reason codes, and a bad topic alias answered with DISCONNECT 0x94.
+#[test]
+fn mqtt5_properties_and_reason_codes_with_mosquitto() {
+    let b = start();
+    let v5 = b.subscribe(b.tcp, &["-V", "mqttv5", "-F", "%j", "-t", "a/props/#"]);
+    let v4 = b.subscribe(b.tcp, &["-t", "a/props/#"]);
+    b.publish_ok(&[
+        "-V",
+        "mqttv5",
+        "-t",
+        "a/props/x",
+        "-m",
+        "hello",
+        "-D",
+        "publish",
+        "user-property",
+        "k",
+        "v",
+        "-D",
+        "publish",
+        "content-type",
+        "text/plain",
+        "-D",
+        "publish",
+        "response-topic",
+        "a/reply",
+        "-D",
+        "publish",
+        "correlation-data",
+        "c-1",
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "300",
+    ]);
+    let line = v5.take(1, SECS);
+    let m: serde_json::Value = serde_json::from_str(&line[0]).expect("JSON line");
+    let p = &m["properties"];
+    assert_eq!(m["payload"], "hello");
+    assert_eq!(p["user-properties"]["k"], "v", "{m}");
+    assert_eq!(p["content-type"], "text/plain");
+    assert_eq!(p["response-topic"], "a/reply");
+    assert_eq!(p["correlation-data"], "c-1");
+    let left = p["message-expiry-interval"].as_u64().unwrap();
+    assert!((290..=300).contains(&left), "{left}");
+    // The 3.1.1 subscriber gets the same message, without properties.
+    assert_eq!(v4.take(1, SECS), ["a/props/x hello"]);
+
+    // PUBACK reason codes: not authorized (ACL) and no matching subscribers.
+    for (topic, rc) in [("forbidden/x", "RC:135"), ("a/nobody", "RC:16")] {
+        let out = b.publish(&["-V", "mqttv5", "-d", "-q", "1", "-t", topic, "-m", "x"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.lines().any(|l| l.contains("PUBACK") && l.contains(rc)),
+            "{topic}: {text}"
+        );
+    }
+
+    // A topic alias above the maximum: DISCONNECT with reason 0x94, and nobody else notices.
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", b.tcp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let connect = [
+        0x10, 0x0E, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3C, 0x00, 0x00, 0x01,
+        b'x',
+    ];
+    c.write_all(&connect).unwrap();
+    let mut connack = [0u8; 64];
+    let n = c.read(&mut connack).unwrap();
+    assert!(
+        n >= 4 && connack[0] == 0x20 && connack[3] == 0,
+        "{:?}",
+        &connack[..n]
+    );
+    // PUBLISH, empty topic, properties: topic alias (0x23) 200.
+    c.write_all(&[0x30, 0x07, 0x00, 0x00, 0x03, 0x23, 0x00, 0xC8, b'p'])
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = c.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.len() >= 3 && got[0] == 0xE0 && got[2] == 0x94,
+        "expected DISCONNECT 0x94, got {got:?}"
+    );
+    b.publish_ok(&["-t", "a/props/still", "-m", "alive"]);
+    assert_eq!(v4.take(1, SECS), ["a/props/still alive"]);
+    assert!(wait_for(SECS, || b.detail()["protocol_errors"].as_u64() >= Some(1)));
+}

@@ -585,3 +585,226 @@ fn garbage_streams_never_panic_the_core() {
         1
     );
 }
+
+fn connect5(c: &mut BrokerCore, conn: ConnId, id: &str, clean: bool, expiry: u32) -> Vec<Action> {
+    c.connect(
+        conn,
+        ConnectIn {
+            protocol: Protocol::V5,
+            client_id: id.into(),
+            clean_start: clean,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            will: None,
+            session_expiry: expiry,
+            receive_maximum: None,
+            max_packet_size: None,
+            auth_method: None,
+        },
+    );
+    c.take_actions()
+}
+
+fn sub5(c: &mut BrokerCore, conn: ConnId, filter: &str, opts: SubOptions, retain_handling: u8) {
+    c.packet(
+        conn,
+        ClientPacket::Subscribe {
+            pkid: 1,
+            filters: vec![FilterIn {
+                filter: filter.into(),
+                opts,
+                retain_handling,
+            }],
+        },
+    );
+}
+
+fn pub5(c: &mut BrokerCore, conn: ConnId, topic: &str, qos: u8, expiry: Option<u32>) {
+    c.packet(
+        conn,
+        ClientPacket::Publish(PublishIn {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+            pkid: u16::from(qos > 0),
+            expiry,
+            props: None,
+        }),
+    );
+}
+
+fn sent5(actions: &[Action], conn: ConnId) -> Vec<Message> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(c, ServerPacket::Publish { message, .. }) if *c == conn => {
+                Some(message.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn mqtt5_session_expiry_ends_an_offline_session_on_time() {
+    let mut c = core();
+    c.tick(1000);
+    connect5(&mut c, 1, "s", true, 10);
+    sub5(&mut c, 1, "t", qos(1), 0);
+    c.closed(1);
+    c.tick(1005);
+    assert_eq!(c.sessions(), 1);
+    let a = connect5(&mut c, 2, "s", false, 10);
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Send(2, ServerPacket::ConnAck(k)) if k.session_present))
+    );
+    c.closed(2);
+    c.tick(1016);
+    assert_eq!(c.sessions(), 0, "expired 10 s after the disconnect");
+    assert!(
+        c.take_store_ops()
+            .iter()
+            .any(|o| matches!(o, StoreOp::DeleteSession { .. }))
+    );
+    // Expiry 0 (MQTT 5 default): the session ends with the connection.
+    connect5(&mut c, 3, "z", false, 0);
+    c.closed(3);
+    assert_eq!(c.sessions(), 0);
+}
+
+#[test]
+fn mqtt5_message_expiry_drops_stale_queued_messages_and_counts_down() {
+    let mut c = core();
+    c.tick(100);
+    connect5(&mut c, 1, "s", true, 60);
+    sub5(&mut c, 1, "t", qos(1), 0);
+    c.closed(1);
+    connect5(&mut c, 2, "p", true, 0);
+    pub5(&mut c, 2, "t", 1, Some(5));
+    pub5(&mut c, 2, "t", 1, Some(50));
+    c.take_actions();
+    c.tick(110);
+    let a = connect5(&mut c, 3, "s", false, 60);
+    let got = sent5(&a, 3);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].expires_at,
+        Some(150),
+        "encoded as 40 s left at t=110"
+    );
+}
+
+#[test]
+fn mqtt5_will_delay_is_cancelled_by_a_reconnect_and_published_otherwise() {
+    let mut c = core();
+    c.tick(0);
+    connect5(&mut c, 9, "watch", true, 0);
+    sub5(&mut c, 9, "will/#", qos(0), 0);
+    let will = |delay| crate::broker::packet::WillIn {
+        topic: "will/dev".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: 0,
+        retain: false,
+        delay,
+        expiry: None,
+        props: None,
+    };
+    let cn = |c: &mut BrokerCore, conn| {
+        let mut k = ConnectIn {
+            protocol: Protocol::V5,
+            client_id: "dev".into(),
+            clean_start: false,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            will: Some(will(5)),
+            session_expiry: 100,
+            receive_maximum: None,
+            max_packet_size: None,
+            auth_method: None,
+        };
+        k.clean_start = conn == 1;
+        c.connect(conn, k);
+        c.take_actions()
+    };
+    cn(&mut c, 1);
+    c.closed(1);
+    c.tick(3);
+    assert!(sent5(&c.take_actions(), 9).is_empty(), "still waiting");
+    cn(&mut c, 2);
+    c.closed(2);
+    c.tick(6);
+    assert!(
+        sent5(&c.take_actions(), 9).is_empty(),
+        "the reconnect cancelled the first"
+    );
+    c.tick(7);
+    assert!(sent5(&c.take_actions(), 9).is_empty());
+    c.tick(8);
+    assert_eq!(
+        sent5(&c.take_actions(), 9).len(),
+        1,
+        "due 5 s after the second close (t=3)"
+    );
+}
+
+#[test]
+fn mqtt5_no_local_retain_handling_and_receive_maximum() {
+    let mut c = core();
+    c.connect(
+        1,
+        ConnectIn {
+            protocol: Protocol::V5,
+            client_id: "a".into(),
+            clean_start: true,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            will: None,
+            session_expiry: 0,
+            receive_maximum: Some(2),
+            max_packet_size: Some(64),
+            auth_method: None,
+        },
+    );
+    c.take_actions();
+    let nl = SubOptions {
+        qos: 1,
+        no_local: true,
+        ..SubOptions::default()
+    };
+    sub5(&mut c, 1, "t", nl, 0);
+    connect5(&mut c, 2, "b", true, 0);
+    pub5(&mut c, 1, "t", 1, None);
+    assert!(sent5(&c.take_actions(), 1).is_empty(), "no-local");
+    for _ in 0..4 {
+        pub5(&mut c, 2, "t", 1, None);
+    }
+    assert_eq!(sent5(&c.take_actions(), 1).len(), 2, "receive maximum 2");
+    // Larger than the client's maximum packet size: dropped, counted.
+    let dropped = c.counters().dropped;
+    c.packet(
+        2,
+        ClientPacket::Publish(PublishIn {
+            topic: "t".into(),
+            payload: Bytes::from(vec![0u8; 100]),
+            qos: 0,
+            retain: false,
+            pkid: 0,
+            expiry: None,
+            props: None,
+        }),
+    );
+    assert!(sent5(&c.take_actions(), 1).is_empty());
+    assert_eq!(c.counters().dropped, dropped + 1);
+    // Retain handling 1: retained messages only for a new subscription.
+    c.publish(Message::new("r", Bytes::from_static(b"k"), 0, true), None);
+    c.take_actions();
+    sub5(&mut c, 2, "r", qos(0), 1);
+    assert_eq!(sent5(&c.take_actions(), 2).len(), 1);
+    sub5(&mut c, 2, "r", qos(0), 1);
+    assert!(sent5(&c.take_actions(), 2).is_empty());
+}

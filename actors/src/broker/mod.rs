@@ -1,5 +1,5 @@
-//! The broker: an MQTT 3.1.1 broker for real clients over TCP and TLS, that actors can subscribe
-//! to and publish into by address.
+//! The broker: an MQTT 3.1.1 and MQTT 5 broker for real clients over TCP and TLS, that actors can
+//! subscribe to and publish into by address.
 //!
 //! Clients connect on any of the configured listeners (plain TCP, or TLS optionally requiring a
 //! client certificate from `client_ca`). Each connection is its own task under the broker actor:
@@ -37,12 +37,25 @@
 //! listener that cannot be bound, or TLS files that do not load, fail the start. The store
 //! failing fails the actor (its supervisor restarts it; sessions come back from disk).
 //!
-//! Not yet: MQTT 5 (a v5 CONNECT is refused with "unacceptable protocol version") and MQTT 3.1.
+//! MQTT 5 runs on the same listeners as 3.1.1 (the CONNECT's protocol level decides, per
+//! connection): properties are forwarded (user properties, content type, response topic,
+//! correlation data, payload format), acknowledgements carry reason codes (not authorised, no
+//! matching subscribers, invalid filter, no subscription existed, bad login...), sessions expire
+//! after their session expiry interval, messages after their message expiry interval (and are
+//! delivered with the time they have left), wills wait out their delay, topic aliases (up to
+//! [`codec::TOPIC_ALIAS_MAX`]) are resolved per connection, and subscriptions take no-local,
+//! retain-as-published, retain handling and subscription identifiers; receive maximum and maximum
+//! packet size from the client are respected. A client that breaks the protocol gets a DISCONNECT
+//! with the reason before it is closed. 3.1.1 and 5 clients share topics and sessions; MQTT 3.1
+//! (level 3) is refused with "unacceptable protocol version". Not supported: MQTT 5 enhanced
+//! authentication (AUTH; refused with "bad authentication method") and server-to-client topic
+//! aliases.
 //!
 //! The logic is in pure modules: [`topic`] (filters and the subscription trie), [`session`]
-//! (in-flight windows and queues), [`retained`], [`auth`] (passwords and ACLs), [`core`] (the
-//! protocol state machine) and [`codec`] (framing with rumqttc's `mqttbytes`); [`store`] is the
-//! SQLite file and [`listener`] the sockets.
+//! (in-flight windows and queues), [`actor_queue`] (actor subscribers' reliable queues),
+//! [`retained`], [`auth`] (passwords and ACLs), [`packet`] (the protocol-neutral model),
+//! [`core`] (the protocol state machine) and [`codec`] (MQTT 3.1.1 and 5 with rumqttc's
+//! `mqttbytes`); [`store`] is the SQLite file and [`listener`] the sockets.
 
 mod actor;
 pub mod actor_queue;
