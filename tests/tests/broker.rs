@@ -1034,3 +1034,91 @@ fn mqtt5_properties_and_reason_codes_with_mosquitto() {
     assert_eq!(v4.take(1, SECS), ["a/props/still alive"]);
     assert!(wait_for(SECS, || b.detail()["protocol_errors"].as_u64() >= Some(1)));
 }
+
+/// A raw MQTT 3.1.1 client: CONNECT (and the CONNACK read), then whatever is written.
+fn raw_client(port: u16, id: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3C];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut packet = vec![0x10];
+    push_len(&mut packet, body.len());
+    packet.extend(body);
+    c.write_all(&packet).unwrap();
+    let mut connack = [0u8; 4];
+    c.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    c
+}
+
+fn push_len(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Each client connection shows as a child of the broker (`n1/broker/<client-id>`) in status
+/// and `colony ctl tree`; a subscriber that stops reading loses QoS 0 messages, which are
+/// counted as dropped, while everyone else keeps being served.
+#[test]
+fn connections_are_children_and_a_stalled_subscriber_drops_qos0_alone() {
+    use std::io::Write;
+    let b = start();
+    let watcher = b.subscribe(b.tcp, &["-V", "mqttv5", "-i", "watcher", "-t", "a/other"]);
+    let mut tree = String::new();
+    let listed = wait_for(SECS, || {
+        tree = b.work.ctl_ok("n1", &["tree"]);
+        tree.lines().any(|l| {
+            l.contains("n1/broker/watcher") && l.contains("connection") && l.contains("mqtt 5")
+        })
+    });
+    assert!(listed, "{tree}");
+    let children = b.detail()["children"].clone();
+    assert!(
+        children
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["address"] == "n1/broker/watcher")),
+        "{children}"
+    );
+
+    // A subscriber that never reads again.
+    let mut stalled = raw_client(b.tcp, "stalled");
+    let mut sub = vec![0x82];
+    let body = [
+        0x00, 0x01, 0x00, 0x06, b'a', b'/', b'f', b'l', b'o', b'o', 0x00,
+    ];
+    push_len(&mut sub, body.len());
+    sub.extend_from_slice(&body);
+    stalled.write_all(&sub).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // 40,000 QoS 0 publishes of 1 KiB: far more than its socket and queue hold.
+    let mut flood = raw_client(b.tcp, "flooder");
+    let mut one = vec![0x30];
+    push_len(&mut one, 2 + 6 + 1024);
+    one.extend_from_slice(&[0x00, 0x06]);
+    one.extend_from_slice(b"a/floo");
+    one.extend_from_slice(&[b'x'; 1024]);
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 100).collect();
+    for _ in 0..400 {
+        flood.write_all(&batch).unwrap();
+    }
+    assert!(
+        wait_for(Duration::from_secs(20), || b.detail()["dropped"].as_u64()
+            > Some(1000)),
+        "dropped: {}",
+        b.detail()
+    );
+    b.publish_ok(&["-t", "a/other", "-m", "still-served"]);
+    assert_eq!(watcher.take(1, SECS), ["a/other still-served"]);
+    drop(stalled);
+}

@@ -28,8 +28,8 @@ use futures::FutureExt;
 use super::auth::AccessPolicy;
 use super::core::{Action, ActorPublish, BrokerCore, Subscriber};
 use super::declared::declared_subscriptions;
-use super::listener::{ConnEvent, ConnLimits, Ended, Outgoing, serve, tls_acceptor};
-use super::packet::{ClientPacket, DisconnectCode, ServerPacket};
+use super::listener::{ConnEvent, ConnLimits, ConnMeta, Ended, Outgoing, serve, tls_acceptor};
+use super::packet::{ClientPacket, DisconnectCode, Protocol, ServerPacket};
 use super::session::Message;
 use super::store::BrokerStore;
 use super::topic::SubOptions;
@@ -38,6 +38,8 @@ use crate::host::{ActorContext, ActorEvent, ActorFailure};
 
 /// Events handled before the store is committed and packets go out.
 const BATCH: usize = 512;
+/// Connections listed one by one in status (all are counted).
+const STATUS_CHILDREN: usize = 100;
 /// Notices queued for one actor subscriber before more are dropped.
 const NOTICE_QUEUE: usize = 4096;
 
@@ -49,6 +51,8 @@ struct Shell {
     core: BrokerCore,
     store: BrokerStore,
     conns: HashMap<u64, mpsc::Sender<Outgoing>>,
+    /// Where each connection comes from and since when.
+    meta: HashMap<u64, (ConnMeta, Instant)>,
     notifiers: HashMap<Arc<str>, mpsc::Sender<BrokerNotice>>,
     actions: Vec<Action>,
     panics: u64,
@@ -119,6 +123,7 @@ impl Shell {
 
     fn conn_ended(&mut self, id: u64, how: Ended) {
         self.conns.remove(&id);
+        self.meta.remove(&id);
         match how {
             Ended::Closed => self.core.closed(id),
             Ended::CutOff(code) => self.core.cut_off(id, code),
@@ -133,10 +138,43 @@ impl Shell {
         }
     }
 
+    /// The connections as children for status: `node/broker/<client-id>`, at most
+    /// [`STATUS_CHILDREN`] of them, by client id.
+    fn children(&self, me: &Address) -> serde_json::Value {
+        let mut rows: Vec<(&str, Protocol, &ConnMeta, Instant)> = self
+            .meta
+            .iter()
+            .filter_map(|(id, (meta, since))| {
+                let (client, protocol) = self.core.client_of(*id)?;
+                Some((client, protocol, meta, *since))
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        rows.truncate(STATUS_CHILDREN);
+        let rows: Vec<serde_json::Value> = rows
+            .into_iter()
+            .map(|(client, protocol, meta, since)| {
+                let version = match protocol {
+                    Protocol::V4 => "mqtt 3.1.1",
+                    Protocol::V5 => "mqtt 5",
+                };
+                let tls = if meta.tls { " tls" } else { "" };
+                json!({
+                    "address": format!("{me}/{client}"),
+                    "kind": "connection",
+                    "state": "running",
+                    "info": format!("{version}{tls} from {} for {}s", meta.peer, since.elapsed().as_secs()),
+                })
+            })
+            .collect();
+        json!(rows)
+    }
+
     fn conn_event(&mut self, ev: ConnEvent) {
         match ev {
-            ConnEvent::Connect(id, connect, tx) => {
+            ConnEvent::Connect(id, connect, tx, meta) => {
                 self.conns.insert(id, tx);
+                self.meta.insert(id, (meta, Instant::now()));
                 self.core.connect(id, *connect);
             }
             ConnEvent::Packet(id, p) => self.core.packet(id, p),
@@ -185,15 +223,16 @@ async fn accept_loop(
                 let _ = sock.set_nodelay(true);
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let (events, closed) = (events.clone(), closed.clone());
+                let meta = ConnMeta { peer, tls: tls.is_some() };
                 match tls.clone() {
                     None => {
-                        conns.spawn(serve(id, sock, events, closed, limits));
+                        conns.spawn(serve(id, meta, sock, events, closed, limits));
                     }
                     Some(acceptor) => {
                         conns.spawn(async move {
                             let hs = tokio::time::timeout(super::listener::CONNECT_TIMEOUT, acceptor.accept(sock)).await;
                             match hs {
-                                Ok(Ok(stream)) => serve(id, stream, events, closed, limits).await,
+                                Ok(Ok(stream)) => serve(id, meta, stream, events, closed, limits).await,
                                 Ok(Err(e)) => info!(%peer, "TLS handshake refused: {e}"),
                                 Err(_) => info!(%peer, "TLS handshake timed out"),
                             }
@@ -253,6 +292,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         core,
         store,
         conns: HashMap::new(),
+        meta: HashMap::new(),
         notifiers: HashMap::new(),
         actions: Vec::new(),
         panics: 0,
@@ -361,6 +401,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     "auth_failures": now.auth_failures,
                     "protocol_errors": now.protocol_errors,
                     "connection_panics": shell.panics,
+                    "children": shell.children(&ctx.address),
+                    "children_total": shell.core.connections(),
                 });
                 ctx.stats.set_detail(detail);
                 last = now;

@@ -192,6 +192,7 @@ pub struct Counters {
 struct Conn {
     client_id: Arc<str>,
     will: Option<(Message, u32)>,
+    protocol: Protocol,
     /// The most unacknowledged QoS 1/2 publishes the client takes.
     receive_max: usize,
     /// The largest packet the client takes.
@@ -359,6 +360,11 @@ impl BrokerCore {
     /// Connected clients.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The client id and protocol of connection `conn`, once its CONNECT was accepted.
+    pub fn client_of(&self, conn: ConnId) -> Option<(&str, Protocol)> {
+        self.conns.get(&conn).map(|c| (&*c.client_id, c.protocol))
     }
 
     /// Sessions held (connected or not).
@@ -544,6 +550,7 @@ impl BrokerCore {
             Conn {
                 client_id: client_id.clone(),
                 will,
+                protocol: connect.protocol,
                 receive_max: usize::from(connect.receive_maximum.unwrap_or(u16::MAX).max(1)),
                 max_packet: connect.max_packet_size,
             },

@@ -33,10 +33,19 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a connection task tells the broker actor.
 #[derive(Debug)]
 pub enum ConnEvent {
-    /// The CONNECT, and where to send the connection's outgoing packets.
-    Connect(ConnId, Box<ConnectIn>, mpsc::Sender<Outgoing>),
+    /// The CONNECT, where to send the connection's outgoing packets, and where it comes from.
+    Connect(ConnId, Box<ConnectIn>, mpsc::Sender<Outgoing>, ConnMeta),
     /// A packet after CONNECT.
     Packet(ConnId, ClientPacket),
+}
+
+/// Where a connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnMeta {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// It came over TLS.
+    pub tls: bool,
 }
 
 /// How a connection ended.
@@ -149,6 +158,7 @@ pub fn tls_acceptor(
 /// Runs one client connection over `stream` until it ends.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     id: ConnId,
+    meta: ConnMeta,
     stream: S,
     events: mpsc::Sender<ConnEvent>,
     closed: mpsc::UnboundedSender<(ConnId, Ended)>,
@@ -159,7 +169,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         how: Ended::Closed,
         closed,
     };
-    match serve_inner(id, stream, events, limits).await {
+    match serve_inner(id, meta, stream, events, limits).await {
         Ok(()) => debug!(conn = id, "connection closed"),
         Err(Stop::Closed(why)) => debug!(conn = id, "connection ended: {why}"),
         Err(Stop::CutOff(code, why)) => {
@@ -212,6 +222,7 @@ async fn cut_off<S: AsyncWrite + Unpin>(stream: &mut S, protocol: Protocol, e: F
 
 async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
     id: ConnId,
+    meta: ConnMeta,
     mut stream: S,
     events: mpsc::Sender<ConnEvent>,
     limits: ConnLimits,
@@ -251,7 +262,7 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let (tx, mut rx) = mpsc::channel(limits.outgoing_capacity.max(16));
     events
-        .send(ConnEvent::Connect(id, Box::new(connect), tx))
+        .send(ConnEvent::Connect(id, Box::new(connect), tx, meta))
         .await
         .map_err(|_| Stop::Closed("broker gone".to_owned()))?;
     let mut out = BytesMut::with_capacity(4096);
@@ -327,5 +338,84 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A socket whose read panics, as a bug in a connection's handling would.
+    struct Panicking;
+
+    impl AsyncRead for Panicking {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            panic!("a bug in the connection");
+        }
+    }
+
+    impl AsyncWrite for Panicking {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_connection_is_reported_as_such_and_nothing_else_stops() {
+        let (events, _events_rx) = mpsc::channel(8);
+        let (closed, mut closed_rx) = mpsc::unbounded_channel();
+        let limits = ConnLimits {
+            max_packet_size: 1024,
+            outgoing_capacity: 16,
+        };
+        let meta = ConnMeta {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            tls: false,
+        };
+        let mut set = tokio::task::JoinSet::new();
+        set.spawn(serve(
+            7,
+            meta,
+            Panicking,
+            events.clone(),
+            closed.clone(),
+            limits,
+        ));
+        // A well-behaved connection alongside: closes normally.
+        let (stream, peer_end) = tokio::io::duplex(64);
+        drop(peer_end);
+        set.spawn(serve(8, meta, stream, events, closed, limits));
+        let mut ended = Vec::new();
+        while ended.len() < 2 {
+            ended.push(closed_rx.recv().await.unwrap());
+        }
+        ended.sort_by_key(|e| e.0);
+        assert_eq!(ended, [(7, Ended::Panicked), (8, Ended::Closed)]);
+        let first = set.join_next().await.unwrap();
+        let second = set.join_next().await.unwrap();
+        assert_eq!(
+            [first.is_err(), second.is_err()]
+                .iter()
+                .filter(|e| **e)
+                .count(),
+            1,
+            "only the panicking task failed"
+        );
     }
 }
