@@ -474,7 +474,7 @@ fn qos5(q: u8) -> V5QoS {
 /// Writes `packet` in `protocol` to `out`; `now` (Unix seconds) turns message expiry into the
 /// remaining interval. A packet 3.1.1 has no form for (DISCONNECT from the server) writes nothing.
 pub fn encode(
-    packet: &ServerPacket,
+    packet: ServerPacket,
     protocol: Protocol,
     now: u64,
     out: &mut BytesMut,
@@ -495,7 +495,7 @@ pub fn encode(
 }
 
 /// A neutral packet as 3.1.1 sends it (`None`: 3.1.1 has no such packet).
-pub fn to_v4(p: &ServerPacket) -> Option<v4::Packet> {
+pub fn to_v4(p: ServerPacket) -> Option<v4::Packet> {
     Some(match p {
         ServerPacket::ConnAck(c) => {
             let code = match c.code {
@@ -511,19 +511,19 @@ pub fn to_v4(p: &ServerPacket) -> Option<v4::Packet> {
             v4::Packet::ConnAck(v4::ConnAck::new(code, c.session_present))
         }
         ServerPacket::Publish { pkid, dup, message } => v4::Packet::Publish(v4::Publish {
-            dup: *dup,
+            dup,
             qos: qos4(message.qos),
             retain: message.retain,
-            topic: message.topic.clone(),
-            pkid: *pkid,
-            payload: message.payload.clone(),
+            topic: message.topic,
+            pkid,
+            payload: message.payload,
         }),
-        ServerPacket::PubAck(pid, _) => v4::Packet::PubAck(v4::PubAck::new(*pid)),
-        ServerPacket::PubRec(pid, _) => v4::Packet::PubRec(v4::PubRec::new(*pid)),
-        ServerPacket::PubRel(pid) => v4::Packet::PubRel(v4::PubRel::new(*pid)),
-        ServerPacket::PubComp(pid) => v4::Packet::PubComp(v4::PubComp::new(*pid)),
+        ServerPacket::PubAck(pid, _) => v4::Packet::PubAck(v4::PubAck::new(pid)),
+        ServerPacket::PubRec(pid, _) => v4::Packet::PubRec(v4::PubRec::new(pid)),
+        ServerPacket::PubRel(pid) => v4::Packet::PubRel(v4::PubRel::new(pid)),
+        ServerPacket::PubComp(pid) => v4::Packet::PubComp(v4::PubComp::new(pid)),
         ServerPacket::SubAck { pkid, codes } => v4::Packet::SubAck(v4::SubAck::new(
-            *pkid,
+            pkid,
             codes
                 .iter()
                 .map(|c| match c {
@@ -532,13 +532,13 @@ pub fn to_v4(p: &ServerPacket) -> Option<v4::Packet> {
                 })
                 .collect(),
         )),
-        ServerPacket::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(*pkid)),
+        ServerPacket::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
         ServerPacket::PingResp => v4::Packet::PingResp,
         ServerPacket::Disconnect(_) => return None,
     })
 }
 
-fn publish_v5(pkid: u16, dup: bool, m: &Message, now: u64) -> v5::Publish {
+fn publish_v5(pkid: u16, dup: bool, m: Message, now: u64) -> v5::Publish {
     let expiry = m
         .expires_at
         .map(|at| u32::try_from(at.saturating_sub(now).max(1)).unwrap_or(u32::MAX));
@@ -546,6 +546,7 @@ fn publish_v5(pkid: u16, dup: bool, m: &Message, now: u64) -> v5::Publish {
         None
     } else {
         let p = m.props.as_deref().cloned().unwrap_or_default();
+        let sub_ids = m.sub_ids.iter().map(|&i| i as usize).collect();
         Some(v5::PublishProperties {
             payload_format_indicator: p.payload_format_indicator,
             message_expiry_interval: expiry,
@@ -553,7 +554,7 @@ fn publish_v5(pkid: u16, dup: bool, m: &Message, now: u64) -> v5::Publish {
             response_topic: p.response_topic,
             correlation_data: p.correlation_data.map(Bytes::from),
             user_properties: p.user_properties,
-            subscription_identifiers: m.sub_ids.iter().map(|&i| i as usize).collect(),
+            subscription_identifiers: sub_ids,
             content_type: p.content_type,
         })
     };
@@ -563,7 +564,7 @@ fn publish_v5(pkid: u16, dup: bool, m: &Message, now: u64) -> v5::Publish {
         retain: m.retain,
         topic: Bytes::copy_from_slice(m.topic.as_bytes()),
         pkid,
-        payload: m.payload.clone(),
+        payload: m.payload,
         properties,
     }
 }
@@ -618,26 +619,26 @@ fn connack_v5(c: &ConnAckOut) -> v5::ConnAck {
     }
 }
 
-fn to_v5(p: &ServerPacket, now: u64) -> v5::Packet {
+fn to_v5(p: ServerPacket, now: u64) -> v5::Packet {
     match p {
-        ServerPacket::ConnAck(c) => v5::Packet::ConnAck(connack_v5(c)),
+        ServerPacket::ConnAck(c) => v5::Packet::ConnAck(connack_v5(&c)),
         ServerPacket::Publish { pkid, dup, message } => {
-            v5::Packet::Publish(publish_v5(*pkid, *dup, message, now))
+            v5::Packet::Publish(publish_v5(pkid, dup, message, now))
         }
         ServerPacket::PubAck(pid, code) => {
-            let mut a = v5::PubAck::new(*pid, None);
-            a.reason = ack_reason(*code).0;
+            let mut a = v5::PubAck::new(pid, None);
+            a.reason = ack_reason(code).0;
             v5::Packet::PubAck(a)
         }
         ServerPacket::PubRec(pid, code) => {
-            let mut r = v5::PubRec::new(*pid, None);
-            r.reason = ack_reason(*code).1;
+            let mut r = v5::PubRec::new(pid, None);
+            r.reason = ack_reason(code).1;
             v5::Packet::PubRec(r)
         }
-        ServerPacket::PubRel(pid) => v5::Packet::PubRel(v5::PubRel::new(*pid, None)),
-        ServerPacket::PubComp(pid) => v5::Packet::PubComp(v5::PubComp::new(*pid, None)),
+        ServerPacket::PubRel(pid) => v5::Packet::PubRel(v5::PubRel::new(pid, None)),
+        ServerPacket::PubComp(pid) => v5::Packet::PubComp(v5::PubComp::new(pid, None)),
         ServerPacket::SubAck { pkid, codes } => v5::Packet::SubAck(v5::SubAck {
-            pkid: *pkid,
+            pkid,
             return_codes: codes
                 .iter()
                 .map(|c| match c {
@@ -649,7 +650,7 @@ fn to_v5(p: &ServerPacket, now: u64) -> v5::Packet {
             properties: None,
         }),
         ServerPacket::UnsubAck { pkid, existed } => v5::Packet::UnsubAck(v5::UnsubAck {
-            pkid: *pkid,
+            pkid,
             reasons: existed
                 .iter()
                 .map(|&e| {
@@ -860,15 +861,15 @@ mod tests {
         ];
         for p in &packets {
             let mut out = BytesMut::new();
-            encode(p, Protocol::V4, 40, &mut out).unwrap();
+            encode(p.clone(), Protocol::V4, 40, &mut out).unwrap();
             let mut out5 = BytesMut::new();
-            encode(p, Protocol::V5, 40, &mut out5).unwrap();
+            encode(p.clone(), Protocol::V5, 40, &mut out5).unwrap();
             assert!(!out5.is_empty());
         }
         // The 3.1.1 encoding of the publish has no properties; MQTT 5's carries the remaining
         // expiry (60 s), the subscription id and the content type.
         let mut out = BytesMut::new();
-        encode(&packets[1], Protocol::V5, 40, &mut out).unwrap();
+        encode(packets[1].clone(), Protocol::V5, 40, &mut out).unwrap();
         let v5::Packet::Publish(p) = v5::Packet::read(&mut out, None).unwrap() else {
             panic!("not a publish")
         };

@@ -22,7 +22,7 @@ fn take4(c: &mut BrokerCore) -> Vec<A> {
     c.take_actions()
         .into_iter()
         .filter_map(|a| match a {
-            Action::Send(conn, p) => to_v4(&p).map(|p| A::Send(conn, p)),
+            Action::Send(conn, p) => to_v4(p).map(|p| A::Send(conn, p)),
             Action::Close(conn) => Some(A::Close(conn)),
             other => Some(A::Other(other)),
         })

@@ -203,7 +203,7 @@ fn unix_now() -> u64 {
 async fn write_now<S: AsyncWrite + Unpin>(
     stream: &mut S,
     protocol: Protocol,
-    packets: &[ServerPacket],
+    packets: impl IntoIterator<Item = ServerPacket>,
 ) -> Result<(), std::io::Error> {
     let mut out = BytesMut::new();
     for p in packets {
@@ -216,7 +216,7 @@ async fn write_now<S: AsyncWrite + Unpin>(
 /// Tells the client why it is cut off (an MQTT 5 DISCONNECT; nothing for 3.1.1) and stops.
 async fn cut_off<S: AsyncWrite + Unpin>(stream: &mut S, protocol: Protocol, e: FrameError) -> Stop {
     let code = e.disconnect_code();
-    let _ = write_now(stream, protocol, &[ServerPacket::Disconnect(code)]).await;
+    let _ = write_now(stream, protocol, [ServerPacket::Disconnect(code)]).await;
     Stop::CutOff(code, e.to_string())
 }
 
@@ -239,7 +239,7 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                     // MQTT 3.1 (or anything else): 3.1.1's "unacceptable protocol version".
                     let refuse =
                         ServerPacket::ConnAck(ConnAckOut::refuse(ConnCode::UnsupportedProtocol));
-                    let _ = write_now(&mut stream, Protocol::V4, &[refuse]).await;
+                    let _ = write_now(&mut stream, Protocol::V4, [refuse]).await;
                     return Err(Stop::CutOff(
                         DisconnectCode::ProtocolError,
                         format!("unsupported protocol level {level}"),
@@ -299,7 +299,7 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                     match next {
                         Some(Outgoing::Packet(p)) => {
                             let before = out.len();
-                            if let Err(e) = encode(&p, protocol, now, &mut out) {
+                            if let Err(e) = encode(p, protocol, now, &mut out) {
                                 return Err(Stop::Closed(format!("could not encode a packet: {e}")));
                             }
                             if client_max.is_some_and(|m| out.len() - before > m) {
@@ -327,7 +327,7 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
             }
             _ = sleep_until(deadline) => {
                 let code = DisconnectCode::KeepAliveTimeout;
-                let _ = write_now(&mut stream, protocol, &[ServerPacket::Disconnect(code)]).await;
+                let _ = write_now(&mut stream, protocol, [ServerPacket::Disconnect(code)]).await;
                 return Err(Stop::CutOff(code, "keepalive expired".to_owned()));
             }
         }
