@@ -76,7 +76,13 @@ async fn subscribers(
 }
 
 /// Throughput: `pubs` publishers send `total` messages between them as fast as they can.
-async fn throughput(addr: &MqttTarget, pubs: usize, subs: usize, qos: QoS, total: usize) -> (f64, u64) {
+async fn throughput(
+    addr: &MqttTarget,
+    pubs: usize,
+    subs: usize,
+    qos: QoS,
+    total: usize,
+) -> (f64, u64) {
     let tag = format!("t{}", rand_tag());
     let epoch = Instant::now();
     let (count, sub_handles) = subscribers(addr, &tag, subs, "bench/#", qos, None, epoch).await;

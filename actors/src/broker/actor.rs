@@ -303,7 +303,10 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     let next_id = Arc::new(AtomicU64::new(1));
     let limits = ConnLimits {
         max_packet_size: settings.limits.max_packet_size as usize,
-        outgoing_capacity: settings.limits.max_inflight as usize + 4096,
+        // QoS 0 messages wait for a busy client like queued QoS 1/2 ones do (`max_queued`, at
+        // least 4096), and are dropped and counted beyond that.
+        outgoing_capacity: settings.limits.max_inflight as usize
+            + (settings.limits.max_queued as usize).max(4096),
     };
     let mut tasks = JoinSet::new();
     let mut bound = Vec::new();
