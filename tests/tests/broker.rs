@@ -1122,3 +1122,64 @@ fn connections_are_children_and_a_stalled_subscriber_drops_qos0_alone() {
     assert_eq!(watcher.take(1, SECS), ["a/other still-served"]);
     drop(stalled);
 }
+
+/// An MQTT 5 persistent session (session expiry 600 s) keeps its queued message, with its
+/// properties, through a kill of the broker actor.
+#[test]
+fn mqtt5_session_and_message_properties_survive_a_broker_kill() {
+    let b = start();
+    let args = [
+        "-V",
+        "mqttv5",
+        "-c",
+        "-i",
+        "v5-keeper",
+        "-x",
+        "600",
+        "-q",
+        "1",
+        "-F",
+        "%j",
+        "-t",
+        "a/v5kill",
+    ];
+    drop(b.subscribe(b.tcp, &args));
+    assert!(wait_for(SECS, || b.detail()["connections"] == 0));
+    b.publish_ok(&[
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-t",
+        "a/v5kill",
+        "-m",
+        "kept",
+        "-D",
+        "publish",
+        "user-property",
+        "origin",
+        "test",
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "600",
+    ]);
+    b.work.ctl_ok("n1", &["kill", "n1/broker"]);
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            b.work.status("n1").is_some_and(|s| {
+                actor(&s, "n1/broker")
+                    .is_some_and(|a| a["restarts"].as_u64() >= Some(1) && a["state"] == "running")
+            }) && std::net::TcpStream::connect(("127.0.0.1", b.tcp)).is_ok()
+        }),
+        "broker did not come back"
+    );
+    let s = Sub::spawn(b.dir(), b.tcp, &args);
+    let line = s.take(1, SECS);
+    assert_eq!(line.len(), 1, "the queued message did not survive");
+    let m: serde_json::Value = serde_json::from_str(&line[0]).unwrap();
+    assert_eq!(m["payload"], "kept");
+    assert_eq!(m["properties"]["user-properties"]["origin"], "test", "{m}");
+    let left = m["properties"]["message-expiry-interval"].as_u64().unwrap();
+    assert!((500..=600).contains(&left), "{left}");
+}
