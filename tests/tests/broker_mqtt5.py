@@ -73,8 +73,14 @@ class C:
         return [m.payload.decode() for m in self.msgs]
 
     def close(self):
+        # Wait until the DISCONNECT is out, and give the broker a moment to see it, so that
+        # what is published next finds the session offline.
+        gone = threading.Event()
+        self.c.on_disconnect = lambda c, u, rc, p=None: gone.set()
         self.c.disconnect()
+        gone.wait(5)
         self.c.loop_stop()
+        time.sleep(0.3)
 
 # Topic aliases.
 s = C("alias-sub"); s.sub("a/alias/#")
