@@ -1091,6 +1091,17 @@ fn connections_are_children_and_a_stalled_subscriber_drops_qos0_alone() {
         "{children}"
     );
 
+    // An operator cuts a client off by id; an unknown id is reported as not connected.
+    let cut = |id: &str| {
+        let m = format!(r#"{{"disconnect": {{"client_id": "{id}"}}}}"#);
+        b.work.ctl_json("n1", &["call", "n1/broker", &m])["reply"].clone()
+    };
+    assert_eq!(cut("watcher"), true);
+    assert_eq!(cut("nobody"), false);
+    // mosquitto_sub reports the MQTT 5 reason: 152, administrative action.
+    assert_eq!(watcher.take(1, SECS), ["Received DISCONNECT (152)"]);
+    let watcher = b.subscribe(b.tcp, &["-i", "watcher2", "-t", "a/other"]);
+
     // A subscriber that never reads again.
     let mut stalled = raw_client(b.tcp, "stalled");
     let mut sub = vec![0x82];

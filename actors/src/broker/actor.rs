@@ -374,6 +374,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     for (mut d, reply) in replies {
                         match reply {
                             Reply::Granted(g) => d.reply(&g),
+                            Reply::Connected(c) => d.reply(&c),
                             Reply::Done => d.reply(&()),
                             Reply::Status => d.reply(&status(&shell.core, &ctx.stats.detail())),
                             Reply::Reject(e) => d.reject(e),
@@ -447,6 +448,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
 /// A reply held until the batch it belongs to is committed.
 enum Reply {
     Granted(Vec<Option<u8>>),
+    Connected(bool),
     Done,
     Status,
     Reject(CallError),
@@ -531,6 +533,9 @@ fn handle_message(
                     )))
                 }
             }
+        }
+        BrokerMessage::Disconnect { client_id } => {
+            Reply::Connected(shell.core.disconnect_client(&client_id))
         }
         BrokerMessage::Status {} => Reply::Status,
     };

@@ -675,6 +675,7 @@ fn to_v5(p: ServerPacket, now: u64) -> v5::Packet {
                 DisconnectCode::TopicNameInvalid => R::TopicNameInvalid,
                 DisconnectCode::ReceiveMaximumExceeded => R::ReceiveMaximumExceeded,
                 DisconnectCode::KeepAliveTimeout => R::KeepAliveTimeout,
+                DisconnectCode::AdministrativeAction => R::AdministrativeAction,
             };
             v5::Packet::Disconnect(v5::Disconnect::new(reason))
         }

@@ -673,6 +673,22 @@ impl BrokerCore {
         self.drop_conn(conn, true);
     }
 
+    /// Cuts off the client `client_id` (an operator's decision): an MQTT 5 client is told why,
+    /// its will is published, its session kept per its expiry. False when it is not connected.
+    pub fn disconnect_client(&mut self, client_id: &str) -> bool {
+        let Some(conn) = self.online.get(client_id).copied() else {
+            return false;
+        };
+        info!(client_id, "client disconnected by an operator");
+        self.drop_conn(conn, true);
+        self.actions.push(Action::Send(
+            conn,
+            ServerPacket::Disconnect(DisconnectCode::AdministrativeAction),
+        ));
+        self.actions.push(Action::Close(conn));
+        true
+    }
+
     /// Connection `conn` is cut off by its connection task for `code` (malformed or oversize
     /// packet, bad topic alias, keepalive): counted as a protocol error unless it is keepalive.
     pub fn cut_off(&mut self, conn: ConnId, code: DisconnectCode) {

@@ -4,7 +4,11 @@
 //! Clients connect on any of the configured listeners (plain TCP, or TLS optionally requiring a
 //! client certificate from `client_ca`). Each connection is its own task under the broker actor:
 //! a client that breaks the protocol, sends an oversize packet or goes silent past its keepalive
-//! is cut off and nobody else notices. Logins check argon2 password hashes (anonymous clients only
+//! is cut off and nobody else notices; a connection whose task panics is cut off the same way and
+//! counted (`connection_panics`). The connections are the broker's children: status lists them
+//! (`children`, the first 100 by client id, and `children_total`) as `node/broker/<client-id>`,
+//! which `colony ctl tree` shows under the broker, and `disconnect {client_id}` cuts one off.
+//! Logins check argon2 password hashes (anonymous clients only
 //! with `allow_anonymous = true`); ACL rules with `%u`/`%c` decide who may publish and subscribe
 //! where. Failed logins and ACL denials are logged without secrets and counted in status.
 //!
@@ -18,7 +22,8 @@
 //! Messages ([`BrokerMessage`]): `subscribe {filters, qos, no_local}` (the sender, or
 //! `subscriber`, then receives a [`BrokerNotice::Publish`] for every matching publish; the reply
 //! is the granted QoS per filter, `null` for an invalid one), `unsubscribe {filters}` (all when
-//! empty), `publish {topic, payload, qos, retain, hops, stream}`, `ack {ids}` and `status {}`.
+//! empty), `publish {topic, payload, qos, retain, hops, stream}`, `ack {ids}`, `disconnect {client_id}`
+//! (cut one client off) and `status {}`.
 //!
 //! Actor subscriptions are reliable at QoS 1 and 2: each notice carries an `id`, stays in the
 //! store until the subscriber sends `ack {ids}`, at most `limits.max_inflight` are unacknowledged
@@ -144,6 +149,12 @@ pub enum BrokerMessage {
         /// Whose notices, when not the sender's.
         #[serde(default)]
         subscriber: Option<Address>,
+    },
+    /// Cuts off the client connection `client_id` (its will is published, its session kept as
+    /// its expiry says); replies whether it was connected.
+    Disconnect {
+        /// The client id.
+        client_id: String,
     },
     /// Replies with the broker's status (the detail `colony ctl status` shows, and the actor
     /// subscriptions).

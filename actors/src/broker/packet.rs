@@ -242,6 +242,8 @@ pub enum DisconnectCode {
     ReceiveMaximumExceeded,
     /// Keepalive expired.
     KeepAliveTimeout,
+    /// An operator cut the client off.
+    AdministrativeAction,
 }
 
 /// CONNACK.
