@@ -8,12 +8,14 @@
 //! counted (`connection_panics`). The connections are the broker's children: status lists them
 //! (`children`, the first 100 by client id, and `children_total`) as `node/broker/<client-id>`,
 //! which `colony ctl tree` shows under the broker, and `disconnect {client_id}` cuts one off.
-//! Logins check argon2 password hashes (anonymous clients only
-//! with `allow_anonymous = true`); ACL rules with `%u`/`%c` decide who may publish and subscribe
-//! where. Failed logins and ACL denials are logged without secrets and counted in status.
+//! Logins check argon2 password hashes (anonymous clients only with `allow_anonymous = true`); ACL
+//! rules with `%u`/`%c` decide who may publish and subscribe where. Failed logins and ACL denials
+//! are logged without secrets and counted in status.
 //!
 //! QoS 0, 1 and 2 work end to end with per-client in-flight windows (`limits.max_inflight`) and
-//! queues (`limits.max_queued`); retained messages, wills, `$share/group/filter` subscriptions and
+//! queues (`limits.max_queued`; QoS 0 messages for a client that reads too slowly wait in the same
+//! bound and are dropped and counted as `dropped` beyond it); retained messages, wills,
+//! `$share/group/filter` subscriptions and
 //! `$SYS/broker/...` statistics are there. Persistent sessions (clean session off), their queued
 //! and in-flight QoS 1/2 messages, retained messages and actor subscriptions live in SQLite in the
 //! actor's data directory (`broker.sqlite`), written before the packets that depend on them go
@@ -22,8 +24,8 @@
 //! Messages ([`BrokerMessage`]): `subscribe {filters, qos, no_local}` (the sender, or
 //! `subscriber`, then receives a [`BrokerNotice::Publish`] for every matching publish; the reply
 //! is the granted QoS per filter, `null` for an invalid one), `unsubscribe {filters}` (all when
-//! empty), `publish {topic, payload, qos, retain, hops, stream}`, `ack {ids}`, `disconnect {client_id}`
-//! (cut one client off) and `status {}`.
+//! empty), `publish {topic, payload, qos, retain, hops, stream}`, `ack {ids}`,
+//! `disconnect {client_id}` (cut one client off) and `status {}`.
 //!
 //! Actor subscriptions are reliable at QoS 1 and 2: each notice carries an `id`, stays in the
 //! store until the subscriber sends `ack {ids}`, at most `limits.max_inflight` are unacknowledged
