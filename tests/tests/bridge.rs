@@ -157,6 +157,12 @@ topics = [
     });
     assert!(ok, "{}", detail(&w, "site", "site/bridge"));
 
+    // The bridge answers a status call; anything else is refused, and it keeps running.
+    let reply = w.ctl_json("site", &["call", "site/bridge", r#"{"status": {}}"#]);
+    assert_eq!(reply["reply"]["remote"], "cloud/broker", "{reply}");
+    let out = w.ctl("site", &["call", "site/bridge", r#"{"launch": {}}"#]);
+    assert!(!out.status.success());
+
     // The connection state is retained on the site broker.
     let state = Sub::start(d, p1, &["-t", "colony/bridge/site/bridge/state"]);
     let line = state.take(1, SECS);
