@@ -838,3 +838,63 @@ fn hops_travel_through_mosquitto_so_a_mixed_ring_does_not_loop() {
         assert!(s.quiet(Duration::from_secs(1)).is_empty());
     }
 }
+
+#[test]
+fn mosquitto_keeps_the_bridge_session_while_the_bridge_is_stopped() {
+    let (p1, mp) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "mqtt://127.0.0.1:{mp}"
+topics = [ {{ pattern = "down/#", direction = "in", qos = 1 }} ]
+"##,
+        header(),
+        node("site"),
+        broker("site", p1),
+    );
+    let w = Workdir::new(&config);
+    let _m = Mosquitto::start(
+        w.path(),
+        &MosquittoSetup {
+            name: "mosq",
+            port: mp,
+            tls_port: None,
+            user: None,
+            extra: "",
+        },
+    );
+    let _nodes = start_all(&w, &["site"]);
+    wait_connected(&w, "site", "site/bridge");
+    let sub = Sub::start(w.path(), p1, &["-q", "1", "-t", "down/#"]);
+    let out = w.ctl("site", &["stop", "site/bridge"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // While the bridge is away, Mosquitto queues for its persistent session.
+    let d = w.path();
+    publish_lines(d, mp, "down/cmd", &readings(d, "a.txt", 1, 200), &[]);
+    let out = w.ctl("site", &["start", "site/bridge"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got = sub.take(200, Duration::from_secs(30));
+    got.extend(sub.quiet(Duration::from_secs(1)));
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|l| {
+            let json = l.split_once(' ').map_or("", |x| x.1);
+            serde_json::from_str::<serde_json::Value>(json).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+}
