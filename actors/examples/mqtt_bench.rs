@@ -1,10 +1,14 @@
-//! An MQTT load generator for comparing brokers: the same clients (rumqttc over TCP) against
-//! each broker given, scenario by scenario, printing delivered messages per second, p50/p99
-//! latency and the ratio of the first broker to the second.
+//! An MQTT load generator for comparing brokers: the same clients (rumqttc, over TCP and TLS)
+//! against each broker given, scenario by scenario, printing delivered messages per second,
+//! p50/p99 latency and the ratio of the first broker to the second.
 //!
 //! ```text
-//! cargo run --release -p colony-actors --example mqtt_bench -- 127.0.0.1:1883 127.0.0.1:1884
+//! cargo run --release -p colony-actors --example mqtt_bench -- \
+//!     --ca ca.pem mqtt://127.0.0.1:1883 mqtt://127.0.0.1:1884 \
+//!     mqtts://127.0.0.1:8883 mqtts://127.0.0.1:8884
 //! ```
+//! The first two URLs are the plain TCP listeners (Colony, the reference), the optional last two
+//! the TLS ones, whose certificates must chain to `--ca`.
 //! `actors/benches/broker_vs_mosquitto.sh` starts a Colony broker and Debian's mosquitto and runs
 //! this against both. It measures; it does not pass or fail.
 
@@ -12,22 +16,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use colony_actors::mqtt_client::MqttTarget;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const PAYLOAD: usize = 100;
 
-fn options(id: String, addr: &str) -> MqttOptions {
-    let (host, port) = addr.rsplit_once(':').expect("host:port");
-    let mut o = MqttOptions::new(id, host, port.parse().expect("port"));
-    o.set_keep_alive(Duration::from_secs(30));
+fn options(id: String, addr: &MqttTarget) -> MqttOptions {
+    let mut o = addr.options(&id, Duration::from_secs(30));
     o.set_inflight(100);
-    o.set_max_packet_size(1 << 20, 1 << 20);
     o
 }
 
 /// Starts `n` subscribers to `filter`; returns the delivered counter and latency samples.
 async fn subscribers(
-    addr: &str,
+    addr: &MqttTarget,
     tag: &str,
     n: usize,
     filter: &str,
@@ -74,7 +76,13 @@ async fn subscribers(
 }
 
 /// Throughput: `pubs` publishers send `total` messages between them as fast as they can.
-async fn throughput(addr: &str, pubs: usize, subs: usize, qos: QoS, total: usize) -> (f64, u64) {
+async fn throughput(
+    addr: &MqttTarget,
+    pubs: usize,
+    subs: usize,
+    qos: QoS,
+    total: usize,
+) -> (f64, u64) {
     let tag = format!("t{}", rand_tag());
     let epoch = Instant::now();
     let (count, sub_handles) = subscribers(addr, &tag, subs, "bench/#", qos, None, epoch).await;
@@ -138,7 +146,7 @@ async fn throughput(addr: &str, pubs: usize, subs: usize, qos: QoS, total: usize
 }
 
 /// Latency at a fixed rate: one publisher, one subscriber, `rate` msg/s for `secs`.
-async fn latency(addr: &str, qos: QoS, rate: u64, secs: u64) -> (u64, u64) {
+async fn latency(addr: &MqttTarget, qos: QoS, rate: u64, secs: u64) -> (u64, u64) {
     let tag = format!("l{}", rand_tag());
     let epoch = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -181,11 +189,20 @@ fn rand_tag() -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let brokers: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut ca = None;
+    if let Some(i) = args.iter().position(|a| a == "--ca") {
+        args.remove(i);
+        ca = Some(std::path::PathBuf::from(args.remove(i)));
+    }
     assert!(
-        !brokers.is_empty(),
-        "usage: mqtt_bench HOST:PORT [HOST:PORT] (first is Colony, second the reference)"
+        args.len() == 2 || args.len() == 4,
+        "usage: mqtt_bench [--ca CA.pem] COLONY_URL REFERENCE_URL [COLONY_TLS_URL REFERENCE_TLS_URL]"
     );
+    let targets: Vec<MqttTarget> = args
+        .iter()
+        .map(|u| MqttTarget::url(u, ca.as_deref()).expect("broker URL"))
+        .collect();
     let scenarios: [(&str, usize, usize, QoS, usize); 8] = [
         ("1 pub -> 1 sub, QoS 0", 1, 1, QoS::AtMostOnce, 100_000),
         ("1 pub -> 1 sub, QoS 1", 1, 1, QoS::AtLeastOnce, 50_000),
@@ -208,33 +225,36 @@ async fn main() {
         ("1 pub -> 100 subs, QoS 0", 1, 100, QoS::AtMostOnce, 2_000),
         ("1 pub -> 100 subs, QoS 1", 1, 100, QoS::AtLeastOnce, 1_000),
     ];
-    println!("delivered msgs/s (100-byte payloads, TCP); brokers: {brokers:?}");
-    for (name, pubs, subs, qos, total) in scenarios {
-        let mut rates = Vec::new();
-        let mut line = format!("{name:<28}");
-        for b in &brokers {
-            let (rate, lost) = throughput(b, pubs, subs, qos, total).await;
-            line.push_str(&format!(" {rate:>10.0}/s (undelivered {lost:>6})"));
-            rates.push(rate);
+    println!("delivered msgs/s, 100-byte payloads; Colony vs reference: {args:?}");
+    for (transport, brokers) in ["TCP", "TLS"].into_iter().zip(targets.chunks(2)) {
+        println!("-- {transport}");
+        for (name, pubs, subs, qos, total) in scenarios {
+            let mut rates = Vec::new();
+            let mut line = format!("{transport} {name:<28}");
+            for b in brokers {
+                let (rate, lost) = throughput(b, pubs, subs, qos, total).await;
+                line.push_str(&format!(" {rate:>10.0}/s (undelivered {lost:>6})"));
+                rates.push(rate);
+            }
+            if rates.len() == 2 && rates[1] > 0.0 {
+                line.push_str(&format!("  ratio {:.2}", rates[0] / rates[1]));
+            }
+            println!("{line}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        if rates.len() == 2 && rates[1] > 0.0 {
-            line.push_str(&format!("  ratio {:.2}", rates[0] / rates[1]));
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            let mut line = format!("{transport} latency 1000 msg/s, QoS {}", qos as u8);
+            line = format!("{line:<32}");
+            let mut p99s = Vec::new();
+            for b in brokers {
+                let (p50, p99) = latency(b, qos, 1000, 5).await;
+                line.push_str(&format!("   p50 {p50:>5} us p99 {p99:>6} us"));
+                p99s.push(p99 as f64);
+            }
+            if p99s.len() == 2 && p99s[0] > 0.0 {
+                line.push_str(&format!("  p99 Colony/reference {:.2}", p99s[0] / p99s[1]));
+            }
+            println!("{line}");
         }
-        println!("{line}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
-        let mut line = format!("latency 1000 msg/s, QoS {}", qos as u8);
-        line = format!("{line:<28}");
-        let mut p99s = Vec::new();
-        for b in &brokers {
-            let (p50, p99) = latency(b, qos, 1000, 5).await;
-            line.push_str(&format!("   p50 {p50:>5} us p99 {p99:>6} us"));
-            p99s.push(p99 as f64);
-        }
-        if p99s.len() == 2 && p99s[0] > 0.0 {
-            line.push_str(&format!("  p99 ratio {:.2}", p99s[0] / p99s[1]));
-        }
-        println!("{line}");
     }
 }

@@ -438,3 +438,88 @@ fn diff_kind_change_and_node_changes() {
             .contains(&"supervision".to_owned())
     );
 }
+
+#[test]
+fn bridge_settings_are_checked() {
+    // An external remote: bad URL, a wildcard in a prefix, mqtts without a CA, a certificate
+    // without its key, a password without a user.
+    let src = valid_with(
+        "remote = \"cloud/broker\"",
+        "remote = \"mqtts://broker.example:99999\"\nfailover = [\"http://x\"]\ncert = \"c.pem\"\npassword = \"pw\"",
+    )
+    .replacen("{ pattern = \"InTopic/#\",  direction = \"in\",  qos = 1 }", "{ pattern = \"InTopic/#\", direction = \"in\", local_prefix = \"a/+/\" }", 1);
+    let messages: Vec<String> = errors(&src).into_iter().map(|e| e.2).collect();
+    for want in [
+        "'mqtts://broker.example:99999': the port must be a number from 1 to 65535",
+        "'http://x' must start with mqtt:// or mqtts://",
+        "an mqtts:// remote needs `ca` (the CA certificate, PEM)",
+        "a client certificate needs both `cert` and `key`",
+        "`password` needs `username`",
+        "`local_prefix` 'a/+/' must not hold wildcards",
+    ] {
+        assert!(messages.iter().any(|m| m == want), "{want}: {messages:?}");
+    }
+
+    // Settings for an external broker make no sense with a Colony remote; nor does bridging a
+    // broker to itself.
+    let src = valid_with(
+        "remote = \"cloud/broker\"",
+        "remote = \"site-a/broker\"\nusername = \"u\"",
+    );
+    let messages: Vec<String> = errors(&src).into_iter().map(|e| e.2).collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m == "`remote` must be another broker than `local`")
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("`username` is for an external broker"))
+    );
+
+    // Spool bounds and timers.
+    let src = valid_with(
+        "remote = \"cloud/broker\"",
+        "remote = \"cloud/broker\"\nspool_max_messages = 0\nreconnect_min_ms = 500\nreconnect_max_ms = 100\nnotification_topic = \"a/#\"",
+    );
+    let messages: Vec<String> = errors(&src).into_iter().map(|e| e.2).collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("spool_max_messages must be between 1")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m == "reconnect_max_ms must be between 500 and 3600000, not 100"),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("`notification_topic` must be a topic name"))
+    );
+
+    // A good external remote parses, with its defaults.
+    let src = valid_with(
+        "remote = \"cloud/broker\"",
+        "remote = \"mqtts://127.0.0.1:8883\"\nfailover = [\"mqtt://[::1]:1883\"]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\nusername = \"u\"\npassword = \"p\"",
+    );
+    let config = parse(&src).expect("valid");
+    let bridge = config
+        .actors
+        .iter()
+        .find_map(|a| match &a.settings {
+            ActorSettings::Bridge(b) => Some(b),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(bridge.failover, ["mqtt://[::1]:1883"]);
+    assert_eq!(bridge.spool_max_messages, 1_000_000);
+    assert_eq!(
+        bridge.notification_topic,
+        "colony/bridge/{node}/{name}/state"
+    );
+}

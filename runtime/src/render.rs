@@ -185,9 +185,61 @@ pub fn render_tree(status: &ClusterStatus) -> String {
             }
             out.push_str(line.trim_end());
             out.push('\n');
+            let stem = if j + 1 == s.actors.len() {
+                "    "
+            } else {
+                "│   "
+            };
+            push_children(&mut out, stem, &a.detail);
         }
     }
     out
+}
+
+/// The children an actor reports in its status detail (`children`: objects with `address`,
+/// `kind`, `state` and an optional `info` line; `children_total` when the list is cut short),
+/// as branches under it.
+fn push_children(out: &mut String, stem: &str, detail: &serde_json::Value) {
+    let Some(children) = detail.get("children").and_then(|c| c.as_array()) else {
+        return;
+    };
+    let total = detail
+        .get("children_total")
+        .and_then(|t| t.as_u64())
+        .unwrap_or(children.len() as u64);
+    let more = total.saturating_sub(children.len() as u64);
+    let field = |c: &serde_json::Value, k: &str| {
+        c.get(k)
+            .and_then(|v| v.as_str())
+            .map(one_line)
+            .unwrap_or_default()
+    };
+    let rows: Vec<[String; 4]> = children
+        .iter()
+        .map(|c| {
+            [
+                field(c, "address"),
+                field(c, "kind"),
+                field(c, "state"),
+                field(c, "info"),
+            ]
+        })
+        .collect();
+    let width = |i: usize| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0);
+    let (wa, wk, ws) = (width(0), width(1), width(2));
+    for (k, r) in rows.iter().enumerate() {
+        let last = k + 1 == rows.len() && more == 0;
+        let branch = if last { "└──" } else { "├──" };
+        let line = format!(
+            "{stem}{branch} {:<wa$}  {:<wk$}  {:<ws$}  {}",
+            r[0], r[1], r[2], r[3]
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if more > 0 {
+        let _ = writeln!(out, "{stem}└── ... and {more} more");
+    }
 }
 
 /// A table that looks the same on every terminal: no colour, no wrapping, `right` columns
@@ -563,6 +615,29 @@ mod tests {
             lines.next(),
             Some("edge-2 (unreachable: call timed out after 1s)")
         );
+    }
+
+    #[test]
+    fn tree_shows_children_an_actor_reports() {
+        let mut status = sample();
+        let actors = &mut status.nodes[0].status.as_mut().unwrap().actors;
+        actors[0].detail = serde_json::json!({
+            "children": [
+                {"address": "edge-1/lb/dev-1", "kind": "connection", "state": "running", "info": "mqtt 5"},
+                {"address": "edge-1/lb/d2", "kind": "connection", "state": "running"},
+            ],
+            "children_total": 3,
+        });
+        let text = render_tree(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("├── edge-1/lb "), "{text}");
+        assert_eq!(
+            lines[2],
+            "│   ├── edge-1/lb/dev-1  connection  running  mqtt 5"
+        );
+        assert_eq!(lines[3], "│   ├── edge-1/lb/d2     connection  running");
+        assert_eq!(lines[4], "│   └── ... and 1 more");
+        assert!(lines[5].starts_with("└── edge-1/sensors"), "{text}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use colony_tests::mqtt::{Sub, publish};
+use colony_tests::mqtt::{Mosquitto, MosquittoSetup, Sub, make_certs, publish};
 use colony_tests::*;
 
 const SECS: Duration = Duration::from_secs(15);
@@ -156,6 +156,12 @@ topics = [
             && b["spool_depth"] == 0
     });
     assert!(ok, "{}", detail(&w, "site", "site/bridge"));
+
+    // The bridge answers a status call; anything else is refused, and it keeps running.
+    let reply = w.ctl_json("site", &["call", "site/bridge", r#"{"status": {}}"#]);
+    assert_eq!(reply["reply"]["remote"], "cloud/broker", "{reply}");
+    let out = w.ctl("site", &["call", "site/bridge", r#"{"launch": {}}"#]);
+    assert!(!out.status.success());
 
     // The connection state is retained on the site broker.
     let state = Sub::start(d, p1, &["-t", "colony/bridge/site/bridge/state"]);
@@ -317,4 +323,578 @@ fn a_ring_of_both_direction_bridges_does_not_loop() {
         .map(|(n, a)| detail(&w, n, a)["loops_stopped"].as_u64().unwrap_or(0))
         .sum();
     assert!(stopped > 0, "no bridge stopped a looping message");
+}
+
+const MQ_USER: &str = "bridge";
+const MQ_PASS: &str = "bridge-secret";
+
+#[test]
+fn colony_and_a_real_mosquitto_bridge_both_ways_over_tls_with_a_password() {
+    let (p1, mp, mt) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "mqtts://127.0.0.1:{mt}"
+ca = "ca.pem"
+cert = "client.pem"
+key = "client.key"
+username = "{MQ_USER}"
+password = "{MQ_PASS}"
+keepalive_secs = 5
+topics = [
+  {{ pattern = "up/#", direction = "out", qos = 1 }},
+  {{ pattern = "down/#", direction = "in", qos = 1 }},
+  {{ pattern = "sync/#", direction = "both", qos = 1 }},
+  {{ pattern = "#", direction = "out", qos = 0, local_prefix = "q0/", remote_prefix = "site/q0/" }},
+]
+"##,
+        header(),
+        node("site"),
+        broker("site", p1),
+    );
+    let w = Workdir::new(&config);
+    make_certs(w.path());
+    let _m = Mosquitto::start(
+        w.path(),
+        &MosquittoSetup {
+            name: "mosq",
+            port: mp,
+            tls_port: Some(mt),
+            user: Some((MQ_USER, MQ_PASS)),
+            extra: "",
+        },
+    );
+    let _nodes = start_all(&w, &["site"]);
+    wait_connected(&w, "site", "site/bridge");
+    let auth = ["-u", MQ_USER, "-P", MQ_PASS];
+    let mut args = vec!["-q", "1", "-t", "#"];
+    args.extend(auth);
+    let s1 = Sub::start(w.path(), p1, &["-q", "1", "-t", "#"]);
+    let sm = Sub::start(w.path(), mp, &args);
+    let d = w.path();
+    let mpub = |topic: &str, payload: &str| {
+        let mut a = vec!["-q", "1", "-t", topic, "-m", payload];
+        a.extend(auth);
+        publish(d, mp, 10, &a);
+    };
+    pub1(d, p1, "up/a", "1");
+    mpub("up/b", "2");
+    mpub("down/a", "3");
+    pub1(d, p1, "down/b", "4");
+    pub1(d, p1, "sync/x", "5");
+    mpub("sync/y", "6");
+    publish(d, p1, 10, &["-q", "0", "-t", "q0/t", "-m", "7"]);
+    let want1 = expect(&[
+        "up/a 1", "down/a 3", "down/b 4", "sync/x 5", "sync/y 6", "q0/t 7",
+    ]);
+    let want2 = expect(&[
+        "up/a 1",
+        "up/b 2",
+        "down/a 3",
+        "sync/x 5",
+        "sync/y 6",
+        "site/q0/t 7",
+    ]);
+    let mut got1 = s1.take(want1.len(), SECS);
+    let mut got2 = sm.take(want2.len(), SECS);
+    got1.extend(s1.quiet(Duration::from_secs(2)));
+    got2.extend(sm.quiet(Duration::from_secs(1)));
+    assert_eq!(tally(&got1), want1, "colony subscriber");
+    assert_eq!(tally(&got2), want2, "mosquitto subscriber");
+    let b = detail(&w, "site", "site/bridge");
+    assert_eq!(b["address"], format!("mqtts://127.0.0.1:{mt}"), "{b}");
+}
+
+/// `count` JSON readings of source `s1` with seq `from..from+count`, one per line.
+fn readings(dir: &Path, name: &str, from: u64, count: u64) -> std::path::PathBuf {
+    let mut text = String::new();
+    for seq in from..from + count {
+        text += &format!(
+            "{{\"source\": \"s1\", \"seq\": {seq}, \"ts\": {}, \"value\": 1.5}}\n",
+            1_700_000_000_000u64 + seq
+        );
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Publishes the lines of `file` as QoS 1 messages to `topic` at `port`, in order.
+fn publish_lines(dir: &Path, port: u16, topic: &str, file: &Path, auth: &[&str]) {
+    let port = port.to_string();
+    let out = std::process::Command::new("timeout")
+        .args([
+            "60",
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ])
+        .args(auth)
+        .current_dir(dir)
+        .stdin(std::fs::File::open(file).unwrap())
+        .output()
+        .expect("mosquitto_pub");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn kill_actor(w: &Workdir, node: &str, address: &str) {
+    let out = w.ctl(node, &["kill", address]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn wait_spooled(w: &Workdir, node: &str, address: &str, at_least: u64) {
+    let ok = wait_for(SECS, || {
+        w.status(node)
+            .and_then(|s| actor(&s, address).map(|a| a["detail"]["spool_depth"].as_u64()))
+            .flatten()
+            .is_some_and(|n| n >= at_least)
+    });
+    assert!(
+        ok,
+        "spool never reached {at_least}: {}",
+        detail(w, node, address)
+    );
+}
+
+#[test]
+fn ten_thousand_messages_survive_a_remote_outage_a_bridge_kill_and_a_node_restart() {
+    let (p1, p2) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "cloud/broker"
+topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
+
+[[actor]]
+name = "collector"
+node = "cloud"
+kind = "collector"
+database = "readings.sqlite"
+source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
+"##,
+        header(),
+        node("site"),
+        node("cloud"),
+        broker("site", p1),
+        broker("cloud", p2),
+    );
+    let w = Workdir::new(&config);
+    let mut nodes = start_all(&w, &["site", "cloud"]);
+    wait_connected(&w, "site", "site/bridge");
+    let d = w.path();
+    let broker_in = |w: &Workdir| {
+        w.status("cloud")
+            .and_then(|s| actor(&s, "cloud/broker").map(|a| a["detail"]["messages_in"].as_u64()))
+            .flatten()
+    };
+    publish_lines(d, p1, "gas/s1", &readings(d, "a.txt", 1, 2000), &[]);
+    let through = wait_for(SECS, || broker_in(&w) == Some(2000));
+    assert!(through, "first part: {:?}", broker_in(&w));
+    // The far node is stopped.
+    nodes[1].signal(15);
+    assert!(nodes[1].wait_exit(SECS).is_some(), "cloud did not stop");
+    publish_lines(d, p1, "gas/s1", &readings(d, "b.txt", 2001, 4000), &[]);
+    kill_actor(&w, "site", "site/bridge");
+    publish_lines(d, p1, "gas/s1", &readings(d, "c.txt", 6001, 4000), &[]);
+    wait_spooled(&w, "site", "site/bridge", 1);
+    // The site node restarts too, with its spool on disk.
+    nodes[0].kill9();
+    nodes[0] = w.start_node("site");
+    std::thread::sleep(Duration::from_secs(3));
+    nodes[1] = w.start_node("cloud");
+    let counts = || {
+        w.ctl_json(
+            "cloud",
+            &["call", "cloud/collector", r#"{"query": {"counts": {}}}"#],
+        )["reply"]
+            .take()
+    };
+    // Mid-way through the catch-up the site node crashes again, with calls in flight.
+    let midway = wait_for(Duration::from_secs(60), || {
+        broker_in(&w).is_some_and(|n| n >= 1000)
+    });
+    assert!(midway, "catch-up never started: {:?}", broker_in(&w));
+    nodes[0].kill9();
+    nodes[0] = w.start_node("site");
+    let ok = wait_for(Duration::from_secs(120), || {
+        w.status("cloud").is_some_and(|s| healthy(&s)) && counts()["readings"] == 10_000
+    });
+    assert!(
+        ok,
+        "readings: {}\nbridge: {}",
+        counts(),
+        detail(&w, "site", "site/bridge")
+    );
+    let c = counts();
+    assert_eq!(c["gaps"], 0, "{c}");
+    // The bridge delivered each message once: the far broker accepted exactly the 8,000 sent
+    // since it restarted (repeats of a stream's messages are acknowledged but not routed).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(broker_in(&w), Some(8000));
+    // And the collector stored each once, in order.
+    let col = detail(&w, "cloud", "cloud/collector");
+    let s1 = &col["per_source"][0];
+    assert_eq!(s1["source"], "s1");
+    assert_eq!(s1["reordered"], 0, "{col}");
+    assert_eq!(s1["highest"], 10_000, "{col}");
+    assert_eq!(c["readings"], 10_000, "{c}");
+    let b = detail(&w, "site", "site/bridge");
+    assert_eq!(b["spool_depth"], 0, "{b}");
+}
+
+#[test]
+fn ten_thousand_messages_reach_mosquitto_after_it_was_stopped_and_the_bridge_killed() {
+    let (p1, mp) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "mqtt://127.0.0.1:{mp}"
+username = "{MQ_USER}"
+password = "{MQ_PASS}"
+reconnect_max_ms = 1000
+topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
+"##,
+        header(),
+        node("site"),
+        broker("site", p1),
+    );
+    let w = Workdir::new(&config);
+    let mut m = Mosquitto::start(
+        w.path(),
+        &MosquittoSetup {
+            name: "mosq",
+            port: mp,
+            tls_port: None,
+            user: Some((MQ_USER, MQ_PASS)),
+            extra: "",
+        },
+    );
+    let _nodes = start_all(&w, &["site"]);
+    wait_connected(&w, "site", "site/bridge");
+    let d = w.path();
+    // The far subscriber keeps a persistent session on Mosquitto.
+    let far = Sub::start(
+        d,
+        mp,
+        &[
+            "-q", "1", "-c", "-i", "far", "-t", "gas/#", "-u", MQ_USER, "-P", MQ_PASS,
+        ],
+    );
+    publish_lines(d, p1, "gas/s1", &readings(d, "a.txt", 1, 2000), &[]);
+    // MQTT QoS 1 is at least once: a message in flight when the connection breaks is sent
+    // again. Stop Mosquitto once the first part is through, so the rest is exactly once.
+    let through = wait_for(SECS, || {
+        let b = detail(&w, "site", "site/bridge");
+        b["forwarded_out"] == 2000 && b["spool_depth"] == 0
+    });
+    assert!(through, "{}", detail(&w, "site", "site/bridge"));
+    m.stop();
+    publish_lines(d, p1, "gas/s1", &readings(d, "b.txt", 2001, 4000), &[]);
+    kill_actor(&w, "site", "site/bridge");
+    publish_lines(d, p1, "gas/s1", &readings(d, "c.txt", 6001, 4000), &[]);
+    wait_spooled(&w, "site", "site/bridge", 1);
+    std::thread::sleep(Duration::from_secs(2));
+    m.restart();
+    let mut extra = far.take(10_000, Duration::from_secs(120));
+    extra.extend(far.quiet(Duration::from_secs(2)));
+    let seqs: Vec<u64> = extra
+        .iter()
+        .map(|l| {
+            let json = l.split_once(' ').map_or("", |x| x.1);
+            serde_json::from_str::<serde_json::Value>(json).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let want: Vec<u64> = (1..=10_000).collect();
+    if seqs != want {
+        let mut seen = std::collections::BTreeSet::new();
+        let dups: Vec<_> = seqs.iter().filter(|s| !seen.insert(**s)).take(20).collect();
+        let missing: Vec<_> = want.iter().filter(|s| !seen.contains(s)).collect();
+        panic!(
+            "got {} messages; duplicates {dups:?}; {} missing {:?}..{:?}; bridge {}\n{}",
+            seqs.len(),
+            missing.len(),
+            missing.first(),
+            missing.last(),
+            detail(&w, "site", "site/bridge"),
+            m.log_text()
+        );
+    }
+}
+
+#[test]
+fn an_external_bridge_fails_over_and_goes_back_to_the_primary() {
+    let (p1, primary, secondary) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "mqtt://127.0.0.1:{primary}"
+failover = ["mqtt://127.0.0.1:{secondary}"]
+username = "{MQ_USER}"
+password = "{MQ_PASS}"
+reconnect_min_ms = 100
+reconnect_max_ms = 500
+primary_retry_secs = 1
+topics = [ {{ pattern = "up/#", direction = "out", qos = 1 }} ]
+"##,
+        header(),
+        node("site"),
+        broker("site", p1),
+    );
+    let w = Workdir::new(&config);
+    let setup = |name, port| MosquittoSetup {
+        name,
+        port,
+        tls_port: None,
+        user: Some((MQ_USER, MQ_PASS)),
+        extra: "",
+    };
+    // Only the secondary is there at first.
+    let _s = Mosquitto::start(w.path(), &setup("secondary", secondary));
+    let _nodes = start_all(&w, &["site"]);
+    let on = |port: u16| {
+        let want = format!("mqtt://127.0.0.1:{port}");
+        let ok = wait_for(Duration::from_secs(20), || {
+            let b = detail(&w, "site", "site/bridge");
+            b["connected"] == true && b["address"] == want.as_str()
+        });
+        assert!(ok, "not on {want}: {}", detail(&w, "site", "site/bridge"));
+    };
+    on(secondary);
+    let auth = ["-u", MQ_USER, "-P", MQ_PASS];
+    let mut args = vec!["-q", "1", "-t", "up/#"];
+    args.extend(auth);
+    let sub_s = Sub::start(w.path(), secondary, &args);
+    pub1(w.path(), p1, "up/1", "to-secondary");
+    assert_eq!(sub_s.take(1, SECS), ["up/1 to-secondary"]);
+
+    // The primary comes up: the bridge goes back to it.
+    let _p = Mosquitto::start(w.path(), &setup("primary", primary));
+    on(primary);
+    let sub_p = Sub::start(w.path(), primary, &args);
+    pub1(w.path(), p1, "up/2", "to-primary");
+    assert_eq!(sub_p.take(1, SECS), ["up/2 to-primary"]);
+    assert!(sub_s.quiet(Duration::from_millis(500)).is_empty());
+    let b = detail(&w, "site", "site/bridge");
+    assert!(b["reconnects"].as_u64().unwrap_or(0) >= 1, "{b}");
+}
+
+#[test]
+fn a_full_spool_drops_the_oldest_and_counts_them() {
+    let (p1, p2) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "cloud/broker"
+spool_max_messages = 100
+topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
+
+[[actor]]
+name = "collector"
+node = "cloud"
+kind = "collector"
+database = "readings.sqlite"
+source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
+"##,
+        header(),
+        node("site"),
+        node("cloud"),
+        broker("site", p1),
+        broker("cloud", p2),
+    );
+    let w = Workdir::new(&config);
+    // Only the site runs: the far side is unreachable from the start.
+    let site = w.start_node("site");
+    let up = wait_for(SECS, || {
+        std::net::TcpStream::connect(("127.0.0.1", p1)).is_ok()
+            && w.status("site")
+                .is_some_and(|s| actor(&s, "site/bridge").is_some_and(|a| a["state"] == "running"))
+    });
+    assert!(up, "site never came up:\n{}", site.log_text());
+    let d = w.path();
+    publish_lines(d, p1, "gas/s1", &readings(d, "a.txt", 1, 300), &[]);
+    let ok = wait_for(SECS, || {
+        let b = detail(&w, "site", "site/bridge");
+        b["spool_out"]["messages"] == 100 && b["spool_out"]["dropped_full"] == 200
+    });
+    assert!(ok, "{}", detail(&w, "site", "site/bridge"));
+    assert_eq!(detail(&w, "site", "site/bridge")["connected"], false);
+    // The far side comes: it gets the newest 100, in order.
+    let _cloud = w.start_node("cloud");
+    wait_connected(&w, "site", "site/bridge");
+    let ok = wait_for(SECS, || {
+        let b = detail(&w, "site", "site/bridge");
+        b["spool_out"]["messages"] == 0 && b["forwarded_out"] == 100
+    });
+    assert!(ok, "{}", detail(&w, "site", "site/bridge"));
+    // Exactly 201..=300 arrived: 100 readings, the highest 300, no gap after the first.
+    let ok = wait_for(SECS, || {
+        detail(&w, "cloud", "cloud/collector")["per_source"][0]["received"] == 100
+    });
+    let col = detail(&w, "cloud", "cloud/collector");
+    assert!(ok, "{col}");
+    let s1 = &col["per_source"][0];
+    assert_eq!(
+        (s1["highest"].as_u64(), s1["gaps"].as_u64()),
+        (Some(300), Some(0)),
+        "{col}"
+    );
+    assert_eq!(s1["reordered"], 0, "{col}");
+}
+
+#[test]
+fn hops_travel_through_mosquitto_so_a_mixed_ring_does_not_loop() {
+    let (pa, pb, mp) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
+    let mut config = header() + &node("a") + &node("b") + &broker("a", pa) + &broker("b", pb);
+    for (n, remote) in [
+        ("a", format!("mqtt://127.0.0.1:{mp}")),
+        ("b", format!("mqtt://127.0.0.1:{mp}")),
+        ("a", "b/broker".to_owned()),
+    ] {
+        let name = if remote.starts_with("mqtt") {
+            "to-m"
+        } else {
+            "to-b"
+        };
+        config += &format!(
+            "[[actor]]\nname = \"{name}\"\nnode = \"{n}\"\nkind = \"bridge\"\n\
+             local = \"{n}/broker\"\nremote = \"{remote}\"\n\
+             topics = [ {{ pattern = \"x/#\", direction = \"both\", qos = 1 }} ]\n\n"
+        );
+    }
+    let w = Workdir::new(&config);
+    let _m = Mosquitto::start(
+        w.path(),
+        &MosquittoSetup {
+            name: "mosq",
+            port: mp,
+            tls_port: None,
+            user: None,
+            extra: "",
+        },
+    );
+    let _nodes = start_all(&w, &["a", "b"]);
+    for (n, a) in [("a", "a/to-m"), ("b", "b/to-m"), ("a", "a/to-b")] {
+        wait_connected(&w, n, a);
+    }
+    let subs: Vec<Sub> = [pa, pb, mp]
+        .iter()
+        .map(|p| Sub::start(w.path(), *p, &["-q", "1", "-t", "x/#"]))
+        .collect();
+    pub1(w.path(), pa, "x/1", "m");
+    let got: Vec<Vec<String>> = subs
+        .iter()
+        .map(|s| {
+            let mut l = s.take(1, SECS);
+            l.extend(s.quiet(Duration::from_secs(3)));
+            l
+        })
+        .collect();
+    // Without the hops carried through Mosquitto, a/broker would get its message back from b.
+    assert_eq!(got[0], ["x/1 m"], "a got it back");
+    for (i, g) in got.iter().enumerate().skip(1) {
+        assert!(
+            (1..=2).contains(&g.len()) && g.iter().all(|l| l == "x/1 m"),
+            "broker {i}: {g:?}"
+        );
+    }
+    for s in &subs {
+        assert!(s.quiet(Duration::from_secs(1)).is_empty());
+    }
+}
+
+#[test]
+fn mosquitto_keeps_the_bridge_session_while_the_bridge_is_stopped() {
+    let (p1, mp) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}{}{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "mqtt://127.0.0.1:{mp}"
+topics = [ {{ pattern = "down/#", direction = "in", qos = 1 }} ]
+"##,
+        header(),
+        node("site"),
+        broker("site", p1),
+    );
+    let w = Workdir::new(&config);
+    let _m = Mosquitto::start(
+        w.path(),
+        &MosquittoSetup {
+            name: "mosq",
+            port: mp,
+            tls_port: None,
+            user: None,
+            extra: "",
+        },
+    );
+    let _nodes = start_all(&w, &["site"]);
+    wait_connected(&w, "site", "site/bridge");
+    let sub = Sub::start(w.path(), p1, &["-q", "1", "-t", "down/#"]);
+    let out = w.ctl("site", &["stop", "site/bridge"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // While the bridge is away, Mosquitto queues for its persistent session.
+    let d = w.path();
+    publish_lines(d, mp, "down/cmd", &readings(d, "a.txt", 1, 200), &[]);
+    let out = w.ctl("site", &["start", "site/bridge"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got = sub.take(200, Duration::from_secs(30));
+    got.extend(sub.quiet(Duration::from_secs(1)));
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|l| {
+            let json = l.split_once(' ').map_or("", |x| x.1);
+            serde_json::from_str::<serde_json::Value>(json).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
 }

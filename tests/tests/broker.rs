@@ -883,3 +883,314 @@ fn actor_publish_streams_are_exactly_once_and_no_local_holds() {
         ["public/x for-ghost", "public/still alive"]
     );
 }
+
+/// Every MQTT 5 feature a paho client can see: topic aliases, no-local, retain-as-published and
+/// retain handling, subscription identifiers, shared subscriptions, reason codes (SUBACK,
+/// UNSUBACK, CONNACK), session expiry (resumed within it, gone after it) and message expiry.
+#[test]
+fn mqtt5_features_with_paho() {
+    let b = start();
+    let script = include_str!("broker_mqtt5.py");
+    let out = Command::new("timeout")
+        .args(["60", "/usr/bin/python3", "-c", script, &b.tcp.to_string()])
+        .current_dir(b.dir())
+        .output()
+        .expect("run /usr/bin/python3");
+    assert!(
+        out.status.success(),
+        "paho script failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("script printed JSON");
+    let j = |v: &str| serde_json::from_str::<serde_json::Value>(v).unwrap();
+    assert_eq!(
+        r["alias"],
+        j(r#"[["a/alias/one", "first"], ["a/alias/one", "second"]]"#)
+    );
+    assert_eq!(r["no_local"], j(r#"["other"]"#), "no-local");
+    assert_eq!(r["rap"], j("[1]"), "retain-as-published keeps the flag");
+    assert_eq!(r["not_rap"], j("[0]"), "without it the flag is cleared");
+    assert_eq!(r["retain_handling"], j("[0, 1]"), "retain handling 2 and 0");
+    assert_eq!(r["sub_ids"], j("[[42]]"), "subscription identifier");
+    assert_eq!(r["shared"], j("[3, 3]"), "shared subscription round-robin");
+    assert_eq!(r["suback"], j("[135]"), "SUBACK not authorized");
+    assert_eq!(r["unsuback"], j("[17]"), "UNSUBACK no subscription existed");
+    assert_eq!(
+        r["bad_login"],
+        j("[0, 134]"),
+        "CONNACK bad user name or password"
+    );
+    assert_eq!(
+        r["se_resumed"],
+        j(r#"[1, ["while-away"]]"#),
+        "session resumed"
+    );
+    assert_eq!(r["se_expired"], j("[0, []]"), "session expired");
+    assert_eq!(
+        r["message_expiry"],
+        j(r#"["long"]"#),
+        "expired message dropped"
+    );
+    let remaining = r["remaining"][0].as_u64().expect("remaining expiry");
+    assert!(
+        (90..100).contains(&remaining),
+        "remaining expiry {remaining}"
+    );
+}
+
+/// MQTT 5 properties through mosquitto's clients, a 3.1.1 subscriber on the same topic, PUBACK
+/// reason codes, and a bad topic alias answered with DISCONNECT 0x94.
+#[test]
+fn mqtt5_properties_and_reason_codes_with_mosquitto() {
+    let b = start();
+    let v5 = b.subscribe(b.tcp, &["-V", "mqttv5", "-F", "%j", "-t", "a/props/#"]);
+    let v4 = b.subscribe(b.tcp, &["-t", "a/props/#"]);
+    b.publish_ok(&[
+        "-V",
+        "mqttv5",
+        "-t",
+        "a/props/x",
+        "-m",
+        "hello",
+        "-D",
+        "publish",
+        "user-property",
+        "k",
+        "v",
+        "-D",
+        "publish",
+        "content-type",
+        "text/plain",
+        "-D",
+        "publish",
+        "response-topic",
+        "a/reply",
+        "-D",
+        "publish",
+        "correlation-data",
+        "c-1",
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "300",
+    ]);
+    let line = v5.take(1, SECS);
+    let m: serde_json::Value = serde_json::from_str(&line[0]).expect("JSON line");
+    let p = &m["properties"];
+    assert_eq!(m["payload"], "hello");
+    assert_eq!(p["user-properties"]["k"], "v", "{m}");
+    assert_eq!(p["content-type"], "text/plain");
+    assert_eq!(p["response-topic"], "a/reply");
+    assert_eq!(p["correlation-data"], "c-1");
+    let left = p["message-expiry-interval"].as_u64().unwrap();
+    assert!((290..=300).contains(&left), "{left}");
+    // The 3.1.1 subscriber gets the same message, without properties.
+    assert_eq!(v4.take(1, SECS), ["a/props/x hello"]);
+
+    // PUBACK reason codes: not authorized (ACL) and no matching subscribers.
+    for (topic, rc) in [("forbidden/x", "RC:135"), ("a/nobody", "RC:16")] {
+        let out = b.publish(&["-V", "mqttv5", "-d", "-q", "1", "-t", topic, "-m", "x"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.lines().any(|l| l.contains("PUBACK") && l.contains(rc)),
+            "{topic}: {text}"
+        );
+    }
+
+    // A topic alias above the maximum: DISCONNECT with reason 0x94, and nobody else notices.
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", b.tcp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let connect = [
+        0x10, 0x0E, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3C, 0x00, 0x00, 0x01,
+        b'x',
+    ];
+    c.write_all(&connect).unwrap();
+    let mut connack = [0u8; 64];
+    let n = c.read(&mut connack).unwrap();
+    assert!(
+        n >= 4 && connack[0] == 0x20 && connack[3] == 0,
+        "{:?}",
+        &connack[..n]
+    );
+    // PUBLISH, empty topic, properties: topic alias (0x23) 200.
+    c.write_all(&[0x30, 0x07, 0x00, 0x00, 0x03, 0x23, 0x00, 0xC8, b'p'])
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = c.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.len() >= 3 && got[0] == 0xE0 && got[2] == 0x94,
+        "expected DISCONNECT 0x94, got {got:?}"
+    );
+    b.publish_ok(&["-t", "a/props/still", "-m", "alive"]);
+    assert_eq!(v4.take(1, SECS), ["a/props/still alive"]);
+    assert!(wait_for(SECS, || b.detail()["protocol_errors"].as_u64() >= Some(1)));
+}
+
+/// A raw MQTT 3.1.1 client: CONNECT (and the CONNACK read), then whatever is written.
+fn raw_client(port: u16, id: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3C];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut packet = vec![0x10];
+    push_len(&mut packet, body.len());
+    packet.extend(body);
+    c.write_all(&packet).unwrap();
+    let mut connack = [0u8; 4];
+    c.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    c
+}
+
+fn push_len(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Each client connection shows as a child of the broker (`n1/broker/<client-id>`) in status
+/// and `colony ctl tree`; a subscriber that stops reading loses QoS 0 messages, which are
+/// counted as dropped, while everyone else keeps being served.
+#[test]
+fn connections_are_children_and_a_stalled_subscriber_drops_qos0_alone() {
+    use std::io::Write;
+    let b = start();
+    let watcher = b.subscribe(b.tcp, &["-V", "mqttv5", "-i", "watcher", "-t", "a/other"]);
+    let mut tree = String::new();
+    let listed = wait_for(SECS, || {
+        tree = b.work.ctl_ok("n1", &["tree"]);
+        tree.lines().any(|l| {
+            l.contains("n1/broker/watcher") && l.contains("connection") && l.contains("mqtt 5")
+        })
+    });
+    assert!(listed, "{tree}");
+    let children = b.detail()["children"].clone();
+    assert!(
+        children
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["address"] == "n1/broker/watcher")),
+        "{children}"
+    );
+
+    // An operator cuts a client off by id; an unknown id is reported as not connected.
+    let cut = |id: &str| {
+        let m = format!(r#"{{"disconnect": {{"client_id": "{id}"}}}}"#);
+        b.work.ctl_json("n1", &["call", "n1/broker", &m])["reply"].clone()
+    };
+    assert_eq!(cut("watcher"), true);
+    assert_eq!(cut("nobody"), false);
+    // mosquitto_sub reports the MQTT 5 reason: 152, administrative action.
+    assert_eq!(watcher.take(1, SECS), ["Received DISCONNECT (152)"]);
+    let watcher = b.subscribe(b.tcp, &["-i", "watcher2", "-t", "a/other"]);
+
+    // A subscriber that never reads again.
+    let mut stalled = raw_client(b.tcp, "stalled");
+    let mut sub = vec![0x82];
+    let body = [
+        0x00, 0x01, 0x00, 0x06, b'a', b'/', b'f', b'l', b'o', b'o', 0x00,
+    ];
+    push_len(&mut sub, body.len());
+    sub.extend_from_slice(&body);
+    stalled.write_all(&sub).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // 40,000 QoS 0 publishes of 1 KiB: far more than its socket and queue hold.
+    let mut flood = raw_client(b.tcp, "flooder");
+    let mut one = vec![0x30];
+    push_len(&mut one, 2 + 6 + 1024);
+    one.extend_from_slice(&[0x00, 0x06]);
+    one.extend_from_slice(b"a/floo");
+    one.extend_from_slice(&[b'x'; 1024]);
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 100).collect();
+    for _ in 0..400 {
+        flood.write_all(&batch).unwrap();
+    }
+    assert!(
+        wait_for(Duration::from_secs(20), || b.detail()["dropped"].as_u64()
+            > Some(1000)),
+        "dropped: {}",
+        b.detail()
+    );
+    b.publish_ok(&["-t", "a/other", "-m", "still-served"]);
+    assert_eq!(watcher.take(1, SECS), ["a/other still-served"]);
+    drop(stalled);
+}
+
+/// An MQTT 5 persistent session (session expiry 600 s) keeps its queued message, with its
+/// properties, through a kill of the broker actor.
+#[test]
+fn mqtt5_session_and_message_properties_survive_a_broker_kill() {
+    let b = start();
+    let args = [
+        "-V",
+        "mqttv5",
+        "-c",
+        "-i",
+        "v5-keeper",
+        "-x",
+        "600",
+        "-q",
+        "1",
+        "-F",
+        "%j",
+        "-t",
+        "a/v5kill",
+    ];
+    drop(b.subscribe(b.tcp, &args));
+    assert!(wait_for(SECS, || b.detail()["connections"] == 0));
+    b.publish_ok(&[
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-t",
+        "a/v5kill",
+        "-m",
+        "kept",
+        "-D",
+        "publish",
+        "user-property",
+        "origin",
+        "test",
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "600",
+    ]);
+    b.work.ctl_ok("n1", &["kill", "n1/broker"]);
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            b.work.status("n1").is_some_and(|s| {
+                actor(&s, "n1/broker")
+                    .is_some_and(|a| a["restarts"].as_u64() >= Some(1) && a["state"] == "running")
+            }) && std::net::TcpStream::connect(("127.0.0.1", b.tcp)).is_ok()
+        }),
+        "broker did not come back"
+    );
+    let s = Sub::spawn(b.dir(), b.tcp, &args);
+    let line = s.take(1, SECS);
+    assert_eq!(line.len(), 1, "the queued message did not survive");
+    let m: serde_json::Value = serde_json::from_str(&line[0]).unwrap();
+    assert_eq!(m["payload"], "kept");
+    assert_eq!(m["properties"]["user-properties"]["origin"], "test", "{m}");
+    let left = m["properties"]["message-expiry-interval"].as_u64().unwrap();
+    assert!((500..=600).contains(&left), "{left}");
+}

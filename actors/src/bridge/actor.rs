@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use colony_cluster::{Address, CallError, Cluster, Delivery};
+use colony_cluster::{Address, CallError, Cluster, Delivery, LinkState};
 use colony_config::ActorSettings;
 use colony_config::kinds::{BridgeRemote, BridgeSettings};
 use futures::FutureExt;
@@ -103,6 +103,14 @@ impl Lane {
     /// Hands the next spooled messages to the lane while it has room.
     fn pump(&mut self, spool: &Spool) -> Result<(), ActorFailure> {
         while self.up && self.outstanding < self.window {
+            let room = match &self.tx {
+                LaneTx::Colony(tx) => tx.capacity(),
+                LaneTx::Mqtt(tx) => tx.capacity(),
+            };
+            if room == 0 {
+                // The lane's queue is full; the next pump goes on from the cursor.
+                return Ok(());
+            }
             let want = (self.window - self.outstanding).min(BATCH);
             let batch = spool.next(self.dir, self.cursor, want).map_err(fail)?;
             let Some(last) = batch.last() else {
@@ -121,11 +129,8 @@ impl Lane {
                     .is_ok(),
             };
             if !sent {
-                // The lane's queue is full: take these again on the next pump.
-                self.outstanding = 0;
-                self.cursor = 0;
+                // The lane's task is gone (the actor is stopping): nothing more to hand over.
                 self.up = false;
-                self.retry_at = Some(Instant::now() + Duration::from_millis(100));
                 return Ok(());
             }
         }
@@ -152,7 +157,73 @@ fn jitter(d: Duration) -> Duration {
     Duration::from_millis(half + nanos % (half + 1))
 }
 
-/// Forwards batches to a Colony broker by calls, one at a time (a reply means committed).
+/// Which connection to `node` carries messages now: `None` when there is none. On this node
+/// delivery is in-process and in order, always the same "connection".
+fn generation(cluster: &Cluster, node: &str) -> Option<(LinkState, u64)> {
+    if node == cluster.node_name() {
+        return Some((LinkState::Up, 0));
+    }
+    cluster
+        .link_stats()
+        .into_iter()
+        .find(|l| l.peer == node && l.state != LinkState::Down)
+        .map(|l| (l.state, l.since_unix_ms))
+}
+
+fn publish_message(f: Forward, stream: &str) -> BrokerMessage {
+    let seq = f.seq;
+    BrokerMessage::Publish {
+        topic: f.topic,
+        payload: f.payload,
+        qos: f.qos,
+        retain: f.retain,
+        hops: f.hops,
+        stream: (seq != 0).then(|| PublishStream {
+            id: stream.to_owned(),
+            seq,
+        }),
+    }
+}
+
+/// Sends `items` in one ordered batch, then a status call as a barrier: when the barrier is
+/// answered over the same connection the batch went on, the broker has handled (and committed)
+/// every message before it. Returns false when that is not certain.
+async fn pipelined(
+    cluster: &Cluster,
+    me: &Address,
+    to: &Address,
+    stream: &str,
+    items: &[Forward],
+) -> bool {
+    let before = generation(cluster, to.node());
+    if before.is_none() {
+        return false;
+    }
+    let mut bodies = Vec::with_capacity(items.len());
+    for f in items {
+        match colony_cluster::encode_body(&publish_message(f.clone(), stream)) {
+            Ok(b) => bodies.push(bytes::Bytes::from(b)),
+            Err(_) => return false,
+        }
+    }
+    if cluster.send_batch(to, Some(me), bodies).await.is_err() {
+        return false;
+    }
+    let barrier = cluster
+        .call::<_, serde::de::IgnoredAny>(
+            to,
+            Some(me),
+            &BrokerMessage::Status {},
+            Some(CALL_TIMEOUT),
+        )
+        .await;
+    barrier.is_ok() && generation(cluster, to.node()) == before
+}
+
+/// Forwards batches to a Colony broker. QoS 1/2 messages are numbered in the bridge's publish
+/// stream, so the broker drops a repeat: a batch goes in one ordered send with a barrier call
+/// behind it, and when that is not conclusive (the connection changed, a call failed) it is
+/// sent again one call at a time, each reply meaning committed.
 async fn colony_lane(
     cluster: Cluster,
     me: Address,
@@ -167,33 +238,37 @@ async fn colony_lane(
         if epoch <= dead_epoch {
             continue;
         }
+        if items.iter().all(|f| f.seq == 0) {
+            let bodies: Vec<bytes::Bytes> = items
+                .into_iter()
+                .filter_map(|f| colony_cluster::encode_body(&publish_message(f, &stream)).ok())
+                .map(bytes::Bytes::from)
+                .collect();
+            if let Err(e) = cluster.send_batch(&to, Some(&me), bodies).await {
+                debug!(%to, "QoS 0 messages not forwarded: {e}");
+            }
+            continue;
+        }
+        if pipelined(&cluster, &me, &to, &stream, &items).await {
+            let seqs = items.iter().map(|f| f.seq).collect();
+            if tx.send((dir, FromLink::Delivered { seqs })).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let mut delivered = Vec::new();
         for f in items {
             let seq = f.seq;
-            let msg = BrokerMessage::Publish {
-                topic: f.topic,
-                payload: f.payload,
-                qos: f.qos,
-                retain: f.retain,
-                hops: f.hops,
-                stream: (seq != 0).then(|| PublishStream {
-                    id: stream.clone(),
-                    seq,
-                }),
-            };
-            if seq == 0 {
-                if let Err(e) = cluster.send(&to, Some(&me), &msg).await {
-                    debug!(%to, "QoS 0 message not forwarded: {e}");
-                }
-                continue;
-            }
+            let msg = publish_message(f, &stream);
             match cluster
                 .call::<_, ()>(&to, Some(&me), &msg, Some(CALL_TIMEOUT))
                 .await
             {
                 Ok(()) => delivered.push(seq),
-                Err(CallError::Rejected(r)) if r.contains("is not a valid topic name") => {
-                    warn!(%to, "broker refused a forwarded message: {r}");
+                Err(CallError::Rejected(r))
+                    if r.contains("is not a valid topic name") || r.contains("too large") =>
+                {
+                    warn!(%to, "a forwarded message was refused and dropped: {r}");
                     delivered.push(seq);
                 }
                 Err(e) => {
@@ -215,12 +290,6 @@ async fn colony_lane(
                         return;
                     }
                     break;
-                }
-            }
-            if delivered.len() >= 64 {
-                let seqs = std::mem::take(&mut delivered);
-                if tx.send((dir, FromLink::Delivered { seqs })).await.is_err() {
-                    return;
                 }
             }
         }
@@ -427,6 +496,7 @@ impl Bridge {
         };
         match ev {
             FromLink::Delivered { seqs } => {
+                lane.backoff = min;
                 lane.outstanding = lane.outstanding.saturating_sub(seqs.len());
                 lane.delivered += seqs.len() as u64;
                 match dir {
@@ -454,6 +524,10 @@ impl Bridge {
                 self.connected = true;
                 self.address = Some(address);
             }
+            FromLink::Dropped { count } => {
+                self.n.dropped_qos0 += count;
+                self.n.forwarded_out = self.n.forwarded_out.saturating_sub(count);
+            }
             FromLink::Received { .. } => {}
         }
         Ok(())
@@ -469,10 +543,25 @@ impl Bridge {
         let now = Instant::now();
         for lane in [&mut self.out, &mut self.inn] {
             let Some(node) = &lane.node else { continue };
-            if !lane.up && lane.retry_at.is_none_or(|t| now >= t) && self.cluster.is_up(node) {
+            if lane.up || lane.retry_at.is_some_and(|t| now < t) {
+                continue;
+            }
+            if self.cluster.is_up(node) {
                 lane.revive(lane.epoch + 1);
+            } else {
+                // Checked again each second until the node is back.
+                lane.retry_at = None;
             }
         }
+    }
+
+    /// When a Colony lane that is down may be tried again.
+    fn next_retry(&self) -> Option<Instant> {
+        [&self.out, &self.inn]
+            .into_iter()
+            .filter(|l| !l.up && l.node.is_some())
+            .filter_map(|l| l.retry_at)
+            .min()
     }
 
     fn detail(&self, rates: (u64, u64)) -> serde_json::Value {
@@ -619,6 +708,13 @@ fn link_config(
 /// External brokers get QoS 1 at most (see [`link`]).
 fn capped(filters: Vec<(String, u8)>) -> Vec<(String, u8)> {
     filters.into_iter().map(|(f, q)| (f, q.min(1))).collect()
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
@@ -781,7 +877,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                                     .collect();
                                 if side == Side::Remote && let Some(tx) = &b.mqtt {
                                     let _ = tx.try_send(ToLink::Filters { filters: capped(new), removed });
-                                } else if !(side == Side::Remote && !b.connected) {
+                                } else if side != Side::Remote || b.connected {
                                     subscribing[i] = start_subscribe(&b, &mut tasks, side, removed);
                                 }
                             }
@@ -864,7 +960,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                         Side::Remote => b.remote_subscribed = ok,
                     }
                 }
-                Report::Acked { source, ids } => b.spool.forget_seen(&source, &ids).map_err(fail)?,
+                Report::Acked { source, ids } => b.spool.acked(&source, &ids, unix_ms()).map_err(fail)?,
             },
             _ = tick.tick() => {
                 ticks += 1;
@@ -874,8 +970,9 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                         b.remote_subscribed = false;
                     }
                     if !up && b.connected {
+                        // The lane finds out by itself (its calls fail); a missed heartbeat
+                        // alone must not stall forwarding.
                         b.n.reconnects += 1;
-                        b.out.down("remote node down", min, max);
                     }
                     b.connected = up;
                 }
@@ -891,7 +988,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     info!(remote = %b.remote_id, connected = b.connected, "bridge connection state");
                     b.notify(&mut tasks);
                 }
-                if ticks % 10 == 0 {
+                if ticks.is_multiple_of(10) {
                     let dropped = b.spool.expire(unix_ms()).map_err(fail)?;
                     if dropped > 0 {
                         warn!(dropped, "spooled messages older than spool_max_age_secs dropped");
@@ -901,6 +998,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 last = (b.n.forwarded_out, b.n.forwarded_in);
                 ctx.stats.set_detail(b.detail(rates));
             }
+            _ = sleep_until(b.next_retry()) => b.revive_colony_lanes(),
             Some(done) = tasks.join_next() => {
                 if let Err(e) = done && e.is_panic() {
                     return Err(fail("a bridge task panicked"));

@@ -52,6 +52,8 @@ pub(super) enum FromLink {
     Down { epoch: u64, reason: String },
     /// The far broker acknowledged these.
     Delivered { seqs: Vec<u64> },
+    /// QoS 0 messages dropped because the connection could not take them.
+    Dropped { count: u64 },
     /// A publish from the far broker, to spool and then acknowledge.
     Received { epoch: u64, publish: Box<Publish> },
 }
@@ -218,7 +220,7 @@ fn subscribe(client: &AsyncClient, filters: &[(String, u8)]) {
     }
 }
 
-fn publish(client: &AsyncClient, f: Forward) -> Result<(), rumqttc::v5::ClientError> {
+fn publish(client: &AsyncClient, f: Forward) -> Result<(), String> {
     let mut props = PublishProperties::default();
     if !f.hops.is_empty() {
         props.user_properties.push((
@@ -226,7 +228,9 @@ fn publish(client: &AsyncClient, f: Forward) -> Result<(), rumqttc::v5::ClientEr
             serde_json::to_string(&f.hops).unwrap_or_default(),
         ));
     }
-    client.try_publish_with_properties(f.topic, qos(f.qos), f.retain, f.payload, props)
+    client
+        .try_publish_with_properties(f.topic, qos(f.qos), f.retain, f.payload, props)
+        .map_err(|e| e.to_string())
 }
 
 /// Hops carried by an incoming publish.
@@ -266,7 +270,7 @@ pub(super) async fn run(
     loop {
         epoch += 1;
         let target = c.targets[index].clone();
-        let capacity = 4096 + c.max_inflight as usize * 4;
+        let capacity = 16_384 + c.max_inflight as usize * 4;
         let (client, mut events) = AsyncClient::new(options(&c, &target), capacity);
         // Connect.
         let outcome = loop {
@@ -360,15 +364,26 @@ pub(super) async fn run(
                     None => return,
                     Some(ToLink::Batch { epoch: e, items }) if e == epoch => {
                         let mut failed = None;
+                        let mut dropped = 0;
                         for f in items {
                             let seq = f.seq;
                             if let Err(e) = publish(&client, f) {
-                                failed = Some(e.to_string());
+                                if seq == 0 {
+                                    // QoS 0 faster than the connection takes it: dropped.
+                                    dropped += 1;
+                                    continue;
+                                }
+                                failed = Some(e);
                                 break;
                             }
                             sent.push_back(seq);
                         }
+                        if dropped > 0 && tx.send(FromLink::Dropped { count: dropped }).await.is_err() {
+                            return;
+                        }
                         if let Some(e) = failed {
+                            // A QoS 1 message could not be queued: start a new connection, and
+                            // the bridge sends what is unacknowledged again.
                             break format!("cannot queue a publish: {e}");
                         }
                     }

@@ -111,6 +111,41 @@ pub struct Spool {
     conn: Connection,
     bounds: Bounds,
     dirs: [DirCounters; 2],
+    _checkpoints: Checkpointer,
+}
+
+/// Copies the write-ahead log into the database from a thread of its own, so that the fsync a
+/// checkpoint needs never stalls the bridge's appends (SQLite's automatic checkpoint would run
+/// inside a commit).
+struct Checkpointer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("bridge-spool-checkpoint".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!("spool checkpoint: {e}");
+                    }
+                }
+            })
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        Ok(Checkpointer { stop })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 const SCHEMA: &str = "
@@ -132,6 +167,7 @@ CREATE TABLE IF NOT EXISTS seen (
     source TEXT NOT NULL,
     id INTEGER NOT NULL,
     at_ms INTEGER NOT NULL,
+    acked_ms INTEGER,
     PRIMARY KEY (source, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
@@ -140,6 +176,9 @@ CREATE TABLE IF NOT EXISTS counters (
     dropped_expired INTEGER NOT NULL
 );
 ";
+
+/// How long a notice is remembered after its acknowledgement reached the broker.
+const SEEN_AFTER_ACK_MS: u64 = 60_000;
 
 fn size(topic: &str, payload: &[u8]) -> u64 {
     (topic.len() + payload.len()) as u64
@@ -150,10 +189,13 @@ impl Spool {
     pub fn open(path: &Path, bounds: Bounds) -> Result<Spool, SpoolError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpoints = Checkpointer::start(path)?;
         let mut s = Spool {
             conn,
             bounds,
             dirs: [DirCounters::default(); 2],
+            _checkpoints: checkpoints,
         };
         for dir in [Dir::Out, Dir::In] {
             let (messages, bytes): (u64, u64) = s.conn.query_row(
@@ -319,18 +361,25 @@ impl Spool {
             save_counters(&tx, dir, c)?;
             total += n;
         }
-        tx.execute("DELETE FROM seen WHERE at_ms < ?1", [cutoff])?;
+        // A notice is remembered until a minute after its acknowledgement reached the broker
+        // (a redelivery already on its way then still comes in), or until the age bound.
+        tx.execute(
+            "DELETE FROM seen WHERE at_ms < ?1 OR acked_ms < ?2",
+            params![cutoff, now_ms.saturating_sub(SEEN_AFTER_ACK_MS) as i64],
+        )?;
         tx.commit()?;
         Ok(total)
     }
 
-    /// Forgets seen notices of `source` (their acknowledgement reached the broker).
-    pub fn forget_seen(&mut self, source: &str, ids: &[u64]) -> Result<(), SpoolError> {
+    /// Notes that the broker `source` has the acknowledgement of `ids`: they are forgotten a
+    /// minute later (at an [`Spool::expire`]).
+    pub fn acked(&mut self, source: &str, ids: &[u64], now_ms: u64) -> Result<(), SpoolError> {
         let tx = self.conn.transaction()?;
         {
-            let mut del = tx.prepare_cached("DELETE FROM seen WHERE source = ?1 AND id = ?2")?;
+            let mut up =
+                tx.prepare_cached("UPDATE seen SET acked_ms = ?3 WHERE source = ?1 AND id = ?2")?;
             for id in ids {
-                del.execute(params![source, *id as i64])?;
+                up.execute(params![source, *id as i64, now_ms as i64])?;
             }
         }
         tx.commit()?;
@@ -435,8 +484,18 @@ mod tests {
         let mut s = Spool::open(&dir.path().join("s"), bounds()).unwrap();
         assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 1).unwrap(), 1);
         assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 2).unwrap(), 0);
-        s.forget_seen("n1/broker", &[7]).unwrap();
-        assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 3).unwrap(), 1);
+        // Acknowledged: a redelivery already on its way is still recognised for a minute.
+        s.acked("n1/broker", &[7], 3).unwrap();
+        s.expire(30_000).unwrap();
+        assert_eq!(
+            s.append(Dir::Out, &[entry("a", Some(7))], 30_000).unwrap(),
+            0
+        );
+        s.expire(70_000).unwrap();
+        assert_eq!(
+            s.append(Dir::Out, &[entry("a", Some(7))], 70_000).unwrap(),
+            1
+        );
     }
 
     #[test]

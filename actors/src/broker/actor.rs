@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use colony_cluster::Address;
 use colony_config::ActorSettings;
 use colony_config::kinds::{BrokerListener, BrokerSettings};
-use rumqttc::mqttbytes::v4::Packet;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -29,7 +28,8 @@ use futures::FutureExt;
 use super::auth::AccessPolicy;
 use super::core::{Action, ActorPublish, BrokerCore, Subscriber};
 use super::declared::declared_subscriptions;
-use super::listener::{ConnEvent, ConnLimits, Outgoing, serve, tls_acceptor};
+use super::listener::{ConnEvent, ConnLimits, ConnMeta, Ended, Outgoing, serve, tls_acceptor};
+use super::packet::{ClientPacket, DisconnectCode, Protocol, ServerPacket};
 use super::session::Message;
 use super::store::BrokerStore;
 use super::topic::SubOptions;
@@ -38,6 +38,8 @@ use crate::host::{ActorContext, ActorEvent, ActorFailure};
 
 /// Events handled before the store is committed and packets go out.
 const BATCH: usize = 512;
+/// Connections listed one by one in status (all are counted).
+const STATUS_CHILDREN: usize = 100;
 /// Notices queued for one actor subscriber before more are dropped.
 const NOTICE_QUEUE: usize = 4096;
 
@@ -49,8 +51,11 @@ struct Shell {
     core: BrokerCore,
     store: BrokerStore,
     conns: HashMap<u64, mpsc::Sender<Outgoing>>,
+    /// Where each connection comes from and since when.
+    meta: HashMap<u64, (ConnMeta, Instant)>,
     notifiers: HashMap<Arc<str>, mpsc::Sender<BrokerNotice>>,
     actions: Vec<Action>,
+    panics: u64,
 }
 
 impl Shell {
@@ -68,7 +73,7 @@ impl Shell {
                     let Some(tx) = self.conns.get(&id) else {
                         continue;
                     };
-                    let qos0 = matches!(&packet, Packet::Publish(p) if p.qos as u8 == 0);
+                    let qos0 = matches!(&packet, ServerPacket::Publish { message, .. } if message.qos == 0);
                     if tx.try_send(Outgoing::Packet(packet)).is_err() {
                         if qos0 {
                             dropped += 1;
@@ -116,10 +121,60 @@ impl Shell {
         Ok(())
     }
 
+    fn conn_ended(&mut self, id: u64, how: Ended) {
+        self.conns.remove(&id);
+        self.meta.remove(&id);
+        match how {
+            Ended::Closed => self.core.closed(id),
+            Ended::CutOff(code) => self.core.cut_off(id, code),
+            Ended::Panicked => {
+                self.panics += 1;
+                warn!(
+                    conn = id,
+                    "a connection task panicked; that client was cut off"
+                );
+                self.core.cut_off(id, DisconnectCode::ProtocolError);
+            }
+        }
+    }
+
+    /// The connections as children for status: `node/broker/<client-id>`, at most
+    /// [`STATUS_CHILDREN`] of them, by client id.
+    fn children(&self, me: &Address) -> serde_json::Value {
+        let mut rows: Vec<(&str, Protocol, &ConnMeta, Instant)> = self
+            .meta
+            .iter()
+            .filter_map(|(id, (meta, since))| {
+                let (client, protocol) = self.core.client_of(*id)?;
+                Some((client, protocol, meta, *since))
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        rows.truncate(STATUS_CHILDREN);
+        let rows: Vec<serde_json::Value> = rows
+            .into_iter()
+            .map(|(client, protocol, meta, since)| {
+                let version = match protocol {
+                    Protocol::V4 => "mqtt 3.1.1",
+                    Protocol::V5 => "mqtt 5",
+                };
+                let tls = if meta.tls { " tls" } else { "" };
+                json!({
+                    "address": format!("{me}/{client}"),
+                    "kind": "connection",
+                    "state": "running",
+                    "info": format!("{version}{tls} from {} for {}s", meta.peer, since.elapsed().as_secs()),
+                })
+            })
+            .collect();
+        json!(rows)
+    }
+
     fn conn_event(&mut self, ev: ConnEvent) {
         match ev {
-            ConnEvent::Connect(id, connect, tx) => {
+            ConnEvent::Connect(id, connect, tx, meta) => {
                 self.conns.insert(id, tx);
+                self.meta.insert(id, (meta, Instant::now()));
                 self.core.connect(id, *connect);
             }
             ConnEvent::Packet(id, p) => self.core.packet(id, p),
@@ -150,7 +205,7 @@ async fn accept_loop(
     tls: Option<tokio_rustls::TlsAcceptor>,
     next_id: Arc<AtomicU64>,
     events: mpsc::Sender<ConnEvent>,
-    closed: mpsc::UnboundedSender<u64>,
+    closed: mpsc::UnboundedSender<(u64, Ended)>,
     limits: ConnLimits,
 ) {
     let mut conns = JoinSet::new();
@@ -168,15 +223,16 @@ async fn accept_loop(
                 let _ = sock.set_nodelay(true);
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let (events, closed) = (events.clone(), closed.clone());
+                let meta = ConnMeta { peer, tls: tls.is_some() };
                 match tls.clone() {
                     None => {
-                        conns.spawn(serve(id, sock, events, closed, limits));
+                        conns.spawn(serve(id, meta, sock, events, closed, limits));
                     }
                     Some(acceptor) => {
                         conns.spawn(async move {
                             let hs = tokio::time::timeout(super::listener::CONNECT_TIMEOUT, acceptor.accept(sock)).await;
                             match hs {
-                                Ok(Ok(stream)) => serve(id, stream, events, closed, limits).await,
+                                Ok(Ok(stream)) => serve(id, meta, stream, events, closed, limits).await,
                                 Ok(Err(e)) => info!(%peer, "TLS handshake refused: {e}"),
                                 Err(_) => info!(%peer, "TLS handshake timed out"),
                             }
@@ -186,7 +242,7 @@ async fn accept_loop(
             }
             Some(done) = conns.join_next() => {
                 if let Err(e) = done && e.is_panic() {
-                    warn!("a connection task panicked; that client was cut off");
+                    debug!("a connection task panicked (reported by its guard)");
                 }
             }
         }
@@ -223,6 +279,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         .map_err(|e| ActorFailure::new(e.to_string()))?;
     let restored = store.load().map_err(|e| ActorFailure::new(e.to_string()))?;
     let mut core = BrokerCore::new(policy(&settings), settings.limits.clone(), restored);
+    core.set_now(unix_now());
     for d in declared_subscriptions(&ctx.config, &ctx.address) {
         let opts = SubOptions {
             qos: d.qos,
@@ -235,16 +292,21 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         core,
         store,
         conns: HashMap::new(),
+        meta: HashMap::new(),
         notifiers: HashMap::new(),
         actions: Vec::new(),
+        panics: 0,
     };
 
     let (events_tx, mut events) = mpsc::channel::<ConnEvent>(4096);
-    let (closed_tx, mut closed) = mpsc::unbounded_channel::<u64>();
+    let (closed_tx, mut closed) = mpsc::unbounded_channel::<(u64, Ended)>();
     let next_id = Arc::new(AtomicU64::new(1));
     let limits = ConnLimits {
         max_packet_size: settings.limits.max_packet_size as usize,
-        outgoing_capacity: settings.limits.max_inflight as usize + 4096,
+        // QoS 0 messages wait for a busy client like queued QoS 1/2 ones do (`max_queued`, at
+        // least 4096), and are dropped and counted beyond that.
+        outgoing_capacity: settings.limits.max_inflight as usize
+            + (settings.limits.max_queued as usize).max(4096),
     };
     let mut tasks = JoinSet::new();
     let mut bound = Vec::new();
@@ -312,6 +374,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     for (mut d, reply) in replies {
                         match reply {
                             Reply::Granted(g) => d.reply(&g),
+                            Reply::Connected(c) => d.reply(&c),
                             Reply::Done => d.reply(&()),
                             Reply::Status => d.reply(&status(&shell.core, &ctx.stats.detail())),
                             Reply::Reject(e) => d.reject(e),
@@ -324,7 +387,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             },
             _ = tick.tick() => {
                 ticks += 1;
-                shell.core.actor_tick();
+                shell.core.tick(unix_now());
                 let now = shell.core.counters();
                 let detail = json!({
                     "listeners": bound,
@@ -341,6 +404,9 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     "denied": now.denied,
                     "auth_failures": now.auth_failures,
                     "protocol_errors": now.protocol_errors,
+                    "connection_panics": shell.panics,
+                    "children": shell.children(&ctx.address),
+                    "children_total": shell.core.connections(),
                 });
                 ctx.stats.set_detail(detail);
                 last = now;
@@ -353,7 +419,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 let mut n = 0;
                 let mut next = Some(ev);
                 while let Some(ev) = next {
-                    if matches!(ev, ConnEvent::Packet(_, Packet::Publish(_))) {
+                    if matches!(ev, ConnEvent::Packet(_, ClientPacket::Publish(_))) {
                         ctx.stats.handled();
                     }
                     shell.conn_event(ev);
@@ -362,12 +428,11 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 }
                 shell.flush(&ctx, &mut tasks)?;
             }
-            Some(id) = closed.recv() => {
-                shell.conns.remove(&id);
-                shell.core.closed(id);
-                while let Ok(id) = closed.try_recv() {
-                    shell.conns.remove(&id);
-                    shell.core.closed(id);
+            Some(first) = closed.recv() => {
+                let mut next = Some(first);
+                while let Some((id, how)) = next {
+                    shell.conn_ended(id, how);
+                    next = closed.try_recv().ok();
                 }
                 shell.flush(&ctx, &mut tasks)?;
             }
@@ -383,6 +448,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
 /// A reply held until the batch it belongs to is committed.
 enum Reply {
     Granted(Vec<Option<u8>>),
+    Connected(bool),
     Done,
     Status,
     Reject(CallError),
@@ -468,6 +534,9 @@ fn handle_message(
                 }
             }
         }
+        BrokerMessage::Disconnect { client_id } => {
+            Reply::Connected(shell.core.disconnect_client(&client_id))
+        }
         BrokerMessage::Status {} => Reply::Status,
     };
     replies.push((d, reply));
@@ -493,6 +562,12 @@ fn status(core: &BrokerCore, detail: &serde_json::Value) -> serde_json::Value {
         })
         .collect();
     json!({ "detail": detail, "actor_subscriptions": subs })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn publish_sys(core: &mut BrokerCore, uptime: Duration) {

@@ -6,28 +6,36 @@
 //! disk so persistent sessions and retained messages survive a restart). It owns no socket, task or
 //! file; the actor shell carries the actions out.
 //!
-//! Rules it keeps (MQTT 3.1.1): the first packet is CONNECT and there is only one; a client id
-//! already connected is taken over (the old connection is closed); clean sessions end with their
-//! connection, persistent ones keep subscriptions and QoS 1/2 messages while offline; a will is
-//! published when a connection ends without DISCONNECT; delivered QoS is the lower of publish and
-//! subscription; QoS 2 from clients is routed once per packet id until PUBREL; retained messages
-//! go to new subscriptions; one member of each `$share` group receives each message, round-robin.
-//! A protocol violation closes only the offending connection.
+//! It speaks the protocol-neutral packets of [`super::packet`], so MQTT 3.1.1 and MQTT 5 clients
+//! share sessions, subscriptions and messages. Rules it keeps: the first packet is CONNECT and
+//! there is only one; a client id already connected is taken over (the old connection is closed,
+//! an MQTT 5 one with reason "session taken over"); a session outlives its connection by its
+//! expiry interval (3.1.1: clean session ends with the connection, persistent never expires) and
+//! keeps subscriptions and QoS 1/2 messages meanwhile; a will is published when a connection ends
+//! without DISCONNECT (after its MQTT 5 delay, unless the session resumes); delivered QoS is the
+//! lower of publish and subscription; QoS 2 from clients is routed once per packet id until
+//! PUBREL; retained messages go to new subscriptions (per MQTT 5 retain handling); no-local,
+//! retain-as-published and subscription identifiers are honoured; messages past their expiry are
+//! not delivered and carry their remaining lifetime; one member of each `$share` group receives
+//! each message, round-robin. A protocol violation closes only the offending connection.
+//!
+//! Time enters only through [`BrokerCore::tick`] (Unix seconds), so the core stays
+//! deterministic.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use colony_config::kinds::BrokerLimits;
-use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, PubRel, Publish, SubAck,
-    SubscribeReasonCode, UnsubAck,
-};
 use tracing::{debug, info, warn};
 
 use super::actor_queue::{ActorOffer, ActorQueue, Pending};
 use super::auth::{Access, AccessPolicy, LoginRefusal};
+use super::codec::TOPIC_ALIAS_MAX;
+use super::packet::{
+    AckCode, ClientPacket, ConnAckOut, ConnCode, ConnectIn, DisconnectCode, FilterIn, Protocol,
+    PublishIn, ServerPacket, SubCode,
+};
 use super::retained::{RetainChange, RetainedStore};
 pub use super::session::Subscriber;
 use super::session::{Ack, AckOutcome, InFlight, Message, Offer, OutState, Outbound, Session};
@@ -55,7 +63,7 @@ pub enum ActorPublish {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Send a packet on a connection.
-    Send(ConnId, Packet),
+    Send(ConnId, ServerPacket),
     /// Close a connection once what was queued for it is written.
     Close(ConnId),
     /// Push a message to an actor subscriber.
@@ -80,8 +88,10 @@ pub enum StoreOp {
         client_id: String,
         /// Username it last connected with.
         username: Option<String>,
-        /// Raw filters and QoS.
-        subscriptions: Vec<(String, u8)>,
+        /// Session expiry interval in seconds (`u32::MAX`: never).
+        expiry: u32,
+        /// Raw filters and how they were subscribed.
+        subscriptions: Vec<(String, SubOptions)>,
     },
     /// A persistent session is gone (with its messages).
     DeleteSession {
@@ -181,7 +191,20 @@ pub struct Counters {
 
 struct Conn {
     client_id: Arc<str>,
-    will: Option<Message>,
+    will: Option<(Message, u32)>,
+    protocol: Protocol,
+    /// The most unacknowledged QoS 1/2 publishes the client takes.
+    receive_max: usize,
+    /// The largest packet the client takes.
+    max_packet: Option<u32>,
+}
+
+/// A will waiting out its delay (MQTT 5).
+struct PendingWill {
+    client_id: Arc<str>,
+    username: Option<String>,
+    due: u64,
+    message: Message,
 }
 
 /// The broker's state.
@@ -198,17 +221,11 @@ pub struct BrokerCore {
     limits: BrokerLimits,
     next_seq: u64,
     share_cursor: HashMap<(String, String), usize>,
+    wills: Vec<PendingWill>,
+    now: u64,
     counters: Counters,
     actions: Vec<Action>,
     store: Vec<StoreOp>,
-}
-
-fn qos_of(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
 }
 
 /// What was restored from disk.
@@ -244,16 +261,18 @@ impl BrokerCore {
             limits,
             next_seq: restored.next_seq.max(1),
             share_cursor: HashMap::new(),
+            wills: Vec::new(),
+            now: 0,
             counters: Counters::default(),
             actions: Vec::new(),
             store: Vec::new(),
         };
         for (id, session) in restored.sessions {
             let id: Arc<str> = id.into();
-            for (raw, qos) in &session.subscriptions {
+            for (raw, opts) in &session.subscriptions {
                 if let Some(f) = parse_filter(raw) {
                     core.trie
-                        .insert(f.filter, f.group, Subscriber::Client(id.clone()), *qos);
+                        .insert(f.filter, f.group, Subscriber::Client(id.clone()), *opts);
                 }
             }
             core.sessions.insert(id, session);
@@ -343,6 +362,11 @@ impl BrokerCore {
         self.conns.len()
     }
 
+    /// The client id and protocol of connection `conn`, once its CONNECT was accepted.
+    pub fn client_of(&self, conn: ConnId) -> Option<(&str, Protocol)> {
+        self.conns.get(&conn).map(|c| (&*c.client_id, c.protocol))
+    }
+
     /// Sessions held (connected or not).
     pub fn sessions(&self) -> usize {
         self.sessions.len()
@@ -376,25 +400,73 @@ impl BrokerCore {
         self.sessions.get(client_id)
     }
 
+    /// Sets the clock (Unix seconds) and does what is due: sessions past their expiry end,
+    /// delayed wills are published, actor notices unacknowledged too long go again. The shell
+    /// calls it about once a second.
+    pub fn tick(&mut self, now: u64) {
+        self.now = now;
+        let mut expired = Vec::new();
+        for (id, s) in &mut self.sessions {
+            if self.online.contains_key(id) {
+                continue;
+            }
+            if s.expires_at.is_none() && s.expiry != u32::MAX {
+                s.expires_at = Some(now.saturating_add(u64::from(s.expiry)));
+            }
+            if s.expires_at.is_some_and(|at| at <= now) {
+                expired.push(id.clone());
+            }
+        }
+        for id in expired {
+            debug!(client_id = %id, "session expired");
+            // A will still waiting goes out when its session ends.
+            for w in &mut self.wills {
+                if w.client_id == id {
+                    w.due = now;
+                }
+            }
+            self.discard_session(&id);
+        }
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.wills)
+            .into_iter()
+            .partition(|w| w.due <= now);
+        self.wills = waiting;
+        for w in due {
+            self.publish_will(&w.client_id, w.username.as_deref(), w.message);
+        }
+        self.actor_tick();
+    }
+
+    /// Sets the clock (Unix seconds) without doing what is due.
+    pub fn set_now(&mut self, now: u64) {
+        self.now = now;
+    }
+
     /// A client's CONNECT, the first packet of connection `conn`.
-    pub fn connect(&mut self, conn: ConnId, connect: Connect) {
+    pub fn connect(&mut self, conn: ConnId, connect: ConnectIn) {
         let refuse = |core: &mut Self, code| {
             core.actions.push(Action::Send(
                 conn,
-                Packet::ConnAck(ConnAck::new(code, false)),
+                ServerPacket::ConnAck(ConnAckOut::refuse(code)),
             ));
             core.actions.push(Action::Close(conn));
         };
         if self.conns.contains_key(&conn) {
-            return self.violation(conn, "second CONNECT");
+            return self.violation(conn, "second CONNECT", DisconnectCode::ProtocolError);
+        }
+        if let Some(method) = &connect.auth_method {
+            info!(client_id = %connect.client_id, %method, "enhanced authentication is not supported");
+            return refuse(self, ConnCode::BadAuthMethod);
         }
         if self.conns.len() >= self.limits.max_connections as usize {
             warn!(client_id = %connect.client_id, "connection refused: max_connections reached");
-            return refuse(self, ConnectReturnCode::ServiceUnavailable);
+            return refuse(self, ConnCode::ServerUnavailable);
         }
-        let username = connect.login.as_ref().map(|l| l.username.clone());
-        let password = connect.login.as_ref().map(|l| l.password.as_bytes());
-        if let Err(why) = self.policy.login(username.as_deref(), password) {
+        let username = connect.username.clone();
+        if let Err(why) = self
+            .policy
+            .login(username.as_deref(), connect.password.as_deref())
+        {
             self.counters.auth_failures += 1;
             warn!(
                 client_id = %connect.client_id,
@@ -403,58 +475,84 @@ impl BrokerCore {
                 "login refused"
             );
             let code = match why {
-                LoginRefusal::AnonymousNotAllowed => ConnectReturnCode::NotAuthorized,
-                LoginRefusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
+                LoginRefusal::AnonymousNotAllowed => ConnCode::NotAuthorized,
+                LoginRefusal::BadCredentials => ConnCode::BadUserNamePassword,
             };
             return refuse(self, code);
         }
+        let mut assigned = None;
         let client_id: Arc<str> = if connect.client_id.is_empty() {
-            if !connect.clean_session {
-                return refuse(self, ConnectReturnCode::BadClientId);
+            if connect.protocol == Protocol::V4 && !connect.clean_start {
+                return refuse(self, ConnCode::BadClientId);
             }
-            format!("colony-auto-{conn}").into()
+            let id = format!("colony-auto-{conn}");
+            if connect.protocol == Protocol::V5 {
+                assigned = Some(id.clone());
+            }
+            id.into()
         } else {
             connect.client_id.as_str().into()
         };
-        let will = match connect.last_will {
+        let will = match connect.will {
             Some(w) if !is_valid_topic_name(&w.topic) => {
-                return self.violation(conn, "invalid will topic");
+                return self.violation(
+                    conn,
+                    "invalid will topic",
+                    DisconnectCode::TopicNameInvalid,
+                );
             }
-            Some(w) => Some(Message {
-                origin: Some(Subscriber::Client(client_id.clone())),
-                ..Message::new(w.topic, w.message, w.qos as u8, w.retain)
-            }),
+            Some(w) => {
+                let mut m = Message::new(w.topic, w.payload, w.qos.min(2), w.retain);
+                m.origin = Some(Subscriber::Client(client_id.clone()));
+                m.props = w.props;
+                m.expires_at = w.expiry.map(|e| self.now + u64::from(e));
+                Some((m, w.delay))
+            }
             None => None,
         };
         if let Some(old) = self.online.get(&client_id).copied() {
             info!(client_id = %client_id, "client id taken over by a new connection");
+            self.actions.push(Action::Send(
+                old,
+                ServerPacket::Disconnect(DisconnectCode::SessionTakenOver),
+            ));
             self.actions.push(Action::Close(old));
             self.drop_conn(old, true);
         }
+        // The client is back: a will still waiting out its delay is not sent.
+        self.wills.retain(|w| w.client_id != client_id);
+        let expiry = connect.session_expiry;
         let mut session_present = false;
-        if connect.clean_session {
-            self.discard_session(&client_id);
-            self.sessions
-                .insert(client_id.clone(), Session::new(false, username.clone()));
-        } else {
-            match self.sessions.get_mut(&client_id) {
-                Some(s) if s.persistent => {
-                    session_present = true;
-                    s.username = username.clone();
-                }
-                _ => {
-                    self.discard_session(&client_id);
-                    self.sessions
-                        .insert(client_id.clone(), Session::new(true, username.clone()));
-                }
+        match self.sessions.get_mut(&client_id) {
+            Some(s) if !connect.clean_start && s.persistent => {
+                session_present = true;
+                s.username = username.clone();
+                s.expiry = expiry;
+                s.persistent = expiry > 0;
+                s.expires_at = None;
             }
+            _ => {
+                self.discard_session(&client_id);
+                self.sessions
+                    .insert(client_id.clone(), Session::new(expiry, username.clone()));
+            }
+        }
+        if expiry > 0 {
             self.save_session(&client_id);
+        } else if session_present {
+            // Resumed with expiry 0: it ends with this connection; forget it on disk now.
+            self.store.push(StoreOp::DeleteSession {
+                client_id: client_id.to_string(),
+            });
         }
         self.conns.insert(
             conn,
             Conn {
                 client_id: client_id.clone(),
                 will,
+                protocol: connect.protocol,
+                receive_max: usize::from(connect.receive_maximum.unwrap_or(u16::MAX).max(1)),
+                max_packet: connect.max_packet_size,
             },
         );
         self.online.insert(client_id.clone(), conn);
@@ -462,63 +560,67 @@ impl BrokerCore {
         debug!(client_id = %client_id, session_present, "client connected");
         self.actions.push(Action::Send(
             conn,
-            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)),
+            ServerPacket::ConnAck(ConnAckOut {
+                session_present,
+                code: ConnCode::Success,
+                assigned_client_id: assigned,
+                max_packet_size: self.limits.max_packet_size,
+                topic_alias_max: TOPIC_ALIAS_MAX,
+                receive_max: u16::MAX,
+            }),
         ));
         if session_present && let Some(s) = self.sessions.get(&client_id) {
             for out in s.resend() {
-                let p = outbound_packet(out);
-                self.actions.push(Action::Send(conn, p));
+                self.actions.push(Action::Send(conn, outbound_packet(out)));
             }
             self.pump(&client_id);
         }
     }
 
     /// A packet after CONNECT on `conn`.
-    pub fn packet(&mut self, conn: ConnId, packet: Packet) {
+    pub fn packet(&mut self, conn: ConnId, packet: ClientPacket) {
         let Some(client_id) = self.conns.get(&conn).map(|c| c.client_id.clone()) else {
             // Not connected (refused, taken over or closed): ignore what is still in flight.
             return;
         };
         match packet {
-            Packet::Connect(_) => self.violation(conn, "second CONNECT"),
-            Packet::Publish(p) => self.client_publish(conn, &client_id, p),
-            Packet::PubAck(a) => self.client_ack(&client_id, Ack::PubAck(a.pkid)),
-            Packet::PubRec(a) => self.client_ack(&client_id, Ack::PubRec(a.pkid)),
-            Packet::PubComp(a) => self.client_ack(&client_id, Ack::PubComp(a.pkid)),
-            Packet::PubRel(r) => {
+            ClientPacket::Connect => {
+                self.violation(conn, "second CONNECT", DisconnectCode::ProtocolError)
+            }
+            ClientPacket::Publish(p) => self.client_publish(conn, &client_id, p),
+            ClientPacket::PubAck(pid) => self.client_ack(&client_id, Ack::PubAck(pid)),
+            ClientPacket::PubRec(pid, false) => self.client_ack(&client_id, Ack::PubRec(pid)),
+            ClientPacket::PubRec(pid, true) => self.client_ack(&client_id, Ack::PubRecFailed(pid)),
+            ClientPacket::PubComp(pid) => self.client_ack(&client_id, Ack::PubComp(pid)),
+            ClientPacket::PubRel(pid) => {
                 if let Some(s) = self.sessions.get_mut(&client_id) {
-                    s.release_qos2(r.pkid);
+                    s.release_qos2(pid);
                 }
                 self.actions
-                    .push(Action::Send(conn, Packet::PubComp(PubComp::new(r.pkid))));
+                    .push(Action::Send(conn, ServerPacket::PubComp(pid)));
             }
-            Packet::Subscribe(sub) => {
-                let mut codes = Vec::with_capacity(sub.filters.len());
-                let mut granted = Vec::new();
-                for f in sub.filters {
-                    let qos = f.qos as u8;
-                    match self.subscribe_client(&client_id, &f.path, qos) {
-                        Some(q) => {
-                            codes.push(SubscribeReasonCode::Success(qos_of(q)));
-                            granted.push((f.path, q));
-                        }
-                        None => codes.push(SubscribeReasonCode::Failure),
-                    }
+            ClientPacket::Subscribe { pkid, filters } => {
+                let mut codes = Vec::with_capacity(filters.len());
+                let mut retained = Vec::new();
+                for f in filters {
+                    let code = self.subscribe_client(&client_id, &f, &mut retained);
+                    codes.push(code);
                 }
-                self.actions.push(Action::Send(
-                    conn,
-                    Packet::SubAck(SubAck::new(sub.pkid, codes)),
-                ));
+                self.actions
+                    .push(Action::Send(conn, ServerPacket::SubAck { pkid, codes }));
                 self.save_session(&client_id);
-                for (filter, qos) in granted {
+                for (filter, qos) in retained {
                     self.send_retained(&Subscriber::Client(client_id.clone()), &filter, qos);
                 }
             }
-            Packet::Unsubscribe(u) => {
-                for raw in &u.topics {
-                    if let Some(s) = self.sessions.get_mut(&client_id) {
-                        s.subscriptions.remove(raw);
-                    }
+            ClientPacket::Unsubscribe { pkid, filters } => {
+                let mut existed = Vec::with_capacity(filters.len());
+                for raw in &filters {
+                    let had = self
+                        .sessions
+                        .get_mut(&client_id)
+                        .is_some_and(|s| s.subscriptions.remove(raw).is_some());
+                    existed.push(had);
                     if let Some(f) = parse_filter(raw) {
                         self.trie
                             .remove(f.filter, f.group, &Subscriber::Client(client_id.clone()));
@@ -526,25 +628,73 @@ impl BrokerCore {
                 }
                 self.save_session(&client_id);
                 self.actions
-                    .push(Action::Send(conn, Packet::UnsubAck(UnsubAck::new(u.pkid))));
+                    .push(Action::Send(conn, ServerPacket::UnsubAck { pkid, existed }));
             }
-            Packet::PingReq => self.actions.push(Action::Send(conn, Packet::PingResp)),
-            Packet::Disconnect => {
-                if let Some(c) = self.conns.get_mut(&conn) {
+            ClientPacket::PingReq => self
+                .actions
+                .push(Action::Send(conn, ServerPacket::PingResp)),
+            ClientPacket::Disconnect {
+                with_will,
+                session_expiry,
+            } => {
+                if let Some(e) = session_expiry
+                    && let Some(s) = self.sessions.get_mut(&client_id)
+                {
+                    if s.expiry == 0 && e > 0 {
+                        return self.violation(
+                            conn,
+                            "DISCONNECT sets a session expiry on a session that had none",
+                            DisconnectCode::ProtocolError,
+                        );
+                    }
+                    s.expiry = e;
+                    s.persistent = e > 0;
+                    if e > 0 {
+                        self.save_session(&client_id);
+                    }
+                }
+                if !with_will && let Some(c) = self.conns.get_mut(&conn) {
                     c.will = None;
                 }
-                self.drop_conn(conn, false);
+                self.drop_conn(conn, true);
                 self.actions.push(Action::Close(conn));
             }
-            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-                self.violation(conn, "server-only packet from a client")
-            }
+            ClientPacket::Unexpected(what) => self.violation(
+                conn,
+                &format!("{what} from a client"),
+                DisconnectCode::ProtocolError,
+            ),
         }
     }
 
     /// Connection `conn` ended (socket closed, error, keepalive timeout). Publishes its will
     /// unless it sent DISCONNECT. Does nothing for a connection already dropped.
     pub fn closed(&mut self, conn: ConnId) {
+        self.drop_conn(conn, true);
+    }
+
+    /// Cuts off the client `client_id` (an operator's decision): an MQTT 5 client is told why,
+    /// its will is published, its session kept per its expiry. False when it is not connected.
+    pub fn disconnect_client(&mut self, client_id: &str) -> bool {
+        let Some(conn) = self.online.get(client_id).copied() else {
+            return false;
+        };
+        info!(client_id, "client disconnected by an operator");
+        self.drop_conn(conn, true);
+        self.actions.push(Action::Send(
+            conn,
+            ServerPacket::Disconnect(DisconnectCode::AdministrativeAction),
+        ));
+        self.actions.push(Action::Close(conn));
+        true
+    }
+
+    /// Connection `conn` is cut off by its connection task for `code` (malformed or oversize
+    /// packet, bad topic alias, keepalive): counted as a protocol error unless it is keepalive.
+    pub fn cut_off(&mut self, conn: ConnId, code: DisconnectCode) {
+        if code != DisconnectCode::KeepAliveTimeout {
+            self.counters.protocol_errors += 1;
+        }
         self.drop_conn(conn, true);
     }
 
@@ -750,12 +900,16 @@ impl BrokerCore {
         self.route(Message::new(topic, Bytes::from(value), 0, true));
     }
 
-    fn client_publish(&mut self, conn: ConnId, client_id: &Arc<str>, p: Publish) {
+    fn client_publish(&mut self, conn: ConnId, client_id: &Arc<str>, p: PublishIn) {
         if !is_valid_topic_name(&p.topic) {
-            return self.violation(conn, "invalid topic name in PUBLISH");
+            return self.violation(
+                conn,
+                "invalid topic name in PUBLISH",
+                DisconnectCode::TopicNameInvalid,
+            );
         }
         self.counters.messages_in += 1;
-        let qos = p.qos as u8;
+        let qos = p.qos.min(2);
         let mut route = true;
         if qos == 2 {
             route = self
@@ -763,6 +917,7 @@ impl BrokerCore {
                 .get_mut(client_id)
                 .is_none_or(|s| s.receive_qos2(p.pkid));
         }
+        let mut code = AckCode::Success;
         if route {
             let username = self
                 .sessions
@@ -775,22 +930,33 @@ impl BrokerCore {
                 &p.topic,
                 false,
             ) {
-                self.route(Message {
-                    origin: Some(Subscriber::Client(client_id.clone())),
-                    ..Message::new(p.topic, p.payload, qos, p.retain)
-                });
+                let mut m = Message::new(p.topic, p.payload, qos, p.retain);
+                m.origin = Some(Subscriber::Client(client_id.clone()));
+                m.props = p.props;
+                m.expires_at = p.expiry.map(|e| self.now + u64::from(e));
+                if self.route(m) == 0 {
+                    code = AckCode::NoMatchingSubscribers;
+                }
             } else {
                 self.counters.denied += 1;
+                code = AckCode::NotAuthorized;
                 info!(client_id = %client_id, topic = %p.topic, "publish denied by ACL");
             }
         }
         match qos {
             1 => self
                 .actions
-                .push(Action::Send(conn, Packet::PubAck(PubAck::new(p.pkid)))),
-            2 => self
-                .actions
-                .push(Action::Send(conn, Packet::PubRec(PubRec::new(p.pkid)))),
+                .push(Action::Send(conn, ServerPacket::PubAck(p.pkid, code))),
+            2 => {
+                if code == AckCode::NotAuthorized
+                    && let Some(s) = self.sessions.get_mut(client_id)
+                {
+                    // A refused QoS 2 publish ends at PUBREC (MQTT 5): no PUBREL follows.
+                    s.release_qos2(p.pkid);
+                }
+                self.actions
+                    .push(Action::Send(conn, ServerPacket::PubRec(p.pkid, code)))
+            }
             _ => {}
         }
     }
@@ -817,7 +983,7 @@ impl BrokerCore {
                 };
                 if let Some(conn) = self.online.get(client_id).copied() {
                     self.actions
-                        .push(Action::Send(conn, Packet::PubRel(PubRel::new(pid))));
+                        .push(Action::Send(conn, ServerPacket::PubRel(pid)));
                 }
                 if persistent && let Some(f) = s.inflight().find(|f| f.seq == seq) {
                     self.store.push(StoreOp::PutMessage {
@@ -832,28 +998,55 @@ impl BrokerCore {
         }
     }
 
-    fn subscribe_client(&mut self, client_id: &Arc<str>, raw: &str, qos: u8) -> Option<u8> {
-        let f = parse_filter(raw)?;
-        let username = self.sessions.get(client_id)?.username.clone();
-        if !self
-            .policy
-            .allows(username.as_deref(), client_id, Access::Read, f.filter, true)
-        {
+    /// Subscribes a client to one filter; pushes (filter, qos) onto `retained` when retained
+    /// messages should follow.
+    fn subscribe_client(
+        &mut self,
+        client_id: &Arc<str>,
+        f: &FilterIn,
+        retained: &mut Vec<(String, u8)>,
+    ) -> SubCode {
+        let Some(parsed) = parse_filter(&f.filter) else {
+            return SubCode::InvalidFilter;
+        };
+        let Some(session) = self.sessions.get(client_id) else {
+            return SubCode::InvalidFilter;
+        };
+        let username = session.username.clone();
+        if !self.policy.allows(
+            username.as_deref(),
+            client_id,
+            Access::Read,
+            parsed.filter,
+            true,
+        ) {
             self.counters.denied += 1;
-            info!(client_id = %client_id, filter = %raw, "subscription denied by ACL");
-            return None;
+            info!(client_id = %client_id, filter = %f.filter, "subscription denied by ACL");
+            return SubCode::NotAuthorized;
+        }
+        let mut opts = SubOptions {
+            qos: f.opts.qos.min(2),
+            ..f.opts
+        };
+        if parsed.group.is_some() {
+            // No-local means nothing on a shared subscription.
+            opts.no_local = false;
         }
         self.trie.insert(
-            f.filter,
-            f.group,
+            parsed.filter,
+            parsed.group,
             Subscriber::Client(client_id.clone()),
-            qos,
+            opts,
         );
-        self.sessions
-            .get_mut(client_id)?
-            .subscriptions
-            .insert(raw.to_owned(), qos);
-        Some(qos)
+        let existed = self
+            .sessions
+            .get_mut(client_id)
+            .and_then(|s| s.subscriptions.insert(f.filter.clone(), opts))
+            .is_some();
+        if f.retain_handling == 0 || (f.retain_handling == 1 && !existed) {
+            retained.push((f.filter.clone(), opts.qos));
+        }
+        SubCode::Granted(opts.qos)
     }
 
     fn send_retained(&mut self, to: &Subscriber, raw: &str, qos: u8) {
@@ -861,13 +1054,18 @@ impl BrokerCore {
         if f.group.is_some() {
             return; // Shared subscriptions get no retained messages.
         }
+        let now = self.now;
         for m in self.retained.matching(f.filter) {
+            if m.expired(now) {
+                continue;
+            }
             let q = m.qos.min(qos);
-            self.deliver(to, q, &m, true);
+            self.deliver(to, q, &m, true, &[]);
         }
     }
 
-    fn route(&mut self, message: Message) {
+    /// Routes a message to its subscribers; returns how many it reached.
+    fn route(&mut self, message: Message) -> usize {
         if message.retain {
             let persisted = !message.topic.starts_with("$SYS/");
             match self.retained.apply(&message) {
@@ -881,14 +1079,17 @@ impl BrokerCore {
             }
         }
         let matches = self.trie.matches(&message.topic);
+        let mut reached = 0;
         for m in matches.direct {
             if m.no_local && message.origin.as_ref() == Some(&m.key) {
                 continue;
             }
+            reached += 1;
             let retain = m.retain_as_published && message.retain;
-            self.deliver(&m.key, message.qos.min(m.qos), &message, retain);
+            self.deliver(&m.key, message.qos.min(m.qos), &message, retain, &m.ids);
         }
         for (group, members) in matches.shared {
+            reached += 1;
             let cursor = self.share_cursor.entry(group).or_insert(0);
             let n = members.len();
             // Prefer a member that is connected (or an actor), starting after the last one used.
@@ -901,17 +1102,35 @@ impl BrokerCore {
                 .unwrap_or(*cursor % n);
             *cursor = pick + 1;
             let m = &members[pick];
-            self.deliver(&m.key.clone(), message.qos.min(m.qos), &message, false);
+            let retain = m.retain_as_published && message.retain;
+            self.deliver(
+                &m.key.clone(),
+                message.qos.min(m.qos),
+                &message,
+                retain,
+                &m.ids.clone(),
+            );
         }
+        reached
     }
 
-    fn deliver(&mut self, to: &Subscriber, qos: u8, message: &Message, retain: bool) {
+    fn deliver(
+        &mut self,
+        to: &Subscriber,
+        qos: u8,
+        message: &Message,
+        retain: bool,
+        sub_ids: &[u32],
+    ) {
         let client_id = match to {
             Subscriber::Actor(address) => {
                 return self.deliver_to_actor(address, qos, message, retain);
             }
             Subscriber::Client(id) => id,
         };
+        if message.expired(self.now) {
+            return;
+        }
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
         };
@@ -925,9 +1144,26 @@ impl BrokerCore {
             return;
         }
         let conn = self.online.get(client_id).copied();
+        let (receive_max, max_packet) = conn
+            .and_then(|c| self.conns.get(&c))
+            .map_or((usize::MAX, None), |c| (c.receive_max, c.max_packet));
+        if let Some(max) = max_packet {
+            let size = 16
+                + message.topic.len()
+                + message.payload.len()
+                + message.props.as_ref().map_or(0, |p| p.wire_len())
+                + sub_ids.len() * 5;
+            if size > max as usize {
+                // Larger than the client takes: dropped as if delivered (MQTT 5 §3.1.2.25).
+                self.counters.dropped += 1;
+                return;
+            }
+        }
         let out = Message {
             qos,
             retain,
+            origin: None,
+            sub_ids: sub_ids.to_vec(),
             ..message.clone()
         };
         if qos == 0 {
@@ -935,14 +1171,11 @@ impl BrokerCore {
                 self.counters.messages_out += 1;
                 self.actions.push(Action::Send(
                     conn,
-                    Packet::Publish(Publish {
-                        dup: false,
-                        qos: QoS::AtMostOnce,
-                        retain,
-                        topic: out.topic,
+                    ServerPacket::Publish {
                         pkid: 0,
-                        payload: out.payload,
-                    }),
+                        dup: false,
+                        message: out,
+                    },
                 ));
             }
             return;
@@ -952,11 +1185,12 @@ impl BrokerCore {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        let window = receive_max.min(self.limits.max_inflight as usize);
         let offer = session.offer(
             seq,
             out.clone(),
             conn.is_some(),
-            self.limits.max_inflight as usize,
+            window,
             self.limits.max_queued as usize,
         );
         let persistent = session.persistent;
@@ -1002,6 +1236,9 @@ impl BrokerCore {
     }
 
     fn deliver_to_actor(&mut self, address: &Arc<str>, qos: u8, message: &Message, retain: bool) {
+        if message.expired(self.now) {
+            return;
+        }
         let out = Message {
             qos,
             retain,
@@ -1056,11 +1293,25 @@ impl BrokerCore {
         let Some(conn) = self.online.get(client_id).copied() else {
             return;
         };
+        let window = self
+            .conns
+            .get(&conn)
+            .map_or(usize::MAX, |c| c.receive_max)
+            .min(self.limits.max_inflight as usize);
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
-        let moved: Vec<InFlight> = s.pump(self.limits.max_inflight as usize);
+        let mut expired = Vec::new();
+        let moved: Vec<InFlight> = s.pump(window, self.now, &mut expired);
         let persistent = s.persistent;
+        if persistent {
+            for seq in expired {
+                self.store.push(StoreOp::DeleteMessage {
+                    client_id: client_id.to_string(),
+                    seq,
+                });
+            }
+        }
         for f in moved {
             self.counters.messages_out += 1;
             if persistent {
@@ -1089,10 +1340,11 @@ impl BrokerCore {
             self.store.push(StoreOp::SaveSession {
                 client_id: client_id.to_string(),
                 username: s.username.clone(),
+                expiry: s.expiry,
                 subscriptions: s
                     .subscriptions
                     .iter()
-                    .map(|(f, q)| (f.clone(), *q))
+                    .map(|(f, o)| (f.clone(), *o))
                     .collect(),
             });
         }
@@ -1115,11 +1367,26 @@ impl BrokerCore {
         }
     }
 
-    fn violation(&mut self, conn: ConnId, what: &str) {
+    fn violation(&mut self, conn: ConnId, what: &str, code: DisconnectCode) {
         self.counters.protocol_errors += 1;
         info!(conn, "closing connection: {what}");
         self.drop_conn(conn, true);
+        self.actions
+            .push(Action::Send(conn, ServerPacket::Disconnect(code)));
         self.actions.push(Action::Close(conn));
+    }
+
+    fn publish_will(&mut self, client_id: &Arc<str>, username: Option<&str>, will: Message) {
+        if self
+            .policy
+            .allows(username, client_id, Access::Write, &will.topic, false)
+        {
+            debug!(client_id = %client_id, topic = %will.topic, "publishing will");
+            self.counters.messages_in += 1;
+            self.route(will);
+        } else {
+            self.counters.denied += 1;
+        }
     }
 
     fn drop_conn(&mut self, conn: ConnId, publish_will: bool) {
@@ -1130,45 +1397,43 @@ impl BrokerCore {
             .sessions
             .get(&c.client_id)
             .and_then(|s| s.username.clone());
+        let mut session_lives = false;
         if self.online.get(&c.client_id) == Some(&conn) {
             self.online.remove(&c.client_id);
-            if self
-                .sessions
-                .get(&c.client_id)
-                .is_some_and(|s| !s.persistent)
-            {
+            let now = self.now;
+            if let Some(s) = self.sessions.get_mut(&c.client_id) {
+                session_lives = s.expiry > 0;
+                if s.expiry != u32::MAX {
+                    s.expires_at = Some(now.saturating_add(u64::from(s.expiry)));
+                }
+            }
+            if !session_lives {
                 self.discard_session(&c.client_id);
             }
         }
-        if publish_will && let Some(will) = c.will {
-            if self.policy.allows(
-                username.as_deref(),
-                &c.client_id,
-                Access::Write,
-                &will.topic,
-                false,
-            ) {
-                debug!(client_id = %c.client_id, topic = %will.topic, "publishing will");
-                self.counters.messages_in += 1;
-                self.route(will);
+        if publish_will && let Some((will, delay)) = c.will {
+            if delay > 0 && session_lives {
+                self.wills.push(PendingWill {
+                    client_id: c.client_id.clone(),
+                    username,
+                    due: self.now + u64::from(delay),
+                    message: will,
+                });
             } else {
-                self.counters.denied += 1;
+                self.publish_will(&c.client_id, username.as_deref(), will);
             }
         }
     }
 }
 
-fn outbound_packet(out: Outbound) -> Packet {
+fn outbound_packet(out: Outbound) -> ServerPacket {
     match out {
-        Outbound::Publish { pid, dup, message } => Packet::Publish(Publish {
-            dup,
-            qos: qos_of(message.qos),
-            retain: message.retain,
-            topic: message.topic,
+        Outbound::Publish { pid, dup, message } => ServerPacket::Publish {
             pkid: pid,
-            payload: message.payload,
-        }),
-        Outbound::PubRel(pid) => Packet::PubRel(PubRel::new(pid)),
+            dup,
+            message,
+        },
+        Outbound::PubRel(pid) => ServerPacket::PubRel(pid),
     }
 }
 

@@ -1,8 +1,41 @@
 use super::*;
-use crate::broker::codec::next_packet;
+use crate::broker::codec::{Decoder, connect_v4, from_v4, to_v4};
 use bytes::BytesMut;
 use colony_config::kinds::{AclAccess, AclRule};
-use rumqttc::mqttbytes::v4::{LastWill, Subscribe, SubscribeFilter, Unsubscribe};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{
+    ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, PubRel, Publish, Subscribe,
+    SubscribeReasonCode, Unsubscribe,
+};
+
+type Connect = rumqttc::mqttbytes::v4::Connect;
+
+/// An action with its packet as 3.1.1 would send it.
+#[derive(Debug, Clone, PartialEq)]
+enum A {
+    Send(ConnId, Packet),
+    Close(ConnId),
+    Other(Action),
+}
+
+fn take4(c: &mut BrokerCore) -> Vec<A> {
+    c.take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Send(conn, p) => to_v4(p).map(|p| A::Send(conn, p)),
+            Action::Close(conn) => Some(A::Close(conn)),
+            other => Some(A::Other(other)),
+        })
+        .collect()
+}
+
+fn pkt(c: &mut BrokerCore, conn: ConnId, p: Packet) {
+    c.packet(conn, from_v4(p));
+}
+
+fn conn4(c: &mut BrokerCore, conn: ConnId, p: Connect) {
+    c.connect(conn, connect_v4(p));
+}
 
 fn core() -> BrokerCore {
     BrokerCore::new(
@@ -12,36 +45,30 @@ fn core() -> BrokerCore {
     )
 }
 
-fn connect(c: &mut BrokerCore, conn: ConnId, id: &str, clean: bool) -> Vec<Action> {
+fn connect(c: &mut BrokerCore, conn: ConnId, id: &str, clean: bool) -> Vec<A> {
     let mut p = Connect::new(id);
     p.clean_session = clean;
-    c.connect(conn, p);
-    c.take_actions()
+    conn4(c, conn, p);
+    take4(c)
 }
 
-fn sub(c: &mut BrokerCore, conn: ConnId, filter: &str, qos: QoS) -> Vec<Action> {
-    c.packet(
-        conn,
-        Packet::Subscribe(Subscribe {
-            pkid: 1,
-            filters: vec![SubscribeFilter::new(filter.into(), qos)],
-        }),
-    );
-    c.take_actions()
+fn sub(c: &mut BrokerCore, conn: ConnId, filter: &str, qos: QoS) -> Vec<A> {
+    pkt(c, conn, Packet::Subscribe(Subscribe::new(filter, qos)));
+    take4(c)
 }
 
-fn publish(c: &mut BrokerCore, conn: ConnId, topic: &str, qos: QoS, pkid: u16) -> Vec<Action> {
+fn publish(c: &mut BrokerCore, conn: ConnId, topic: &str, qos: QoS, pkid: u16) -> Vec<A> {
     let mut p = Publish::new(topic, qos, b"x".to_vec());
     p.pkid = pkid;
-    c.packet(conn, Packet::Publish(p));
-    c.take_actions()
+    pkt(c, conn, Packet::Publish(p));
+    take4(c)
 }
 
-fn publishes_to(actions: &[Action], conn: ConnId) -> Vec<(String, u8, u16)> {
+fn publishes_to(actions: &[A], conn: ConnId) -> Vec<(String, u8, u16)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send(c, Packet::Publish(p)) if *c == conn => {
+            A::Send(c, Packet::Publish(p)) if *c == conn => {
                 Some((p.topic.clone(), p.qos as u8, p.pkid))
             }
             _ => None,
@@ -49,9 +76,9 @@ fn publishes_to(actions: &[Action], conn: ConnId) -> Vec<(String, u8, u16)> {
         .collect()
 }
 
-fn connack(actions: &[Action]) -> Option<(ConnectReturnCode, bool)> {
+fn connack(actions: &[A]) -> Option<(ConnectReturnCode, bool)> {
     actions.iter().find_map(|a| match a {
-        Action::Send(_, Packet::ConnAck(c)) => Some((c.code, c.session_present)),
+        A::Send(_, Packet::ConnAck(c)) => Some((c.code, c.session_present)),
         _ => None,
     })
 }
@@ -69,18 +96,18 @@ fn connect_subscribe_publish_at_each_qos() {
     assert_eq!(publishes_to(&a, 1), [("a/b".into(), 0, 0)]);
     let a = publish(&mut c, 2, "a/b", QoS::AtLeastOnce, 5);
     assert_eq!(publishes_to(&a, 1), [("a/b".into(), 1, 1)]);
-    assert!(a.contains(&Action::Send(2, Packet::PubAck(PubAck::new(5)))));
+    assert!(a.contains(&A::Send(2, Packet::PubAck(PubAck::new(5)))));
     // QoS 2 in, downgraded to the subscription's QoS 1 out.
     let a = publish(&mut c, 2, "a/b", QoS::ExactlyOnce, 6);
     assert_eq!(publishes_to(&a, 1), [("a/b".into(), 1, 2)]);
-    assert!(a.contains(&Action::Send(2, Packet::PubRec(PubRec::new(6)))));
+    assert!(a.contains(&A::Send(2, Packet::PubRec(PubRec::new(6)))));
     // A duplicate QoS 2 before PUBREL is acknowledged but not routed again.
     let a = publish(&mut c, 2, "a/b", QoS::ExactlyOnce, 6);
     assert!(publishes_to(&a, 1).is_empty());
-    c.packet(2, Packet::PubRel(PubRel::new(6)));
+    pkt(&mut c, 2, Packet::PubRel(PubRel::new(6)));
     assert_eq!(
-        c.take_actions(),
-        [Action::Send(2, Packet::PubComp(PubComp::new(6)))]
+        take4(&mut c),
+        [A::Send(2, Packet::PubComp(PubComp::new(6)))]
     );
     assert_eq!(c.counters().messages_in, 4);
 }
@@ -113,12 +140,12 @@ fn persistent_session_queues_while_offline_and_resends_in_flight() {
     let sent: Vec<_> = a
         .iter()
         .filter_map(|x| match x {
-            Action::Send(3, Packet::Publish(p)) => Some((p.pkid, p.dup)),
+            A::Send(3, Packet::Publish(p)) => Some((p.pkid, p.dup)),
             _ => None,
         })
         .collect();
     assert_eq!(sent, [(1, true), (2, false)]);
-    c.packet(3, Packet::PubAck(PubAck::new(1)));
+    pkt(&mut c, 3, Packet::PubAck(PubAck::new(1)));
     assert!(
         c.take_store_ops()
             .iter()
@@ -148,10 +175,10 @@ fn takeover_closes_the_old_connection_and_publishes_its_will() {
     sub(&mut c, 9, "will/#", QoS::AtMostOnce);
     let mut p = Connect::new("dev");
     p.last_will = Some(LastWill::new("will/dev", "gone", QoS::AtMostOnce, false));
-    c.connect(1, p);
-    c.take_actions();
+    conn4(&mut c, 1, p);
+    take4(&mut c);
     let a = connect(&mut c, 2, "dev", true);
-    assert!(a.contains(&Action::Close(1)));
+    assert!(a.contains(&A::Close(1)));
     assert_eq!(publishes_to(&a, 9), [("will/dev".into(), 0, 0)]);
     assert_eq!(c.connections(), 2);
     // The old connection's late close changes nothing.
@@ -160,10 +187,10 @@ fn takeover_closes_the_old_connection_and_publishes_its_will() {
     // DISCONNECT discards the will.
     let mut p = Connect::new("polite");
     p.last_will = Some(LastWill::new("will/polite", "gone", QoS::AtMostOnce, false));
-    c.connect(3, p);
-    c.packet(3, Packet::Disconnect);
+    conn4(&mut c, 3, p);
+    pkt(&mut c, 3, Packet::Disconnect);
     c.closed(3);
-    assert!(publishes_to(&c.take_actions(), 9).is_empty());
+    assert!(publishes_to(&take4(&mut c), 9).is_empty());
 }
 
 #[test]
@@ -173,13 +200,13 @@ fn retained_messages_go_to_new_subscribers() {
     let mut p = Publish::new("r/1", QoS::AtLeastOnce, b"kept".to_vec());
     p.retain = true;
     p.pkid = 1;
-    c.packet(1, Packet::Publish(p));
-    c.take_actions();
+    pkt(&mut c, 1, Packet::Publish(p));
+    take4(&mut c);
     assert!(matches!(c.take_store_ops()[..], [StoreOp::PutRetained(_)]));
     connect(&mut c, 2, "sub", true);
     let a = sub(&mut c, 2, "r/#", QoS::AtMostOnce);
     let got = a.iter().find_map(|x| match x {
-        Action::Send(2, Packet::Publish(p)) => Some((p.retain, p.qos)),
+        A::Send(2, Packet::Publish(p)) => Some((p.retain, p.qos)),
         _ => None,
     });
     assert_eq!(got, Some((true, QoS::AtMostOnce)));
@@ -221,24 +248,24 @@ fn acl_denials_are_counted_and_login_failures_refused() {
     );
     let a = connect(&mut c, 1, "anon", true);
     assert_eq!(connack(&a).unwrap().0, ConnectReturnCode::NotAuthorized);
-    assert!(a.contains(&Action::Close(1)));
+    assert!(a.contains(&A::Close(1)));
     let mut p = Connect::new("x");
     p.set_login("u", "bad");
-    c.connect(2, p);
+    conn4(&mut c, 2, p);
     assert_eq!(
-        connack(&c.take_actions()).unwrap().0,
+        connack(&take4(&mut c)).unwrap().0,
         ConnectReturnCode::BadUserNamePassword
     );
     assert_eq!(c.counters().auth_failures, 2);
     let mut p = Connect::new("x");
     p.set_login("u", "pw");
-    c.connect(3, p);
+    conn4(&mut c, 3, p);
     assert_eq!(
-        connack(&c.take_actions()).unwrap().0,
+        connack(&take4(&mut c)).unwrap().0,
         ConnectReturnCode::Success
     );
     let a = sub(&mut c, 3, "own/other/#", QoS::AtMostOnce);
-    assert!(a.iter().any(|x| matches!(x, Action::Send(3, Packet::SubAck(s)) if s.return_codes == [SubscribeReasonCode::Failure])));
+    assert!(a.iter().any(|x| matches!(x, A::Send(3, Packet::SubAck(s)) if s.return_codes == [SubscribeReasonCode::Failure])));
     sub(&mut c, 3, "own/u/#", QoS::AtMostOnce);
     assert!(publishes_to(&publish(&mut c, 3, "own/other/x", QoS::AtMostOnce, 0), 3).is_empty());
     assert_eq!(
@@ -281,17 +308,17 @@ fn protocol_violations_close_only_that_connection() {
     let mut c = core();
     connect(&mut c, 1, "a", true);
     connect(&mut c, 2, "b", true);
-    c.connect(1, Connect::new("a"));
-    assert!(c.take_actions().contains(&Action::Close(1)));
+    conn4(&mut c, 1, Connect::new("a"));
+    assert!(take4(&mut c).contains(&A::Close(1)));
     let a = publish(&mut c, 2, "bad/+/topic", QoS::AtMostOnce, 0);
-    assert!(a.contains(&Action::Close(2)));
+    assert!(a.contains(&A::Close(2)));
     assert_eq!(c.connections(), 0);
     assert_eq!(c.counters().protocol_errors, 2);
     // Packets from a connection the core no longer knows are ignored.
-    c.packet(2, Packet::PingReq);
-    assert!(c.take_actions().is_empty());
-    c.packet(7, Packet::Unsubscribe(Unsubscribe::new("x")));
-    assert!(c.take_actions().is_empty());
+    pkt(&mut c, 2, Packet::PingReq);
+    assert!(take4(&mut c).is_empty());
+    pkt(&mut c, 7, Packet::Unsubscribe(Unsubscribe::new("x")));
+    assert!(take4(&mut c).is_empty());
 }
 
 fn qos(q: u8) -> SubOptions {
@@ -539,14 +566,12 @@ fn garbage_streams_never_panic_the_core() {
             stream.extend(s);
         }
         let mut buf = BytesMut::from(&stream[..]);
-        let mut first = true;
-        while let Ok(Some(p)) = next_packet(&mut buf, 1024) {
-            match (first, p) {
-                (true, Packet::Connect(cp)) => c.connect(conn, cp),
-                (true, _) => break,
-                (false, p) => c.packet(conn, p),
+        let mut d = Decoder::new(1024);
+        if let Ok(Some(cp)) = d.connect(&mut buf) {
+            c.connect(conn, cp);
+            while let Ok(Some(p)) = d.next(&mut buf) {
+                c.packet(conn, p);
             }
-            first = false;
         }
         c.closed(conn);
         c.take_actions();
@@ -559,4 +584,227 @@ fn garbage_streams_never_panic_the_core() {
         publishes_to(&publish(&mut c, 1, "z", QoS::AtMostOnce, 0), 1).len(),
         1
     );
+}
+
+fn connect5(c: &mut BrokerCore, conn: ConnId, id: &str, clean: bool, expiry: u32) -> Vec<Action> {
+    c.connect(
+        conn,
+        ConnectIn {
+            protocol: Protocol::V5,
+            client_id: id.into(),
+            clean_start: clean,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            will: None,
+            session_expiry: expiry,
+            receive_maximum: None,
+            max_packet_size: None,
+            auth_method: None,
+        },
+    );
+    c.take_actions()
+}
+
+fn sub5(c: &mut BrokerCore, conn: ConnId, filter: &str, opts: SubOptions, retain_handling: u8) {
+    c.packet(
+        conn,
+        ClientPacket::Subscribe {
+            pkid: 1,
+            filters: vec![FilterIn {
+                filter: filter.into(),
+                opts,
+                retain_handling,
+            }],
+        },
+    );
+}
+
+fn pub5(c: &mut BrokerCore, conn: ConnId, topic: &str, qos: u8, expiry: Option<u32>) {
+    c.packet(
+        conn,
+        ClientPacket::Publish(PublishIn {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos,
+            retain: false,
+            pkid: u16::from(qos > 0),
+            expiry,
+            props: None,
+        }),
+    );
+}
+
+fn sent5(actions: &[Action], conn: ConnId) -> Vec<Message> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(c, ServerPacket::Publish { message, .. }) if *c == conn => {
+                Some(message.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn mqtt5_session_expiry_ends_an_offline_session_on_time() {
+    let mut c = core();
+    c.tick(1000);
+    connect5(&mut c, 1, "s", true, 10);
+    sub5(&mut c, 1, "t", qos(1), 0);
+    c.closed(1);
+    c.tick(1005);
+    assert_eq!(c.sessions(), 1);
+    let a = connect5(&mut c, 2, "s", false, 10);
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Send(2, ServerPacket::ConnAck(k)) if k.session_present))
+    );
+    c.closed(2);
+    c.tick(1016);
+    assert_eq!(c.sessions(), 0, "expired 10 s after the disconnect");
+    assert!(
+        c.take_store_ops()
+            .iter()
+            .any(|o| matches!(o, StoreOp::DeleteSession { .. }))
+    );
+    // Expiry 0 (MQTT 5 default): the session ends with the connection.
+    connect5(&mut c, 3, "z", false, 0);
+    c.closed(3);
+    assert_eq!(c.sessions(), 0);
+}
+
+#[test]
+fn mqtt5_message_expiry_drops_stale_queued_messages_and_counts_down() {
+    let mut c = core();
+    c.tick(100);
+    connect5(&mut c, 1, "s", true, 60);
+    sub5(&mut c, 1, "t", qos(1), 0);
+    c.closed(1);
+    connect5(&mut c, 2, "p", true, 0);
+    pub5(&mut c, 2, "t", 1, Some(5));
+    pub5(&mut c, 2, "t", 1, Some(50));
+    c.take_actions();
+    c.tick(110);
+    let a = connect5(&mut c, 3, "s", false, 60);
+    let got = sent5(&a, 3);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].expires_at,
+        Some(150),
+        "encoded as 40 s left at t=110"
+    );
+}
+
+#[test]
+fn mqtt5_will_delay_is_cancelled_by_a_reconnect_and_published_otherwise() {
+    let mut c = core();
+    c.tick(0);
+    connect5(&mut c, 9, "watch", true, 0);
+    sub5(&mut c, 9, "will/#", qos(0), 0);
+    let will = |delay| crate::broker::packet::WillIn {
+        topic: "will/dev".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: 0,
+        retain: false,
+        delay,
+        expiry: None,
+        props: None,
+    };
+    let cn = |c: &mut BrokerCore, conn| {
+        let mut k = ConnectIn {
+            protocol: Protocol::V5,
+            client_id: "dev".into(),
+            clean_start: false,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            will: Some(will(5)),
+            session_expiry: 100,
+            receive_maximum: None,
+            max_packet_size: None,
+            auth_method: None,
+        };
+        k.clean_start = conn == 1;
+        c.connect(conn, k);
+        c.take_actions()
+    };
+    cn(&mut c, 1);
+    c.closed(1);
+    c.tick(3);
+    assert!(sent5(&c.take_actions(), 9).is_empty(), "still waiting");
+    cn(&mut c, 2);
+    c.closed(2);
+    c.tick(6);
+    assert!(
+        sent5(&c.take_actions(), 9).is_empty(),
+        "the reconnect cancelled the first"
+    );
+    c.tick(7);
+    assert!(sent5(&c.take_actions(), 9).is_empty());
+    c.tick(8);
+    assert_eq!(
+        sent5(&c.take_actions(), 9).len(),
+        1,
+        "due 5 s after the second close (t=3)"
+    );
+}
+
+#[test]
+fn mqtt5_no_local_retain_handling_and_receive_maximum() {
+    let mut c = core();
+    c.connect(
+        1,
+        ConnectIn {
+            protocol: Protocol::V5,
+            client_id: "a".into(),
+            clean_start: true,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            will: None,
+            session_expiry: 0,
+            receive_maximum: Some(2),
+            max_packet_size: Some(64),
+            auth_method: None,
+        },
+    );
+    c.take_actions();
+    let nl = SubOptions {
+        qos: 1,
+        no_local: true,
+        ..SubOptions::default()
+    };
+    sub5(&mut c, 1, "t", nl, 0);
+    connect5(&mut c, 2, "b", true, 0);
+    pub5(&mut c, 1, "t", 1, None);
+    assert!(sent5(&c.take_actions(), 1).is_empty(), "no-local");
+    for _ in 0..4 {
+        pub5(&mut c, 2, "t", 1, None);
+    }
+    assert_eq!(sent5(&c.take_actions(), 1).len(), 2, "receive maximum 2");
+    // Larger than the client's maximum packet size: dropped, counted.
+    let dropped = c.counters().dropped;
+    c.packet(
+        2,
+        ClientPacket::Publish(PublishIn {
+            topic: "t".into(),
+            payload: Bytes::from(vec![0u8; 100]),
+            qos: 0,
+            retain: false,
+            pkid: 0,
+            expiry: None,
+            props: None,
+        }),
+    );
+    assert!(sent5(&c.take_actions(), 1).is_empty());
+    assert_eq!(c.counters().dropped, dropped + 1);
+    // Retain handling 1: retained messages only for a new subscription.
+    c.publish(Message::new("r", Bytes::from_static(b"k"), 0, true), None);
+    c.take_actions();
+    sub5(&mut c, 2, "r", qos(0), 1);
+    assert_eq!(sent5(&c.take_actions(), 2).len(), 1);
+    sub5(&mut c, 2, "r", qos(0), 1);
+    assert!(sent5(&c.take_actions(), 2).is_empty());
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use colony_config::kinds::BrokerTls;
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -22,8 +21,11 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use super::codec::{connect_protocol_level, next_packet};
+use super::codec::{Decoder, FrameError, encode};
 use super::core::ConnId;
+use super::packet::{
+    ClientPacket, ConnAckOut, ConnCode, ConnectIn, DisconnectCode, Protocol, ServerPacket,
+};
 
 /// How long a new connection has to send CONNECT (and finish its TLS handshake).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,17 +33,37 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a connection task tells the broker actor.
 #[derive(Debug)]
 pub enum ConnEvent {
-    /// The CONNECT, and where to send the connection's outgoing packets.
-    Connect(ConnId, Box<Connect>, mpsc::Sender<Outgoing>),
+    /// The CONNECT, where to send the connection's outgoing packets, and where it comes from.
+    Connect(ConnId, Box<ConnectIn>, mpsc::Sender<Outgoing>, ConnMeta),
     /// A packet after CONNECT.
-    Packet(ConnId, Packet),
+    Packet(ConnId, ClientPacket),
+}
+
+/// Where a connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnMeta {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// It came over TLS.
+    pub tls: bool,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Closed by either side, or the socket failed.
+    Closed,
+    /// Cut off by the connection task for breaking the protocol (or its keepalive).
+    CutOff(DisconnectCode),
+    /// Its task panicked.
+    Panicked,
 }
 
 /// What the actor sends a connection task.
 #[derive(Debug)]
 pub enum Outgoing {
     /// Write a packet.
-    Packet(Packet),
+    Packet(ServerPacket),
     /// Write what is queued, then close.
     Close,
 }
@@ -49,12 +71,18 @@ pub enum Outgoing {
 /// Reports a connection's end when dropped (normal return, error, panic or abort alike).
 struct ClosedGuard {
     id: ConnId,
-    closed: mpsc::UnboundedSender<ConnId>,
+    how: Ended,
+    closed: mpsc::UnboundedSender<(ConnId, Ended)>,
 }
 
 impl Drop for ClosedGuard {
     fn drop(&mut self) {
-        let _ = self.closed.send(self.id);
+        let how = if std::thread::panicking() {
+            Ended::Panicked
+        } else {
+            self.how
+        };
+        let _ = self.closed.send((self.id, how));
     }
 }
 
@@ -130,97 +158,153 @@ pub fn tls_acceptor(
 /// Runs one client connection over `stream` until it ends.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     id: ConnId,
+    meta: ConnMeta,
     stream: S,
     events: mpsc::Sender<ConnEvent>,
-    closed: mpsc::UnboundedSender<ConnId>,
+    closed: mpsc::UnboundedSender<(ConnId, Ended)>,
     limits: ConnLimits,
 ) {
-    let _guard = ClosedGuard { id, closed };
-    match serve_inner(id, stream, events, limits).await {
+    let mut guard = ClosedGuard {
+        id,
+        how: Ended::Closed,
+        closed,
+    };
+    match serve_inner(id, meta, stream, events, limits).await {
         Ok(()) => debug!(conn = id, "connection closed"),
-        Err(why) => debug!(conn = id, "connection ended: {why}"),
+        Err(Stop::Closed(why)) => debug!(conn = id, "connection ended: {why}"),
+        Err(Stop::CutOff(code, why)) => {
+            debug!(conn = id, "connection cut off: {why}");
+            guard.how = Ended::CutOff(code);
+        }
     }
+}
+
+/// Why a connection task stops.
+enum Stop {
+    /// The socket closed or failed, or the broker went away.
+    Closed(String),
+    /// The client broke the protocol (or went silent past its keepalive).
+    CutOff(DisconnectCode, String),
+}
+
+impl From<std::io::Error> for Stop {
+    fn from(e: std::io::Error) -> Self {
+        Stop::Closed(e.to_string())
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Writes `packets` in `protocol` and flushes.
+async fn write_now<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    protocol: Protocol,
+    packets: impl IntoIterator<Item = ServerPacket>,
+) -> Result<(), std::io::Error> {
+    let mut out = BytesMut::new();
+    for p in packets {
+        let _ = encode(p, protocol, unix_now(), &mut out);
+    }
+    stream.write_all(&out).await?;
+    stream.flush().await
+}
+
+/// Tells the client why it is cut off (an MQTT 5 DISCONNECT; nothing for 3.1.1) and stops.
+async fn cut_off<S: AsyncWrite + Unpin>(stream: &mut S, protocol: Protocol, e: FrameError) -> Stop {
+    let code = e.disconnect_code();
+    let _ = write_now(stream, protocol, [ServerPacket::Disconnect(code)]).await;
+    Stop::CutOff(code, e.to_string())
 }
 
 async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
     id: ConnId,
+    meta: ConnMeta,
     mut stream: S,
     events: mpsc::Sender<ConnEvent>,
     limits: ConnLimits,
-) -> Result<(), String> {
+) -> Result<(), Stop> {
     let mut buf = BytesMut::with_capacity(4096);
-    let max = limits.max_packet_size;
+    let mut decoder = Decoder::new(limits.max_packet_size);
     // CONNECT first, within the timeout.
     let connect = tokio::time::timeout(CONNECT_TIMEOUT, async {
         loop {
-            if connect_protocol_level(&buf).is_some_and(|l| l != 4) {
-                // MQTT 3.1 or 5 asked for: refuse with 3.1.1's "unacceptable protocol version".
-                write_packets(
-                    &mut stream,
-                    &[Packet::ConnAck(ConnAck::new(
-                        ConnectReturnCode::RefusedProtocolVersion,
-                        false,
-                    ))],
-                )
-                .await?;
-                return Err("unsupported protocol level".to_owned());
+            match decoder.connect(&mut buf) {
+                Ok(Some(c)) => return Ok(c),
+                Ok(None) => {}
+                Err(FrameError::UnsupportedProtocol(level)) => {
+                    // MQTT 3.1 (or anything else): 3.1.1's "unacceptable protocol version".
+                    let refuse =
+                        ServerPacket::ConnAck(ConnAckOut::refuse(ConnCode::UnsupportedProtocol));
+                    let _ = write_now(&mut stream, Protocol::V4, [refuse]).await;
+                    return Err(Stop::CutOff(
+                        DisconnectCode::ProtocolError,
+                        format!("unsupported protocol level {level}"),
+                    ));
+                }
+                Err(e) => return Err(Stop::CutOff(e.disconnect_code(), e.to_string())),
             }
-            match next_packet(&mut buf, max).map_err(|e| e.to_string())? {
-                Some(Packet::Connect(c)) => return Ok(c),
-                Some(other) => return Err(format!("first packet was not CONNECT but {other:?}")),
-                None => {}
-            }
-            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                return Err("closed before CONNECT".to_owned());
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(Stop::Closed("closed before CONNECT".to_owned()));
             }
         }
     })
     .await
-    .map_err(|_| "no CONNECT in time".to_owned())??;
+    .map_err(|_| Stop::Closed("no CONNECT in time".to_owned()))??;
+    let protocol = decoder.protocol();
+    let client_max = connect.max_packet_size.map(|m| m as usize);
     let keepalive = match connect.keep_alive {
         0 => None,
         k => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
     let (tx, mut rx) = mpsc::channel(limits.outgoing_capacity.max(16));
     events
-        .send(ConnEvent::Connect(id, Box::new(connect), tx))
+        .send(ConnEvent::Connect(id, Box::new(connect), tx, meta))
         .await
-        .map_err(|_| "broker gone")?;
+        .map_err(|_| Stop::Closed("broker gone".to_owned()))?;
     let mut out = BytesMut::with_capacity(4096);
     let mut last_read = tokio::time::Instant::now();
     loop {
         // Packets already buffered go first.
         loop {
-            match next_packet(&mut buf, max) {
+            match decoder.next(&mut buf) {
                 Ok(Some(p)) => {
                     last_read = tokio::time::Instant::now();
                     events
                         .send(ConnEvent::Packet(id, p))
                         .await
-                        .map_err(|_| "broker gone")?;
+                        .map_err(|_| Stop::Closed("broker gone".to_owned()))?;
                 }
                 Ok(None) => break,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(cut_off(&mut stream, protocol, e).await),
             }
         }
         let deadline = keepalive.map(|k| last_read + k);
         tokio::select! {
             r = stream.read_buf(&mut buf) => {
-                match r {
-                    Ok(0) => return Err("closed by client".to_owned()),
-                    Ok(_) => last_read = tokio::time::Instant::now(),
-                    Err(e) => return Err(e.to_string()),
+                if r? == 0 {
+                    return Err(Stop::Closed("closed by client".to_owned()));
                 }
+                last_read = tokio::time::Instant::now();
             }
             o = rx.recv() => {
                 let mut close = false;
                 let mut next = o;
+                let now = unix_now();
                 // Batch everything queued into one write.
                 loop {
                     match next {
                         Some(Outgoing::Packet(p)) => {
-                            if p.write(&mut out, usize::MAX).is_err() {
-                                return Err("could not encode a packet".to_owned());
+                            let before = out.len();
+                            if let Err(e) = encode(p, protocol, now, &mut out) {
+                                return Err(Stop::Closed(format!("could not encode a packet: {e}")));
+                            }
+                            if client_max.is_some_and(|m| out.len() - before > m) {
+                                // Larger than the client takes (MQTT 5): not sent.
+                                out.truncate(before);
                             }
                         }
                         Some(Outgoing::Close) | None => { close = true; break; }
@@ -232,7 +316,7 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 if !out.is_empty() {
-                    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+                    stream.write_all(&out).await?;
                     out.clear();
                 }
                 if close {
@@ -241,7 +325,11 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(());
                 }
             }
-            _ = sleep_until(deadline) => return Err("keepalive expired".to_owned()),
+            _ = sleep_until(deadline) => {
+                let code = DisconnectCode::KeepAliveTimeout;
+                let _ = write_now(&mut stream, protocol, [ServerPacket::Disconnect(code)]).await;
+                return Err(Stop::CutOff(code, "keepalive expired".to_owned()));
+            }
         }
     }
 }
@@ -253,14 +341,81 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-async fn write_packets<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    packets: &[Packet],
-) -> Result<(), String> {
-    let mut out = BytesMut::new();
-    for p in packets {
-        p.write(&mut out, usize::MAX).map_err(|e| e.to_string())?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A socket whose read panics, as a bug in a connection's handling would.
+    struct Panicking;
+
+    impl AsyncRead for Panicking {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            panic!("a bug in the connection");
+        }
     }
-    stream.write_all(&out).await.map_err(|e| e.to_string())?;
-    stream.flush().await.map_err(|e| e.to_string())
+
+    impl AsyncWrite for Panicking {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_connection_is_reported_as_such_and_nothing_else_stops() {
+        let (events, _events_rx) = mpsc::channel(8);
+        let (closed, mut closed_rx) = mpsc::unbounded_channel();
+        let limits = ConnLimits {
+            max_packet_size: 1024,
+            outgoing_capacity: 16,
+        };
+        let meta = ConnMeta {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            tls: false,
+        };
+        let mut set = tokio::task::JoinSet::new();
+        set.spawn(serve(
+            7,
+            meta,
+            Panicking,
+            events.clone(),
+            closed.clone(),
+            limits,
+        ));
+        // A well-behaved connection alongside: closes normally.
+        let (stream, peer_end) = tokio::io::duplex(64);
+        drop(peer_end);
+        set.spawn(serve(8, meta, stream, events, closed, limits));
+        let mut ended = Vec::new();
+        while ended.len() < 2 {
+            ended.push(closed_rx.recv().await.unwrap());
+        }
+        ended.sort_by_key(|e| e.0);
+        assert_eq!(ended, [(7, Ended::Panicked), (8, Ended::Closed)]);
+        let first = set.join_next().await.unwrap();
+        let second = set.join_next().await.unwrap();
+        assert_eq!(
+            [first.is_err(), second.is_err()]
+                .iter()
+                .filter(|e| **e)
+                .count(),
+            1,
+            "only the panicking task failed"
+        );
+    }
 }

@@ -1,15 +1,21 @@
-//! The broker: an MQTT 3.1.1 broker for real clients over TCP and TLS, that actors can subscribe
-//! to and publish into by address.
+//! The broker: an MQTT 3.1.1 and MQTT 5 broker for real clients over TCP and TLS, that actors can
+//! subscribe to and publish into by address.
 //!
 //! Clients connect on any of the configured listeners (plain TCP, or TLS optionally requiring a
 //! client certificate from `client_ca`). Each connection is its own task under the broker actor:
 //! a client that breaks the protocol, sends an oversize packet or goes silent past its keepalive
-//! is cut off and nobody else notices. Logins check argon2 password hashes (anonymous clients only
-//! with `allow_anonymous = true`); ACL rules with `%u`/`%c` decide who may publish and subscribe
-//! where. Failed logins and ACL denials are logged without secrets and counted in status.
+//! is cut off and nobody else notices; a connection whose task panics is cut off the same way and
+//! counted (`connection_panics`). The connections are the broker's children: status lists them
+//! (`children`, the first 100 by client id, and `children_total`) as `node/broker/<client-id>`,
+//! which `colony ctl tree` shows under the broker, and `disconnect {client_id}` cuts one off.
+//! Logins check argon2 password hashes (anonymous clients only with `allow_anonymous = true`); ACL
+//! rules with `%u`/`%c` decide who may publish and subscribe where. Failed logins and ACL denials
+//! are logged without secrets and counted in status.
 //!
 //! QoS 0, 1 and 2 work end to end with per-client in-flight windows (`limits.max_inflight`) and
-//! queues (`limits.max_queued`); retained messages, wills, `$share/group/filter` subscriptions and
+//! queues (`limits.max_queued`; QoS 0 messages for a client that reads too slowly wait in the same
+//! bound and are dropped and counted as `dropped` beyond it); retained messages, wills,
+//! `$share/group/filter` subscriptions and
 //! `$SYS/broker/...` statistics are there. Persistent sessions (clean session off), their queued
 //! and in-flight QoS 1/2 messages, retained messages and actor subscriptions live in SQLite in the
 //! actor's data directory (`broker.sqlite`), written before the packets that depend on them go
@@ -18,7 +24,8 @@
 //! Messages ([`BrokerMessage`]): `subscribe {filters, qos, no_local}` (the sender, or
 //! `subscriber`, then receives a [`BrokerNotice::Publish`] for every matching publish; the reply
 //! is the granted QoS per filter, `null` for an invalid one), `unsubscribe {filters}` (all when
-//! empty), `publish {topic, payload, qos, retain, hops, stream}`, `ack {ids}` and `status {}`.
+//! empty), `publish {topic, payload, qos, retain, hops, stream}`, `ack {ids}`,
+//! `disconnect {client_id}` (cut one client off) and `status {}`.
 //!
 //! Actor subscriptions are reliable at QoS 1 and 2: each notice carries an `id`, stays in the
 //! store until the subscriber sends `ack {ids}`, at most `limits.max_inflight` are unacknowledged
@@ -37,12 +44,25 @@
 //! listener that cannot be bound, or TLS files that do not load, fail the start. The store
 //! failing fails the actor (its supervisor restarts it; sessions come back from disk).
 //!
-//! Not yet: MQTT 5 (a v5 CONNECT is refused with "unacceptable protocol version") and MQTT 3.1.
+//! MQTT 5 runs on the same listeners as 3.1.1 (the CONNECT's protocol level decides, per
+//! connection): properties are forwarded (user properties, content type, response topic,
+//! correlation data, payload format), acknowledgements carry reason codes (not authorised, no
+//! matching subscribers, invalid filter, no subscription existed, bad login...), sessions expire
+//! after their session expiry interval, messages after their message expiry interval (and are
+//! delivered with the time they have left), wills wait out their delay, topic aliases (up to
+//! [`codec::TOPIC_ALIAS_MAX`]) are resolved per connection, and subscriptions take no-local,
+//! retain-as-published, retain handling and subscription identifiers; receive maximum and maximum
+//! packet size from the client are respected. A client that breaks the protocol gets a DISCONNECT
+//! with the reason before it is closed. 3.1.1 and 5 clients share topics and sessions; MQTT 3.1
+//! (level 3) is refused with "unacceptable protocol version". Not supported: MQTT 5 enhanced
+//! authentication (AUTH; refused with "bad authentication method") and server-to-client topic
+//! aliases.
 //!
 //! The logic is in pure modules: [`topic`] (filters and the subscription trie), [`session`]
-//! (in-flight windows and queues), [`retained`], [`auth`] (passwords and ACLs), [`core`] (the
-//! protocol state machine) and [`codec`] (framing with rumqttc's `mqttbytes`); [`store`] is the
-//! SQLite file and [`listener`] the sockets.
+//! (in-flight windows and queues), [`actor_queue`] (actor subscribers' reliable queues),
+//! [`retained`], [`auth`] (passwords and ACLs), [`packet`] (the protocol-neutral model),
+//! [`core`] (the protocol state machine) and [`codec`] (MQTT 3.1.1 and 5 with rumqttc's
+//! `mqttbytes`); [`store`] is the SQLite file and [`listener`] the sockets.
 
 mod actor;
 pub mod actor_queue;
@@ -51,6 +71,7 @@ pub mod codec;
 pub mod core;
 pub mod declared;
 pub mod listener;
+pub mod packet;
 pub mod retained;
 pub mod session;
 pub mod store;
@@ -130,6 +151,12 @@ pub enum BrokerMessage {
         /// Whose notices, when not the sender's.
         #[serde(default)]
         subscriber: Option<Address>,
+    },
+    /// Cuts off the client connection `client_id` (its will is published, its session kept as
+    /// its expiry says); replies whether it was connected.
+    Disconnect {
+        /// The client id.
+        client_id: String,
     },
     /// Replies with the broker's status (the detail `colony ctl status` shows, and the actor
     /// subscriptions).

@@ -14,6 +14,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::packet::PublishProps;
+use super::topic::SubOptions;
+
 /// Who a subscription belongs to, or who published a message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Subscriber {
@@ -38,6 +41,12 @@ pub struct Message {
     pub origin: Option<Subscriber>,
     /// Bridges this message has passed through, carried to actor subscribers untouched.
     pub hops: Vec<String>,
+    /// MQTT 5 properties forwarded unchanged.
+    pub props: Option<Arc<PublishProps>>,
+    /// When it expires (Unix seconds; MQTT 5 message expiry).
+    pub expires_at: Option<u64>,
+    /// Subscription identifiers of the subscription it is delivered for (MQTT 5).
+    pub sub_ids: Vec<u32>,
 }
 
 impl Message {
@@ -50,7 +59,15 @@ impl Message {
             retain,
             origin: None,
             hops: Vec::new(),
+            props: None,
+            expires_at: None,
+            sub_ids: Vec::new(),
         }
+    }
+
+    /// True when it has expired at `now` (Unix seconds).
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
     }
 }
 
@@ -135,6 +152,8 @@ pub enum Ack {
     PubRec(u16),
     /// PUBCOMP.
     PubComp(u16),
+    /// PUBREC with an error reason (MQTT 5): the exchange ends.
+    PubRecFailed(u16),
 }
 
 /// What an acknowledgement did.
@@ -151,10 +170,15 @@ pub enum AckOutcome {
 /// One client's session.
 #[derive(Debug, Clone, Default)]
 pub struct Session {
-    /// Raw subscription filters (shared ones with their `$share/group/` prefix) and their QoS.
-    pub subscriptions: BTreeMap<String, u8>,
-    /// Kept across disconnects (clean session false).
+    /// Raw subscription filters (shared ones with their `$share/group/` prefix) and how they
+    /// were subscribed.
+    pub subscriptions: BTreeMap<String, SubOptions>,
+    /// Kept across disconnects (session expiry above 0; 3.1.1 clean session false).
     pub persistent: bool,
+    /// Seconds it outlives its connection (`u32::MAX`: never expires).
+    pub expiry: u32,
+    /// When it expires, while no connection holds it (Unix seconds).
+    pub expires_at: Option<u64>,
     /// The username it last connected with (ACLs on delivery use it).
     pub username: Option<String>,
     inflight: VecDeque<InFlight>,
@@ -165,10 +189,11 @@ pub struct Session {
 }
 
 impl Session {
-    /// A new empty session.
-    pub fn new(persistent: bool, username: Option<String>) -> Session {
+    /// A new empty session that outlives its connection by `expiry` seconds.
+    pub fn new(expiry: u32, username: Option<String>) -> Session {
         Session {
-            persistent,
+            persistent: expiry > 0,
+            expiry,
             username,
             next_pid: 1,
             ..Session::default()
@@ -177,8 +202,9 @@ impl Session {
 
     /// Restores a session from disk: in-flight messages (ordered by sequence) and queued ones.
     pub fn restore(
-        subscriptions: BTreeMap<String, u8>,
+        subscriptions: BTreeMap<String, SubOptions>,
         username: Option<String>,
+        expiry: u32,
         inflight: Vec<InFlight>,
         queue: Vec<(u64, Message)>,
     ) -> Session {
@@ -190,6 +216,8 @@ impl Session {
         Session {
             subscriptions,
             persistent: true,
+            expiry,
+            expires_at: None,
             username,
             inflight: inflight.into(),
             queue: queue.into(),
@@ -223,7 +251,7 @@ impl Session {
         max_inflight: usize,
         max_queued: usize,
     ) -> Offer {
-        if online && self.queue.is_empty() && self.inflight.len() < max_inflight {
+        if online && self.queue.is_empty() && self.inflight.len() < max_inflight.max(1) {
             let pid = self.take_pid();
             let state = if message.qos == 1 {
                 OutState::AwaitAck
@@ -245,13 +273,18 @@ impl Session {
         Offer::Queued
     }
 
-    /// Moves queued messages into the window while there is room; returns them (seq, pid, msg).
-    pub fn pump(&mut self, max_inflight: usize) -> Vec<InFlight> {
+    /// Moves queued messages into the window while there is room and returns them; queued
+    /// messages that expired by `now` are dropped instead, their sequence numbers in `expired`.
+    pub fn pump(&mut self, max_inflight: usize, now: u64, expired: &mut Vec<u64>) -> Vec<InFlight> {
         let mut moved = Vec::new();
-        while self.inflight.len() < max_inflight {
+        while self.inflight.len() < max_inflight.max(1) {
             let Some((seq, message)) = self.queue.pop_front() else {
                 break;
             };
+            if message.expired(now) {
+                expired.push(seq);
+                continue;
+            }
             let pid = self.take_pid();
             let state = if message.qos == 1 {
                 OutState::AwaitAck
@@ -274,7 +307,7 @@ impl Session {
     pub fn ack(&mut self, ack: Ack) -> AckOutcome {
         let (pid, want) = match ack {
             Ack::PubAck(p) => (p, OutState::AwaitAck),
-            Ack::PubRec(p) => (p, OutState::AwaitRec),
+            Ack::PubRec(p) | Ack::PubRecFailed(p) => (p, OutState::AwaitRec),
             Ack::PubComp(p) => (p, OutState::AwaitComp),
         };
         let Some(i) = self.inflight.iter().position(|f| f.pid == pid) else {
@@ -354,13 +387,13 @@ mod tests {
 
     #[test]
     fn window_then_queue_then_drop() {
-        let mut s = Session::new(true, None);
+        let mut s = Session::new(u32::MAX, None);
         assert_eq!(s.offer(1, msg(1), true, 2, 1), Offer::Sent(1));
         assert_eq!(s.offer(2, msg(1), true, 2, 1), Offer::Sent(2));
         assert_eq!(s.offer(3, msg(1), true, 2, 1), Offer::Queued);
         assert_eq!(s.offer(4, msg(1), true, 2, 1), Offer::Dropped);
         assert_eq!(s.ack(Ack::PubAck(1)), AckOutcome::Done(1));
-        let moved = s.pump(2);
+        let moved = s.pump(2, 0, &mut Vec::new());
         assert_eq!(moved.len(), 1);
         assert_eq!((moved[0].seq, moved[0].pid), (3, 3));
         assert_eq!(s.ack(Ack::PubAck(1)), AckOutcome::Unknown);
@@ -368,17 +401,17 @@ mod tests {
 
     #[test]
     fn offline_messages_queue_in_order_behind_the_window() {
-        let mut s = Session::new(true, None);
+        let mut s = Session::new(u32::MAX, None);
         assert_eq!(s.offer(1, msg(1), false, 10, 10), Offer::Queued);
         // Online again but the queue is not empty: order is kept.
         assert_eq!(s.offer(2, msg(1), true, 10, 10), Offer::Queued);
-        let moved = s.pump(10);
+        let moved = s.pump(10, 0, &mut Vec::new());
         assert_eq!(moved.iter().map(|f| f.seq).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[test]
     fn qos2_handshake_and_resend() {
-        let mut s = Session::new(true, None);
+        let mut s = Session::new(u32::MAX, None);
         assert_eq!(s.offer(7, msg(2), true, 10, 10), Offer::Sent(1));
         assert_eq!(
             s.ack(Ack::PubAck(1)),
@@ -406,7 +439,7 @@ mod tests {
 
     #[test]
     fn incoming_qos2_dedup() {
-        let mut s = Session::new(false, None);
+        let mut s = Session::new(0, None);
         assert!(s.receive_qos2(5));
         assert!(!s.receive_qos2(5));
         s.release_qos2(5);
@@ -415,12 +448,25 @@ mod tests {
 
     #[test]
     fn packet_ids_skip_those_in_flight_and_zero() {
-        let mut s = Session::new(false, None);
+        let mut s = Session::new(0, None);
         s.next_pid = u16::MAX;
         assert_eq!(s.offer(1, msg(1), true, 10, 10), Offer::Sent(u16::MAX));
         assert_eq!(s.offer(2, msg(1), true, 10, 10), Offer::Sent(1));
         s.next_pid = u16::MAX;
         assert_eq!(s.offer(3, msg(1), true, 10, 10), Offer::Sent(2));
+    }
+
+    #[test]
+    fn expired_queued_messages_are_dropped_when_pumped() {
+        let mut s = Session::new(u32::MAX, None);
+        let mut old = msg(1);
+        old.expires_at = Some(10);
+        assert_eq!(s.offer(1, old, false, 10, 10), Offer::Queued);
+        assert_eq!(s.offer(2, msg(1), false, 10, 10), Offer::Queued);
+        let mut expired = Vec::new();
+        let moved = s.pump(10, 10, &mut expired);
+        assert_eq!(expired, [1]);
+        assert_eq!(moved.iter().map(|f| f.seq).collect::<Vec<_>>(), [2]);
     }
 
     #[test]
@@ -431,8 +477,8 @@ mod tests {
             state: OutState::AwaitAck,
             message: msg(1),
         };
-        let mut s = Session::restore(BTreeMap::new(), None, vec![f], vec![(2, msg(1))]);
-        let moved = s.pump(10);
+        let mut s = Session::restore(BTreeMap::new(), None, u32::MAX, vec![f], vec![(2, msg(1))]);
+        let moved = s.pump(10, 0, &mut Vec::new());
         assert_eq!(moved[0].pid, 10);
     }
 }

@@ -7,11 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rusqlite::{Connection, params};
 
 use super::core::{Restored, StoreOp};
+use super::packet::PublishProps;
 use super::session::{InFlight, Message, OutState, Session};
 use super::topic::SubOptions;
 
@@ -84,11 +86,75 @@ CREATE TABLE IF NOT EXISTS meta (
 ";
 
 /// Columns added after the first release, added to older files on open.
-const MIGRATIONS: &[(&str, &str, &str)] = &[(
-    "actor_subscriptions",
-    "no_local",
-    "ALTER TABLE actor_subscriptions ADD COLUMN no_local INTEGER NOT NULL DEFAULT 0",
-)];
+const MIGRATIONS: &[(&str, &str, &str)] = &[
+    (
+        "actor_subscriptions",
+        "no_local",
+        "ALTER TABLE actor_subscriptions ADD COLUMN no_local INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        "sessions",
+        "expiry",
+        "ALTER TABLE sessions ADD COLUMN expiry INTEGER",
+    ),
+    (
+        "subscriptions",
+        "options",
+        "ALTER TABLE subscriptions ADD COLUMN options INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        "subscriptions",
+        "sub_id",
+        "ALTER TABLE subscriptions ADD COLUMN sub_id INTEGER",
+    ),
+    (
+        "messages",
+        "extras",
+        "ALTER TABLE messages ADD COLUMN extras TEXT",
+    ),
+    (
+        "retained",
+        "extras",
+        "ALTER TABLE retained ADD COLUMN extras TEXT",
+    ),
+];
+
+/// What MQTT 5 adds to a stored message, as JSON (`NULL` when there is nothing).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Extras {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    props: Option<PublishProps>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    sub_ids: Vec<u32>,
+}
+
+fn extras_of(m: &Message) -> Option<String> {
+    if m.props.is_none() && m.expires_at.is_none() && m.sub_ids.is_empty() {
+        return None;
+    }
+    let e = Extras {
+        props: m.props.as_deref().cloned(),
+        expires_at: m.expires_at,
+        sub_ids: m.sub_ids.clone(),
+    };
+    serde_json::to_string(&e).ok()
+}
+
+fn with_extras(mut m: Message, extras: Option<String>) -> Message {
+    if let Some(e) = extras.and_then(|e| serde_json::from_str::<Extras>(&e).ok()) {
+        m.props = e.props.map(Arc::new);
+        m.expires_at = e.expires_at;
+        m.sub_ids = e.sub_ids;
+    }
+    m
+}
+
+/// Subscription option bits on disk: 1 no-local, 2 retain-as-published.
+fn options_code(o: &SubOptions) -> u8 {
+    u8::from(o.no_local) | (u8::from(o.retain_as_published) << 1)
+}
 
 impl BrokerStore {
     /// Opens (creating if needed) the store at `path`.
@@ -110,24 +176,32 @@ impl BrokerStore {
 
     /// Everything a previous run left.
     pub fn load(&self) -> Result<Restored, StoreError> {
-        let mut subs: BTreeMap<String, BTreeMap<String, u8>> = BTreeMap::new();
+        let mut subs: BTreeMap<String, BTreeMap<String, SubOptions>> = BTreeMap::new();
         let mut stmt = self
             .db
-            .prepare("SELECT client_id, filter, qos FROM subscriptions")?;
+            .prepare("SELECT client_id, filter, qos, options, sub_id FROM subscriptions")?;
         for row in stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, u8>(2)?,
+                r.get::<_, u8>(3)?,
+                r.get::<_, Option<u32>>(4)?,
             ))
         })? {
-            let (c, f, q) = row?;
-            subs.entry(c).or_default().insert(f, q.min(2));
+            let (c, f, q, o, id) = row?;
+            let opts = SubOptions {
+                qos: q.min(2),
+                no_local: o & 1 != 0,
+                retain_as_published: o & 2 != 0,
+                id,
+            };
+            subs.entry(c).or_default().insert(f, opts);
         }
         let mut msgs: BTreeMap<String, SessionMessages> = BTreeMap::new();
         let mut next_seq = 1u64;
         let mut stmt = self.db.prepare(
-            "SELECT client_id, seq, pid, state, topic, payload, qos, retain FROM messages ORDER BY client_id, seq",
+            "SELECT client_id, seq, pid, state, topic, payload, qos, retain, extras FROM messages ORDER BY client_id, seq",
         )?;
         for row in stmt.query_map([], |r| {
             Ok((
@@ -139,12 +213,16 @@ impl BrokerStore {
                 r.get::<_, Vec<u8>>(5)?,
                 r.get::<_, u8>(6)?,
                 r.get::<_, bool>(7)?,
+                r.get::<_, Option<String>>(8)?,
             ))
         })? {
-            let (client, seq, pid, state, topic, payload, qos, retain) = row?;
+            let (client, seq, pid, state, topic, payload, qos, retain, extras) = row?;
             let seq = seq.max(0) as u64;
             next_seq = next_seq.max(seq + 1);
-            let message = Message::new(topic, Bytes::from(payload), qos.clamp(1, 2), retain);
+            let message = with_extras(
+                Message::new(topic, Bytes::from(payload), qos.clamp(1, 2), retain),
+                extras,
+            );
             let entry = msgs.entry(client).or_default();
             match (pid, state.and_then(OutState::from_code)) {
                 (Some(pid), Some(state)) if pid != 0 => entry.0.push(InFlight {
@@ -159,31 +237,40 @@ impl BrokerStore {
         let mut sessions = Vec::new();
         let mut stmt = self
             .db
-            .prepare("SELECT client_id, username FROM sessions")?;
+            .prepare("SELECT client_id, username, expiry FROM sessions")?;
         for row in stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+            ))
         })? {
-            let (client, username) = row?;
+            let (client, username, expiry) = row?;
+            let expiry = expiry.map_or(u32::MAX, |e| u32::try_from(e.max(1)).unwrap_or(u32::MAX));
             let (inflight, queue) = msgs.remove(&client).unwrap_or_default();
             let subscriptions = subs.remove(&client).unwrap_or_default();
             sessions.push((
                 client,
-                Session::restore(subscriptions, username, inflight, queue),
+                Session::restore(subscriptions, username, expiry, inflight, queue),
             ));
         }
         let mut retained = Vec::new();
         let mut stmt = self
             .db
-            .prepare("SELECT topic, payload, qos FROM retained")?;
+            .prepare("SELECT topic, payload, qos, extras FROM retained")?;
         for row in stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, Vec<u8>>(1)?,
                 r.get::<_, u8>(2)?,
+                r.get::<_, Option<String>>(3)?,
             ))
         })? {
-            let (topic, payload, qos) = row?;
-            retained.push(Message::new(topic, Bytes::from(payload), qos.min(2), true));
+            let (topic, payload, qos, extras) = row?;
+            retained.push(with_extras(
+                Message::new(topic, Bytes::from(payload), qos.min(2), true),
+                extras,
+            ));
         }
         let mut actor_subscriptions = Vec::new();
         let mut stmt = self
@@ -260,21 +347,23 @@ impl BrokerStore {
                 StoreOp::SaveSession {
                     client_id,
                     username,
+                    expiry,
                     subscriptions,
                 } => {
+                    let expiry = (*expiry != u32::MAX).then_some(*expiry);
                     tx.execute(
-                        "INSERT OR REPLACE INTO sessions (client_id, username) VALUES (?1, ?2)",
-                        params![client_id, username],
+                        "INSERT OR REPLACE INTO sessions (client_id, username, expiry) VALUES (?1, ?2, ?3)",
+                        params![client_id, username, expiry],
                     )?;
                     tx.execute(
                         "DELETE FROM subscriptions WHERE client_id = ?1",
                         params![client_id],
                     )?;
                     let mut ins = tx.prepare_cached(
-                        "INSERT INTO subscriptions (client_id, filter, qos) VALUES (?1, ?2, ?3)",
+                        "INSERT INTO subscriptions (client_id, filter, qos, options, sub_id) VALUES (?1, ?2, ?3, ?4, ?5)",
                     )?;
-                    for (f, q) in subscriptions {
-                        ins.execute(params![client_id, f, q])?;
+                    for (f, o) in subscriptions {
+                        ins.execute(params![client_id, f, o.qos, options_code(o), o.id])?;
                     }
                 }
                 StoreOp::DeleteSession { client_id } => {
@@ -292,7 +381,7 @@ impl BrokerStore {
                     message,
                 } => {
                     tx.prepare_cached(
-                        "INSERT OR REPLACE INTO messages (client_id, seq, pid, state, topic, payload, qos, retain) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        "INSERT OR REPLACE INTO messages (client_id, seq, pid, state, topic, payload, qos, retain, extras) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     )?
                     .execute(params![
                         client_id,
@@ -303,6 +392,7 @@ impl BrokerStore {
                         &message.payload[..],
                         message.qos,
                         message.retain,
+                        extras_of(message),
                     ])?;
                 }
                 StoreOp::DeleteMessage { client_id, seq } => {
@@ -311,9 +401,9 @@ impl BrokerStore {
                 }
                 StoreOp::PutRetained(m) => {
                     tx.prepare_cached(
-                        "INSERT OR REPLACE INTO retained (topic, payload, qos) VALUES (?1, ?2, ?3)",
+                        "INSERT OR REPLACE INTO retained (topic, payload, qos, extras) VALUES (?1, ?2, ?3, ?4)",
                     )?
-                    .execute(params![m.topic, &m.payload[..], m.qos])?;
+                    .execute(params![m.topic, &m.payload[..], m.qos, extras_of(m)])?;
                 }
                 StoreOp::DeleteRetained(topic) => {
                     tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
@@ -399,7 +489,8 @@ mod tests {
             StoreOp::SaveSession {
                 client_id: "c1".into(),
                 username: Some("u".into()),
-                subscriptions: vec![("a/#".into(), 1)],
+                expiry: u32::MAX,
+                subscriptions: vec![("a/#".into(), SubOptions::from(1))],
             },
             StoreOp::PutMessage {
                 client_id: "c1".into(),
@@ -464,7 +555,7 @@ mod tests {
         assert_eq!(r.sessions.len(), 1);
         let (id, session) = &r.sessions[0];
         assert_eq!(id, "c1");
-        assert_eq!(session.subscriptions.get("a/#"), Some(&1));
+        assert_eq!(session.subscriptions.get("a/#"), Some(&SubOptions::from(1)));
         assert_eq!(session.inflight().count(), 1);
         assert_eq!(session.queued_len(), 1);
         assert_eq!(r.retained.len(), 1);

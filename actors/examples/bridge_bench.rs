@@ -1,0 +1,202 @@
+//! Load across one bridge: a publisher on one broker, a subscriber on the broker the bridge
+//! forwards to, for each setup given; prints delivered messages per second at QoS 0 and 1 and
+//! the end-to-end latency (p50/p99) at a fixed rate.
+//!
+//! ```text
+//! cargo run --release -p colony-actors --example bridge_bench -- \
+//!     colony-colony=127.0.0.1:1883,127.0.0.1:1884,cc mosquitto-mosquitto=127.0.0.1:1885,127.0.0.1:1886,mm
+//! ```
+//! Each setup is `label=PUBLISH_ADDR,SUBSCRIBE_ADDR,TOPIC_ROOT` (the bridge forwards
+//! `TOPIC_ROOT/#`). `actors/benches/bridge_vs_mosquitto.sh` builds the setups (Colony to Colony
+//! over QUIC, Colony to Mosquitto, Mosquitto to Mosquitto) and runs this. It measures; it does not
+//! pass or fail.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+const PAYLOAD: usize = 100;
+
+fn options(id: String, addr: &str) -> MqttOptions {
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let mut o = MqttOptions::new(id, host, port.parse().expect("port"));
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(100);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o
+}
+
+fn tag() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64 % 1_000_000_000)
+}
+
+/// A subscriber on `addr` to `filter`: the delivered counter and latency samples (µs since
+/// `epoch`, read from the payload's first 8 bytes).
+async fn subscriber(
+    addr: &str,
+    filter: &str,
+    qos: QoS,
+    epoch: Instant,
+) -> (
+    Arc<AtomicU64>,
+    Arc<std::sync::Mutex<Vec<u64>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let count = Arc::new(AtomicU64::new(0));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (client, mut ev) = AsyncClient::new(options(format!("bb-sub-{}", tag()), addr), 1000);
+    client.subscribe(filter, qos).await.expect("subscribe");
+    let (ready_tx, mut ready) = tokio::sync::mpsc::channel(1);
+    let (c, s) = (count.clone(), samples.clone());
+    let handle = tokio::spawn(async move {
+        let _keep = client;
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(()).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    c.fetch_add(1, Ordering::Relaxed);
+                    if p.payload.len() >= 8 {
+                        let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
+                        let now = epoch.elapsed().as_micros() as u64;
+                        s.lock().unwrap().push(now.saturating_sub(sent));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(10), ready.recv()).await;
+    (count, samples, handle)
+}
+
+/// A publisher on `addr`, its event loop polled in the background.
+fn publisher(addr: &str) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let (client, mut ev) = AsyncClient::new(options(format!("bb-pub-{}", tag()), addr), 1000);
+    let poll = tokio::spawn(async move {
+        loop {
+            if ev.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    (client, poll)
+}
+
+/// Throughput: `total` messages as fast as one publisher can send them; delivered msgs/s and
+/// how many did not arrive.
+async fn throughput(from: &str, to: &str, root: &str, qos: QoS, total: u64) -> (f64, u64) {
+    let epoch = Instant::now();
+    let (count, _, sub) = subscriber(to, &format!("{root}/#"), qos, epoch).await;
+    let (client, poll) = publisher(from);
+    // Warm up the path (and the bridge's subscription) with a few messages.
+    let topic = format!("{root}/t");
+    for _ in 0..10 {
+        let _ = client
+            .publish(&topic, qos, false, vec![b'w'; PAYLOAD])
+            .await;
+    }
+    let warm = Instant::now();
+    while count.load(Ordering::Relaxed) < 10 && warm.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    count.store(0, Ordering::Relaxed);
+    let start = Instant::now();
+    for _ in 0..total {
+        let mut payload = vec![b'x'; PAYLOAD];
+        payload[..8].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
+        if client.publish(&topic, qos, false, payload).await.is_err() {
+            break;
+        }
+    }
+    let (mut last, mut last_change, mut done_at) = (0, Instant::now(), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = count.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+            done_at = last_change;
+        }
+        if now >= total
+            || last_change.elapsed() > Duration::from_secs(3)
+            || start.elapsed() > Duration::from_secs(120)
+        {
+            break;
+        }
+    }
+    poll.abort();
+    sub.abort();
+    let secs = done_at.duration_since(start).as_secs_f64().max(1e-6);
+    (last as f64 / secs, total.saturating_sub(last))
+}
+
+/// Latency at `rate` msg/s for `secs`: p50 and p99 in µs.
+async fn latency(from: &str, to: &str, root: &str, qos: QoS, rate: u64, secs: u64) -> (u64, u64) {
+    let epoch = Instant::now();
+    let (_, samples, sub) = subscriber(to, &format!("{root}/#"), qos, epoch).await;
+    let (client, poll) = publisher(from);
+    let topic = format!("{root}/lat");
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for _ in 0..rate * secs {
+        tick.tick().await;
+        let mut payload = vec![b'x'; PAYLOAD];
+        payload[..8].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
+        let _ = client.publish(&topic, qos, false, payload).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    poll.abort();
+    sub.abort();
+    let mut v = samples.lock().unwrap().clone();
+    v.sort_unstable();
+    if v.is_empty() {
+        return (0, 0);
+    }
+    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    (pct(0.50), pct(0.99))
+}
+
+#[tokio::main]
+async fn main() {
+    let setups: Vec<(String, String, String, String)> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            let (label, rest) = a.split_once('=').expect("label=PUB,SUB,ROOT");
+            let parts: Vec<&str> = rest.split(',').collect();
+            assert_eq!(parts.len(), 3, "label=PUB,SUB,ROOT");
+            (
+                label.to_owned(),
+                parts[0].to_owned(),
+                parts[1].to_owned(),
+                parts[2].to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        !setups.is_empty(),
+        "usage: bridge_bench label=PUB,SUB,ROOT ..."
+    );
+    let total: u64 = std::env::var("BRIDGE_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    println!("across one bridge, 1 publisher -> 1 subscriber, 100-byte payloads, {total} messages");
+    for (label, from, to, root) in &setups {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            let (rate, lost) = throughput(from, to, root, qos, total).await;
+            println!(
+                "{label:<22} QoS {}  {rate:>9.0} msg/s delivered (undelivered {lost})",
+                qos as u8
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let (p50, p99) = latency(from, to, root, QoS::AtLeastOnce, 1000, 5).await;
+        println!("{label:<22} QoS 1 at 1000 msg/s: latency p50 {p50} us, p99 {p99} us");
+    }
+}
