@@ -46,6 +46,9 @@ pub enum Command {
     Certs(CertsArgs),
     /// Print the argon2 hash of a broker user's password, for `users` in the config.
     Passwd(crate::commands::passwd::PasswdArgs),
+    /// Write a collector's readings (on any node) as CSV to a file or stdout, filtered by source
+    /// and received time.
+    Export(crate::commands::export::ExportArgs),
 }
 
 /// `colony node`.
@@ -242,6 +245,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => commands::check::run(args),
         Command::Certs(args) => commands::certs::run(args),
         Command::Passwd(args) => commands::passwd::run(args),
+        Command::Export(args) => commands::export::run(args),
     };
     match result {
         Ok(code) => code,

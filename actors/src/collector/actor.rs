@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 
 use super::batch::Batcher;
 use super::sequence::SequenceTracker;
-use super::store::{Commit, Reject, Store, StoredReading, unix_ms};
-use super::{CollectorMessage, CollectorQuery};
+use super::store::{CSV_HEADER, Commit, ExportFilter, Reject, Store, StoredReading, unix_ms};
+use super::{CollectorMessage, CollectorQuery, ExportPageReply};
 use crate::broker::BrokerMessage;
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
 use crate::mqtt_client::MqttTarget;
@@ -33,6 +33,8 @@ const ACK_WINDOW: usize = 32;
 const REJECT_KEEP: usize = 4096;
 /// Sources listed one by one in status.
 const STATUS_SOURCES: usize = 20;
+/// The most rows one export page holds.
+const EXPORT_PAGE_ROWS: u32 = 5_000;
 
 enum Item {
     Reading(StoredReading),
@@ -243,7 +245,7 @@ impl Collector {
     fn export(
         &self,
         path: Option<String>,
-        source: Option<String>,
+        filter: &ExportFilter,
     ) -> Result<serde_json::Value, String> {
         let path = match path {
             Some(p) => resolve(&self.data_dir, PathBuf::from(p)),
@@ -251,9 +253,39 @@ impl Collector {
         };
         let rows = self
             .store
-            .export_csv(&path, source.as_deref())
+            .export_csv(&path, filter)
             .map_err(|e| format!("export to {}: {e}", path.display()))?;
         Ok(json!({ "path": path, "rows": rows }))
+    }
+
+    fn export_page(
+        &self,
+        filter: &ExportFilter,
+        after_id: Option<i64>,
+        upto_id: Option<i64>,
+        max_rows: Option<u32>,
+        max_bytes: usize,
+    ) -> Result<ExportPageReply, String> {
+        let e = |e: super::store::StoreError| e.to_string();
+        let upto_id = match upto_id {
+            Some(id) => id,
+            None => self.store.max_id().map_err(e)?,
+        };
+        let max_rows = max_rows
+            .unwrap_or(EXPORT_PAGE_ROWS)
+            .clamp(1, EXPORT_PAGE_ROWS);
+        let page = self
+            .store
+            .export_page(filter, after_id.unwrap_or(0), upto_id, max_rows, max_bytes)
+            .map_err(e)?;
+        Ok(ExportPageReply {
+            header: CSV_HEADER.to_owned(),
+            csv: page.csv,
+            rows: page.rows,
+            last_id: page.last_id,
+            upto_id,
+            done: page.done,
+        })
     }
 }
 
@@ -517,9 +549,42 @@ async fn handle(
                 Err(e) => d.reject(CallError::Rejected(e)),
             }
         }
-        CollectorMessage::Export { path, source } => {
+        CollectorMessage::Export {
+            path,
+            source,
+            from_ms,
+            to_ms,
+        } => {
             c.flush(mqtt).await?;
-            match c.export(path, source) {
+            let filter = ExportFilter {
+                source,
+                from_ms,
+                to_ms,
+            };
+            match c.export(path, &filter) {
+                Ok(v) => d.reply(&v),
+                Err(e) => d.reject(CallError::Rejected(e)),
+            }
+        }
+        CollectorMessage::ExportPage {
+            source,
+            from_ms,
+            to_ms,
+            after_id,
+            upto_id,
+            max_rows,
+        } => {
+            if after_id.is_none() {
+                c.flush(mqtt).await?;
+            }
+            let filter = ExportFilter {
+                source,
+                from_ms,
+                to_ms,
+            };
+            // Room for the reply's framing and the other fields within one cluster frame.
+            let max_bytes = (ctx.config.cluster.max_frame_bytes as usize / 2).max(512);
+            match c.export_page(&filter, after_id, upto_id, max_rows, max_bytes) {
                 Ok(v) => d.reply(&v),
                 Err(e) => d.reject(CallError::Rejected(e)),
             }

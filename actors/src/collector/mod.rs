@@ -30,8 +30,11 @@
 //! stored. Query it with `sqlite3 FILE 'select source, count(*) from readings group by 1'`.
 //!
 //! Messages ([`CollectorMessage`]): `query` (`latest`, `latest_per_source`, `counts`, `gaps`,
-//! `rejects`), `export` (CSV; replies with the file's path), `command` (a datagram to a UDP
-//! device), `flush`, `status`. Queries and exports commit the pending batch first.
+//! `rejects`), `export` (CSV to a file on the collector's node; replies with the file's path),
+//! `export_page` (CSV in pages, what `colony export` writes to a file or stdout on the machine
+//! it runs on, from a collector on any node), `command` (a datagram to a UDP device), `flush`,
+//! `status`. Queries and exports commit the pending batch first. Exports filter by `source` and
+//! by received time (`from_ms` inclusive, `to_ms` exclusive, Unix ms).
 //!
 //! Reloads in place: `batch_size`, `flush_ms`, `format`. Anything else restarts the actor. A
 //! database that cannot be opened or a UDP port that cannot be bound fails the start; a failed
@@ -76,7 +79,8 @@ pub enum CollectorMessage {
     },
     /// Answers a query (after committing what is pending).
     Query(CollectorQuery),
-    /// Writes readings as CSV; replies `{"path": …, "rows": …}`.
+    /// Writes readings as CSV to a file on the collector's node; replies
+    /// `{"path": …, "rows": …}`.
     Export {
         /// The file (relative to the actor's data directory); `export-<ms>.csv` when absent.
         #[serde(default)]
@@ -84,6 +88,35 @@ pub enum CollectorMessage {
         /// Only this source.
         #[serde(default)]
         source: Option<String>,
+        /// Only readings received at or after this time, Unix ms.
+        #[serde(default)]
+        from_ms: Option<u64>,
+        /// Only readings received before this time, Unix ms.
+        #[serde(default)]
+        to_ms: Option<u64>,
+    },
+    /// One page of readings as CSV, for a client that writes the file itself (`colony export`);
+    /// replies with an [`ExportPageReply`]. Pages are bounded by the cluster's frame size.
+    ExportPage {
+        /// Only this source.
+        #[serde(default)]
+        source: Option<String>,
+        /// Only readings received at or after this time, Unix ms.
+        #[serde(default)]
+        from_ms: Option<u64>,
+        /// Only readings received before this time, Unix ms.
+        #[serde(default)]
+        to_ms: Option<u64>,
+        /// Rows after this id (0 or absent: from the start).
+        #[serde(default)]
+        after_id: Option<i64>,
+        /// Rows up to this id (absent: up to the newest now; the reply says which id that was,
+        /// to pass on with the next pages so the export ends).
+        #[serde(default)]
+        upto_id: Option<i64>,
+        /// At most this many rows (default and limit 5,000).
+        #[serde(default)]
+        max_rows: Option<u32>,
     },
     /// Sends `payload` as one datagram to the UDP device `device` (its last address).
     Command {
@@ -96,6 +129,23 @@ pub enum CollectorMessage {
     Flush {},
     /// Replies with the status detail.
     Status {},
+}
+
+/// The reply to [`CollectorMessage::ExportPage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportPageReply {
+    /// The CSV header line (without a newline).
+    pub header: String,
+    /// CSV lines of this page, each ending in a newline.
+    pub csv: String,
+    /// Rows in `csv`.
+    pub rows: u64,
+    /// Ask for the next page after this id.
+    pub last_id: Option<i64>,
+    /// The newest id this export covers.
+    pub upto_id: i64,
+    /// True when no row is left.
+    pub done: bool,
 }
 
 /// Questions the collector answers.

@@ -396,37 +396,124 @@ impl Store {
             .flatten())
     }
 
-    /// Writes readings (of `source`, or all) as CSV to `path`; returns the rows written.
-    pub fn export_csv(&self, path: &Path, source: Option<&str>) -> Result<u64, StoreError> {
+    /// Writes the readings `filter` selects as CSV (with [`CSV_HEADER`]) to `path`, through a
+    /// temporary file renamed at the end; returns the rows written.
+    pub fn export_csv(&self, path: &Path, filter: &ExportFilter) -> Result<u64, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = path.with_extension("csv.partial");
         let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        writeln!(
-            out,
-            "source,epoch,seq,topic,value,values,sensor_type,ip,mac,sent_ms,received_ms,flags"
-        )?;
-        let mut stmt = self.conn.prepare(
-            "SELECT source, epoch, seq, topic, value, \"values\", sensor_type, ip, mac, sent_ms, \
-             received_ms, flags FROM readings WHERE ?1 IS NULL OR source = ?1 ORDER BY id",
-        )?;
-        let mut rows = stmt.query(params![source])?;
+        writeln!(out, "{CSV_HEADER}")?;
+        let mut after = 0;
+        let upto = self.max_id()?;
         let mut n = 0;
-        while let Some(r) = rows.next()? {
-            let mut fields = Vec::with_capacity(12);
-            for c in 0..12 {
-                let v: rusqlite::types::Value = r.get(c)?;
-                fields.push(csv_field(&v));
+        loop {
+            let page = self.export_page(filter, after, upto, 10_000, usize::MAX)?;
+            out.write_all(page.csv.as_bytes())?;
+            n += page.rows;
+            match page.last_id {
+                Some(id) if !page.done => after = id,
+                _ => break,
             }
-            writeln!(out, "{}", fields.join(","))?;
-            n += 1;
         }
         out.flush()?;
         drop(out);
         std::fs::rename(&tmp, path)?;
         Ok(n)
     }
+
+    /// The highest reading id stored (0 when there is none).
+    pub fn max_id(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT coalesce(max(id), 0) FROM readings", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// One page of the readings `filter` selects with ids in (`after_id`, `upto_id`], oldest
+    /// first, as CSV lines (no header): at most `max_rows` rows, and no more lines once
+    /// `max_bytes` is reached (but always at least one row, if any is left).
+    pub fn export_page(
+        &self,
+        filter: &ExportFilter,
+        after_id: i64,
+        upto_id: i64,
+        max_rows: u32,
+        max_bytes: usize,
+    ) -> Result<ExportPage, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, source, epoch, seq, topic, value, \"values\", sensor_type, ip, mac, sent_ms, \
+             received_ms, flags FROM readings WHERE id > ?1 AND id <= ?2 \
+             AND (?3 IS NULL OR source = ?3) AND (?4 IS NULL OR received_ms >= ?4) \
+             AND (?5 IS NULL OR received_ms < ?5) ORDER BY id LIMIT ?6",
+        )?;
+        let mut rows = stmt.query(params![
+            after_id,
+            upto_id,
+            filter.source,
+            filter.from_ms.map(i),
+            filter.to_ms.map(i),
+            max_rows.max(1),
+        ])?;
+        let mut page = ExportPage {
+            csv: String::new(),
+            rows: 0,
+            last_id: None,
+            done: true,
+        };
+        let mut fields = Vec::with_capacity(12);
+        while let Some(r) = rows.next()? {
+            if page.rows > 0 && page.csv.len() >= max_bytes {
+                page.done = false;
+                return Ok(page);
+            }
+            page.last_id = Some(r.get(0)?);
+            fields.clear();
+            for c in 1..=12 {
+                let v: rusqlite::types::Value = r.get(c)?;
+                fields.push(csv_field(&v));
+            }
+            page.csv.push_str(&fields.join(","));
+            page.csv.push('\n');
+            page.rows += 1;
+        }
+        // A full page may have more behind it.
+        page.done = page.rows < u64::from(max_rows.max(1));
+        Ok(page)
+    }
+}
+
+/// The first line of every CSV export: the columns of `readings` (without `id`).
+pub const CSV_HEADER: &str =
+    "source,epoch,seq,topic,value,values,sensor_type,ip,mac,sent_ms,received_ms,flags";
+
+/// Which readings an export takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportFilter {
+    /// Only this source.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Only readings received at or after this time, Unix ms.
+    #[serde(default)]
+    pub from_ms: Option<u64>,
+    /// Only readings received before this time, Unix ms.
+    #[serde(default)]
+    pub to_ms: Option<u64>,
+}
+
+/// One page of an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportPage {
+    /// CSV lines, each ending in a newline, without the header.
+    pub csv: String,
+    /// Rows in `csv`.
+    pub rows: u64,
+    /// The id of the last row, to ask for the next page after.
+    pub last_id: Option<i64>,
+    /// True when no row is left.
+    pub done: bool,
 }
 
 fn csv_field(v: &rusqlite::types::Value) -> String {
@@ -533,7 +620,7 @@ mod tests {
         assert!(a.state.missing.contains(&3));
 
         let csv = dir.path().join("out.csv");
-        assert_eq!(store.export_csv(&csv, None).unwrap(), 4);
+        assert_eq!(store.export_csv(&csv, &ExportFilter::default()).unwrap(), 4);
         let text = std::fs::read_to_string(&csv).unwrap();
         assert!(text.starts_with("source,epoch,seq"));
         assert!(text.contains("\"{\"\"value\"\":0.5}\""), "{text}");
