@@ -692,3 +692,194 @@ fn actors_publish_by_message_and_malformed_clients_are_cut_off_alone() {
     b.publish_ok(&["-t", "public/still", "-m", "alive"]);
     assert_eq!(s.take(1, SECS), ["public/still alive"]);
 }
+
+/// A broker on n1 and a collector on n2 that takes readings from it as an actor subscriber
+/// (`via = "actor"`, QoS 1).
+fn start_with_actor_collector() -> (Workdir, NodeProc, u16) {
+    let tcp = free_tcp_port();
+    let config = format!(
+        r##"
+[cluster]
+name = "mqa"
+
+[[node]]
+name = "n1"
+listen = "127.0.0.1:{q1}"
+
+[[node]]
+name = "n2"
+listen = "127.0.0.1:{q2}"
+
+[supervision]
+backoff_ms = 10
+
+[[actor]]
+name = "broker"
+node = "n1"
+kind = "broker"
+listen = "127.0.0.1:{tcp}"
+allow_anonymous = true
+
+[[actor]]
+name = "store"
+node = "n2"
+kind = "collector"
+database = "readings.sqlite"
+flush_ms = 50
+source = {{ broker = "n1/broker", topics = ["readings/#"], via = "actor" }}
+"##,
+        q1 = free_udp_port(),
+        q2 = free_udp_port(),
+    );
+    let work = Workdir::new(&config);
+    let n1 = work.start_node("n1");
+    let up = wait_for(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", tcp)).is_ok()
+    });
+    assert!(up, "broker never came up:\n{}", n1.log_text());
+    (work, n1, tcp)
+}
+
+fn publish_readings(dir: &Path, port: u16, seqs: std::ops::RangeInclusive<u32>) {
+    let port = port.to_string();
+    for seq in seqs {
+        let reading = format!(r#"{{"source": "dev-1", "seq": {seq}, "value": {seq}.5}}"#);
+        let out = Command::new("timeout")
+            .args([
+                "10",
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-q",
+                "1",
+            ])
+            .args(["-t", "readings/dev-1", "-m", &reading])
+            .current_dir(dir)
+            .output()
+            .expect("run mosquitto_pub");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn collector_counts(work: &Workdir) -> serde_json::Value {
+    let out = work.ctl(
+        "n2",
+        &["call", "n2/store", r#"{"query": {"counts": {}}}"#, "--json"],
+    );
+    if !out.status.success() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .map_or(serde_json::Value::Null, |mut v| v["reply"].take())
+}
+
+fn wait_until_stored(work: &Workdir, n: u64, node: &NodeProc) {
+    let ok = wait_for(Duration::from_secs(30), || {
+        collector_counts(work)["readings"].as_u64() == Some(n)
+    });
+    assert!(
+        ok,
+        "collector never stored {n}: {}\n{}",
+        collector_counts(work),
+        node.log_text()
+    );
+}
+
+#[test]
+fn actor_subscriber_gets_everything_across_its_absence_and_a_broker_kill() {
+    let (work, n1, tcp) = start_with_actor_collector();
+    // Published before the collector has ever run: the declared subscription queues them.
+    publish_readings(work.path(), tcp, 1..=5);
+    let status = work.ctl_json("n1", &["call", "n1/broker", r#"{"status": {}}"#]);
+    let subs = &status["reply"]["actor_subscriptions"]["n2/store"];
+    assert_eq!(subs["filters"]["readings/#"], 1, "{status}");
+    let n2 = work.start_node("n2");
+    wait_until_stored(&work, 5, &n2);
+
+    // Stopped: what is published meanwhile waits for it.
+    work.ctl_ok("n2", &["stop", "n2/store"]);
+    publish_readings(work.path(), tcp, 6..=10);
+    work.ctl_ok("n2", &["start", "n2/store"]);
+    wait_until_stored(&work, 10, &n2);
+
+    // Stopped, then the broker is killed with the messages queued: they survive the restart.
+    work.ctl_ok("n2", &["stop", "n2/store"]);
+    publish_readings(work.path(), tcp, 11..=15);
+    work.ctl_ok("n1", &["kill", "n1/broker"]);
+    let back = wait_for(Duration::from_secs(20), || {
+        work.status("n1").is_some_and(|s| {
+            actor(&s, "n1/broker")
+                .is_some_and(|a| a["restarts"].as_u64() >= Some(1) && a["state"] == "running")
+        })
+    });
+    assert!(back, "broker did not come back:\n{}", n1.log_text());
+    work.ctl_ok("n2", &["start", "n2/store"]);
+    wait_until_stored(&work, 15, &n2);
+
+    // Killed (crash) while readings arrive: still each exactly once.
+    work.ctl_ok("n2", &["kill", "n2/store"]);
+    publish_readings(work.path(), tcp, 16..=20);
+    wait_until_stored(&work, 20, &n2);
+    let n = collector_counts(&work);
+    assert_eq!(n["gaps"], 0, "{n}");
+    // Everything acknowledged: nothing left in flight or queued at the broker.
+    let ok = wait_for(Duration::from_secs(15), || {
+        let s = work.ctl_json("n1", &["call", "n1/broker", r#"{"status": {}}"#]);
+        let q = &s["reply"]["actor_subscriptions"]["n2/store"];
+        q["inflight"] == 0 && q["queued"] == 0
+    });
+    assert!(ok, "notices left unacknowledged");
+}
+
+#[test]
+fn actor_publish_streams_are_exactly_once_and_no_local_holds() {
+    let b = start();
+    let s = b.subscribe(b.tcp, &["-q", "1", "-t", "public/#"]);
+    let publish = |seq: u32, text: &str| {
+        let m = format!(
+            r#"{{"publish": {{"topic": "public/stream", "payload": "{text}", "qos": 1, "stream": {{"id": "fwd-1", "seq": {seq}}}}}}}"#
+        );
+        b.work.ctl_ok("n1", &["call", "n1/broker", &m]);
+    };
+    publish(1, "one");
+    publish(1, "one-again");
+    publish(2, "two");
+    assert_eq!(s.take(2, SECS), ["public/stream one", "public/stream two"]);
+    assert!(s.quiet(Duration::from_millis(500)).is_empty());
+    // Bad input: an invalid topic is refused, the broker carries on.
+    let out = b.work.ctl(
+        "n1",
+        &[
+            "call",
+            "n1/broker",
+            r#"{"publish": {"topic": "public/#", "payload": "x"}}"#,
+        ],
+    );
+    assert!(!out.status.success());
+    let out = b
+        .work
+        .ctl("n1", &["call", "n1/broker", r#"{"ack": {"ids": "nope"}}"#]);
+    assert!(!out.status.success());
+    // A subscription by address for an actor that does not exist: messages wait for it.
+    let sub = r#"{"subscribe": {"filters": ["public/#"], "qos": 1, "subscriber": "n1/ghost"}}"#;
+    b.work.ctl_ok("n1", &["call", "n1/broker", sub]);
+    b.publish_ok(&["-q", "1", "-t", "public/x", "-m", "for-ghost"]);
+    let ok = wait_for(SECS, || {
+        let st = b
+            .work
+            .ctl_json("n1", &["call", "n1/broker", r#"{"status": {}}"#]);
+        st["reply"]["actor_subscriptions"]["n1/ghost"]["inflight"] == 1
+    });
+    assert!(ok);
+    b.publish_ok(&["-t", "public/still", "-m", "alive"]);
+    assert_eq!(
+        s.take(2, SECS),
+        ["public/x for-ghost", "public/still alive"]
+    );
+}

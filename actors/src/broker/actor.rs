@@ -23,11 +23,16 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use colony_cluster::{CallError, Delivery};
+use futures::FutureExt;
+
 use super::auth::AccessPolicy;
-use super::core::{Action, BrokerCore};
+use super::core::{Action, ActorPublish, BrokerCore, Subscriber};
+use super::declared::declared_subscriptions;
 use super::listener::{ConnEvent, ConnLimits, Outgoing, serve, tls_acceptor};
 use super::session::Message;
 use super::store::BrokerStore;
+use super::topic::SubOptions;
 use super::{BrokerMessage, BrokerNotice};
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
 
@@ -80,7 +85,12 @@ impl Shell {
                         let _ = tx.try_send(Outgoing::Close);
                     }
                 }
-                Action::Notify { to, message } => {
+                Action::Notify {
+                    to,
+                    message,
+                    id,
+                    dup,
+                } => {
                     let tx = self.notifiers.entry(to.clone()).or_insert_with(|| {
                         let (tx, rx) = mpsc::channel(NOTICE_QUEUE);
                         tasks.spawn(notify_actor(
@@ -91,7 +101,12 @@ impl Shell {
                         ));
                         tx
                     });
-                    if tx.try_send(BrokerNotice::from(message)).is_err() {
+                    // A QoS 1/2 notice that does not fit stays unacknowledged and goes again later.
+                    if tx
+                        .try_send(BrokerNotice::publish(message, id, dup))
+                        .is_err()
+                        && id.is_none()
+                    {
                         dropped += 1;
                     }
                 }
@@ -207,7 +222,15 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     let store = BrokerStore::open(&ctx.data_dir.join("broker.sqlite"))
         .map_err(|e| ActorFailure::new(e.to_string()))?;
     let restored = store.load().map_err(|e| ActorFailure::new(e.to_string()))?;
-    let core = BrokerCore::new(policy(&settings), settings.limits.clone(), restored);
+    let mut core = BrokerCore::new(policy(&settings), settings.limits.clone(), restored);
+    for d in declared_subscriptions(&ctx.config, &ctx.address) {
+        let opts = SubOptions {
+            qos: d.qos,
+            no_local: d.no_local,
+            ..SubOptions::default()
+        };
+        core.ensure_actor_subscription(&d.subscriber.to_string(), &d.filters, opts);
+    }
     let mut shell = Shell {
         core,
         store,
@@ -242,6 +265,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         ));
     }
     info!(listeners = ?bound, "broker listening");
+    shell.core.start();
+    shell.flush(&ctx, &mut tasks)?;
     ctx.started();
 
     let started = Instant::now();
@@ -265,51 +290,41 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     info!("broker users, ACLs and limits updated in place");
                 }
                 ActorEvent::Reconfigure(_) => {}
-                ActorEvent::Message(mut d) => {
-                    let message: BrokerMessage = match d.decode() {
-                        Ok(m) => m,
-                        Err(e) => {
-                            ctx.stats.rejected();
-                            d.reject(e);
-                            continue;
-                        }
-                    };
-                    ctx.stats.handled();
-                    match message {
-                        BrokerMessage::Subscribe { filters, qos, subscriber } => {
-                            let Some(who) = subscriber.or_else(|| d.from.clone()) else {
-                                ctx.stats.rejected();
-                                d.reject(colony_cluster::CallError::Rejected("subscribe needs a sender (or `subscriber`) address".into()));
-                                continue;
-                            };
-                            let granted = shell.core.actor_subscribe(&who.to_string(), &filters, qos);
-                            d.reply(&granted);
-                        }
-                        BrokerMessage::Unsubscribe { filters, subscriber } => {
-                            match subscriber.or_else(|| d.from.clone()) {
-                                Some(who) => {
-                                    shell.core.actor_unsubscribe(&who.to_string(), &filters);
-                                    d.reply(&());
-                                }
-                                None => d.reject(colony_cluster::CallError::Rejected("unsubscribe needs a sender (or `subscriber`) address".into())),
+                ActorEvent::Message(d) => {
+                    // Take what else is already in the mailbox, commit once, then reply: a reply
+                    // to a QoS 1/2 publish means it is on disk.
+                    let mut replies = Vec::new();
+                    handle_message(&mut shell, &ctx, d, &mut replies);
+                    let mut stop = false;
+                    while replies.len() < BATCH {
+                        match ctx.next_event().now_or_never() {
+                            Some(ActorEvent::Message(d)) => handle_message(&mut shell, &ctx, d, &mut replies),
+                            Some(ActorEvent::Reconfigure(ActorSettings::Broker(s))) => {
+                                shell.core.set_policy(policy(&s));
+                                shell.core.set_limits(s.limits.clone());
                             }
+                            Some(ActorEvent::Reconfigure(_)) => {}
+                            Some(ActorEvent::Shutdown) => { stop = true; break; }
+                            None => break,
                         }
-                        BrokerMessage::Publish { topic, payload, qos, retain } => {
-                            let ok = shell.core.publish(Message { topic: topic.clone(), payload: payload.into(), qos: qos.min(2), retain });
-                            if ok {
-                                d.reply(&());
-                            } else {
-                                ctx.stats.rejected();
-                                d.reject(colony_cluster::CallError::Rejected(format!("'{topic}' is not a valid topic name")));
-                            }
-                        }
-                        BrokerMessage::Status {} => d.reply(&status(&shell.core, &ctx.stats.detail())),
                     }
                     shell.flush(&ctx, &mut tasks)?;
+                    for (mut d, reply) in replies {
+                        match reply {
+                            Reply::Granted(g) => d.reply(&g),
+                            Reply::Done => d.reply(&()),
+                            Reply::Status => d.reply(&status(&shell.core, &ctx.stats.detail())),
+                            Reply::Reject(e) => d.reject(e),
+                        }
+                    }
+                    if stop {
+                        return Ok(());
+                    }
                 }
             },
             _ = tick.tick() => {
                 ticks += 1;
+                shell.core.actor_tick();
                 let now = shell.core.counters();
                 let detail = json!({
                     "listeners": bound,
@@ -331,8 +346,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 last = now;
                 if ticks % 10 == 1 {
                     publish_sys(&mut shell.core, started.elapsed());
-                    shell.flush(&ctx, &mut tasks)?;
                 }
+                shell.flush(&ctx, &mut tasks)?;
             }
             Some(ev) = events.recv() => {
                 let mut n = 0;
@@ -365,11 +380,117 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     }
 }
 
+/// A reply held until the batch it belongs to is committed.
+enum Reply {
+    Granted(Vec<Option<u8>>),
+    Done,
+    Status,
+    Reject(CallError),
+}
+
+fn handle_message(
+    shell: &mut Shell,
+    ctx: &ActorContext,
+    mut d: Delivery,
+    replies: &mut Vec<(Delivery, Reply)>,
+) {
+    let message: BrokerMessage = match d.decode() {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.stats.rejected();
+            d.reject(e);
+            return;
+        }
+    };
+    ctx.stats.handled();
+    let who = |explicit: Option<Address>, what: &str| {
+        explicit.or_else(|| d.from.clone()).ok_or_else(|| {
+            CallError::Rejected(format!("{what} needs a sender (or `subscriber`) address"))
+        })
+    };
+    let reply = match message {
+        BrokerMessage::Subscribe {
+            filters,
+            qos,
+            subscriber,
+            no_local,
+        } => match who(subscriber, "subscribe") {
+            Ok(who) => {
+                let opts = SubOptions {
+                    qos,
+                    no_local,
+                    ..SubOptions::default()
+                };
+                Reply::Granted(shell.core.actor_subscribe(&who.to_string(), &filters, opts))
+            }
+            Err(e) => Reply::Reject(e),
+        },
+        BrokerMessage::Unsubscribe {
+            filters,
+            subscriber,
+        } => match who(subscriber, "unsubscribe") {
+            Ok(who) => {
+                shell.core.actor_unsubscribe(&who.to_string(), &filters);
+                Reply::Done
+            }
+            Err(e) => Reply::Reject(e),
+        },
+        BrokerMessage::Ack { ids, subscriber } => match who(subscriber, "ack") {
+            Ok(who) => {
+                shell.core.actor_ack(&who.to_string(), &ids);
+                Reply::Done
+            }
+            Err(e) => Reply::Reject(e),
+        },
+        BrokerMessage::Publish {
+            topic,
+            payload,
+            qos,
+            retain,
+            hops,
+            stream,
+        } => {
+            let message = Message {
+                origin: d
+                    .from
+                    .as_ref()
+                    .map(|a| Subscriber::Actor(a.to_string().into())),
+                hops,
+                ..Message::new(topic.clone(), payload, qos.min(2), retain)
+            };
+            match shell.core.publish(message, stream.map(|s| (s.id, s.seq))) {
+                ActorPublish::Routed | ActorPublish::Duplicate => Reply::Done,
+                ActorPublish::InvalidTopic => {
+                    ctx.stats.rejected();
+                    Reply::Reject(CallError::Rejected(format!(
+                        "'{topic}' is not a valid topic name"
+                    )))
+                }
+            }
+        }
+        BrokerMessage::Status {} => Reply::Status,
+    };
+    replies.push((d, reply));
+}
+
 fn status(core: &BrokerCore, detail: &serde_json::Value) -> serde_json::Value {
     let subs: serde_json::Map<String, serde_json::Value> = core
         .actor_subscriptions()
-        .iter()
-        .map(|(a, f)| (a.to_string(), json!(f)))
+        .map(|(a, q)| {
+            let filters: serde_json::Map<String, serde_json::Value> = q
+                .filters
+                .iter()
+                .map(|(f, o)| (f.clone(), json!(o.qos)))
+                .collect();
+            (
+                a.to_string(),
+                json!({
+                    "filters": filters,
+                    "inflight": q.inflight_len(),
+                    "queued": q.queued_len(),
+                }),
+            )
+        })
         .collect();
     json!({ "detail": detail, "actor_subscriptions": subs })
 }

@@ -26,21 +26,29 @@ use rumqttc::mqttbytes::v4::{
 };
 use tracing::{debug, info, warn};
 
+use super::actor_queue::{ActorOffer, ActorQueue, Pending};
 use super::auth::{Access, AccessPolicy, LoginRefusal};
 use super::retained::{RetainChange, RetainedStore};
+pub use super::session::Subscriber;
 use super::session::{Ack, AckOutcome, InFlight, Message, Offer, OutState, Outbound, Session};
-use super::topic::{SubscriptionTrie, is_valid_topic_name, parse_filter};
+use super::topic::{SubOptions, SubscriptionTrie, is_valid_topic_name, parse_filter};
 
 /// A connection's id, unique for the life of the broker actor.
 pub type ConnId = u64;
 
-/// Who a subscription belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Subscriber {
-    /// An MQTT client, by client id.
-    Client(Arc<str>),
-    /// An actor, by address.
-    Actor(Arc<str>),
+/// Ticks (of the broker's one-second clock) after which an unacknowledged notice to an actor
+/// subscriber is sent again.
+pub const ACTOR_REDELIVER_TICKS: u32 = 3;
+
+/// What became of a publish from an actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActorPublish {
+    /// Routed.
+    Routed,
+    /// Its stream had already accepted this sequence number: acknowledged, not routed again.
+    Duplicate,
+    /// The topic is not a valid topic name.
+    InvalidTopic,
 }
 
 /// Something the shell must do.
@@ -56,6 +64,10 @@ pub enum Action {
         to: Arc<str>,
         /// The message.
         message: Message,
+        /// The id the actor acknowledges (QoS 1/2 deliveries).
+        id: Option<u64>,
+        /// Sent before.
+        dup: bool,
     },
 }
 
@@ -106,7 +118,39 @@ pub enum StoreOp {
         filter: String,
         /// QoS.
         qos: u8,
+        /// The actor does not receive its own publishes.
+        no_local: bool,
     },
+    /// A QoS 1/2 notice for an actor, until it is acknowledged.
+    PutActorMessage {
+        /// Actor address.
+        address: String,
+        /// The notice's id.
+        id: u64,
+        /// The message.
+        message: Message,
+    },
+    /// An actor acknowledged a notice.
+    DeleteActorMessage {
+        /// Actor address.
+        address: String,
+        /// The notice's id.
+        id: u64,
+    },
+    /// An actor has no subscriptions left: its queue goes.
+    DeleteActorQueue {
+        /// Actor address.
+        address: String,
+    },
+    /// The highest sequence number accepted on a publishing stream.
+    PutStream {
+        /// Stream id.
+        id: String,
+        /// Its high-water mark.
+        seq: u64,
+    },
+    /// The next broker-wide sequence number (ids are never reused across restarts).
+    NextSeq(u64),
     /// An actor's subscription removed.
     DeleteActorSubscription {
         /// Actor address.
@@ -146,7 +190,9 @@ pub struct BrokerCore {
     conns: HashMap<ConnId, Conn>,
     online: HashMap<Arc<str>, ConnId>,
     trie: SubscriptionTrie<Subscriber>,
-    actor_subs: BTreeMap<Arc<str>, BTreeMap<String, u8>>,
+    actor_subs: BTreeMap<Arc<str>, ActorQueue>,
+    streams: HashMap<String, u64>,
+    saved_seq: u64,
     retained: RetainedStore,
     policy: AccessPolicy,
     limits: BrokerLimits,
@@ -172,8 +218,12 @@ pub struct Restored {
     pub sessions: Vec<(String, Session)>,
     /// Retained messages.
     pub retained: Vec<Message>,
-    /// Actor subscriptions (address, filter, qos).
-    pub actor_subscriptions: Vec<(String, String, u8)>,
+    /// Actor subscriptions (address, filter, options).
+    pub actor_subscriptions: Vec<(String, String, SubOptions)>,
+    /// Unacknowledged notices for actor subscribers (address, id, message).
+    pub actor_messages: Vec<(String, u64, Message)>,
+    /// Publishing streams' high-water marks.
+    pub streams: Vec<(String, u64)>,
     /// The next sequence number to use.
     pub next_seq: u64,
 }
@@ -187,6 +237,8 @@ impl BrokerCore {
             online: HashMap::new(),
             trie: SubscriptionTrie::new(),
             actor_subs: BTreeMap::new(),
+            streams: restored.streams.into_iter().collect(),
+            saved_seq: restored.next_seq.max(1),
             retained: RetainedStore::new(),
             policy,
             limits,
@@ -209,18 +261,37 @@ impl BrokerCore {
         for m in restored.retained {
             core.retained.apply(&m);
         }
-        for (address, filter, qos) in restored.actor_subscriptions {
+        for (address, filter, opts) in restored.actor_subscriptions {
             if let Some(f) = parse_filter(&filter) {
                 let address: Arc<str> = address.into();
                 core.trie
-                    .insert(f.filter, f.group, Subscriber::Actor(address.clone()), qos);
+                    .insert(f.filter, f.group, Subscriber::Actor(address.clone()), opts);
                 core.actor_subs
                     .entry(address)
                     .or_default()
-                    .insert(filter, qos);
+                    .filters
+                    .insert(filter, opts);
+            }
+        }
+        let mut left: BTreeMap<String, Vec<(u64, Message)>> = BTreeMap::new();
+        for (address, id, message) in restored.actor_messages {
+            left.entry(address).or_default().push((id, message));
+        }
+        for (address, messages) in left {
+            match core.actor_subs.get_mut(address.as_str()) {
+                Some(q) => q.restore(messages),
+                None => core.store.push(StoreOp::DeleteActorQueue { address }),
             }
         }
         core
+    }
+
+    /// Sends actor subscribers what a previous run left unacknowledged (call once at start).
+    pub fn start(&mut self) {
+        let addresses: Vec<Arc<str>> = self.actor_subs.keys().cloned().collect();
+        for a in addresses {
+            self.pump_actor(&a);
+        }
     }
 
     /// Replaces users and ACL rules (in place, on reload).
@@ -250,6 +321,10 @@ impl BrokerCore {
 
     /// Takes the store operations produced so far.
     pub fn take_store_ops(&mut self) -> Vec<StoreOp> {
+        if self.next_seq != self.saved_seq && !self.store.is_empty() {
+            self.saved_seq = self.next_seq;
+            self.store.push(StoreOp::NextSeq(self.next_seq));
+        }
         std::mem::take(&mut self.store)
     }
 
@@ -283,9 +358,17 @@ impl BrokerCore {
         self.retained.len()
     }
 
-    /// Messages queued for offline or slow clients.
+    /// Messages queued for offline or slow clients and actor subscribers.
     pub fn queued(&self) -> usize {
-        self.sessions.values().map(Session::queued_len).sum()
+        self.sessions
+            .values()
+            .map(Session::queued_len)
+            .sum::<usize>()
+            + self
+                .actor_subs
+                .values()
+                .map(ActorQueue::queued_len)
+                .sum::<usize>()
     }
 
     /// The session of `client_id`, if any.
@@ -338,10 +421,8 @@ impl BrokerCore {
                 return self.violation(conn, "invalid will topic");
             }
             Some(w) => Some(Message {
-                topic: w.topic,
-                payload: w.message,
-                qos: w.qos as u8,
-                retain: w.retain,
+                origin: Some(Subscriber::Client(client_id.clone())),
+                ..Message::new(w.topic, w.message, w.qos as u8, w.retain)
             }),
             None => None,
         };
@@ -468,44 +549,105 @@ impl BrokerCore {
     }
 
     /// An actor subscribes to `filters`; returns the granted QoS per filter (`None` = invalid).
+    /// A subscribe is also the actor saying it (re)started: what is in flight to it is sent
+    /// again.
     pub fn actor_subscribe(
         &mut self,
         address: &str,
         filters: &[String],
-        qos: u8,
+        opts: SubOptions,
     ) -> Vec<Option<u8>> {
         let address: Arc<str> = address.into();
-        let qos = qos.min(2);
+        let opts = SubOptions {
+            qos: opts.qos.min(2),
+            ..opts
+        };
+        if let Some(q) = self.actor_subs.get_mut(&address) {
+            for p in q.resend_all() {
+                self.notify(&address, p);
+            }
+        }
         let mut out = Vec::new();
+        let mut fresh = Vec::new();
         for raw in filters {
             let Some(f) = parse_filter(raw) else {
                 out.push(None);
                 continue;
             };
             self.trie
-                .insert(f.filter, f.group, Subscriber::Actor(address.clone()), qos);
+                .insert(f.filter, f.group, Subscriber::Actor(address.clone()), opts);
             self.actor_subs
                 .entry(address.clone())
                 .or_default()
-                .insert(raw.clone(), qos);
+                .filters
+                .insert(raw.clone(), opts);
             self.store.push(StoreOp::PutActorSubscription {
                 address: address.to_string(),
                 filter: raw.clone(),
-                qos,
+                qos: opts.qos,
+                no_local: opts.no_local,
             });
-            out.push(Some(qos));
-            self.send_retained(&Subscriber::Actor(address.clone()), raw, qos);
+            out.push(Some(opts.qos));
+            fresh.push(raw.clone());
+        }
+        self.pump_actor(&address);
+        for raw in fresh {
+            self.send_retained(&Subscriber::Actor(address.clone()), &raw, opts.qos);
         }
         out
     }
 
-    /// An actor unsubscribes from `filters` (all of its filters when empty).
+    /// Makes sure `address` is subscribed to `filters` with `opts` (a declared subscription):
+    /// filters already held with the same options are left alone (no retained messages again).
+    pub fn ensure_actor_subscription(
+        &mut self,
+        address: &str,
+        filters: &[String],
+        opts: SubOptions,
+    ) {
+        let missing: Vec<String> = filters
+            .iter()
+            .filter(|f| {
+                self.actor_subs
+                    .get(address)
+                    .and_then(|q| q.filters.get(f.as_str()))
+                    != Some(&opts)
+            })
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let address: Arc<str> = address.into();
+        for raw in &missing {
+            let Some(f) = parse_filter(raw) else { continue };
+            self.trie
+                .insert(f.filter, f.group, Subscriber::Actor(address.clone()), opts);
+            self.actor_subs
+                .entry(address.clone())
+                .or_default()
+                .filters
+                .insert(raw.clone(), opts);
+            self.store.push(StoreOp::PutActorSubscription {
+                address: address.to_string(),
+                filter: raw.clone(),
+                qos: opts.qos,
+                no_local: opts.no_local,
+            });
+        }
+        for raw in missing {
+            self.send_retained(&Subscriber::Actor(address.clone()), &raw, opts.qos);
+        }
+    }
+
+    /// An actor unsubscribes from `filters` (all of its filters when empty). With none left,
+    /// its queue goes too.
     pub fn actor_unsubscribe(&mut self, address: &str, filters: &[String]) {
         let address: Arc<str> = address.into();
         let raws: Vec<String> = if filters.is_empty() {
             self.actor_subs
                 .get(&address)
-                .map(|m| m.keys().cloned().collect())
+                .map(|q| q.filters.keys().cloned().collect())
                 .unwrap_or_default()
         } else {
             filters.to_vec()
@@ -515,10 +657,13 @@ impl BrokerCore {
                 self.trie
                     .remove(f.filter, f.group, &Subscriber::Actor(address.clone()));
             }
-            if let Some(m) = self.actor_subs.get_mut(&address) {
-                m.remove(&raw);
-                if m.is_empty() {
+            if let Some(q) = self.actor_subs.get_mut(&address) {
+                q.filters.remove(&raw);
+                if q.filters.is_empty() {
                     self.actor_subs.remove(&address);
+                    self.store.push(StoreOp::DeleteActorQueue {
+                        address: address.to_string(),
+                    });
                 }
             }
             self.store.push(StoreOp::DeleteActorSubscription {
@@ -528,29 +673,81 @@ impl BrokerCore {
         }
     }
 
-    /// Actor subscriptions, by address.
-    pub fn actor_subscriptions(&self) -> &BTreeMap<Arc<str>, BTreeMap<String, u8>> {
-        &self.actor_subs
+    /// An actor acknowledges notices by id; the next queued ones go out.
+    pub fn actor_ack(&mut self, address: &str, ids: &[u64]) {
+        let Some(q) = self.actor_subs.get_mut(address) else {
+            return;
+        };
+        let address: Arc<str> = address.into();
+        for &id in ids {
+            if q.ack(id) {
+                self.store.push(StoreOp::DeleteActorMessage {
+                    address: address.to_string(),
+                    id,
+                });
+            }
+        }
+        self.pump_actor(&address);
     }
 
-    /// A publish from an actor (or the broker itself); false when the topic is invalid.
-    pub fn publish(&mut self, message: Message) -> bool {
+    /// One tick of the broker's clock: notices unacknowledged for too long go out again.
+    pub fn actor_tick(&mut self) {
+        let mut due = Vec::new();
+        for (address, q) in &mut self.actor_subs {
+            for p in q.tick(ACTOR_REDELIVER_TICKS) {
+                due.push((address.clone(), p));
+            }
+        }
+        for (address, p) in due {
+            self.notify(&address, p);
+        }
+    }
+
+    /// Actor subscribers: address, filters and options, notices in flight and queued.
+    pub fn actor_subscriptions(&self) -> impl Iterator<Item = (&Arc<str>, &ActorQueue)> {
+        self.actor_subs.iter()
+    }
+
+    /// A publish from an actor (or the broker itself). With a `stream` (id, seq), a seq at or
+    /// below the stream's high-water mark is a duplicate: acknowledged, not routed again.
+    pub fn publish(&mut self, message: Message, stream: Option<(String, u64)>) -> ActorPublish {
         if !is_valid_topic_name(&message.topic) {
-            return false;
+            return ActorPublish::InvalidTopic;
+        }
+        if let Some((id, seq)) = stream {
+            if self.streams.get(&id).is_some_and(|&hw| seq <= hw) {
+                return ActorPublish::Duplicate;
+            }
+            self.streams.insert(id.clone(), seq);
+            self.store.push(StoreOp::PutStream { id, seq });
         }
         self.counters.messages_in += 1;
         self.route(message);
-        true
+        ActorPublish::Routed
+    }
+
+    fn notify(&mut self, to: &Arc<str>, p: Pending) {
+        self.actions.push(Action::Notify {
+            to: to.clone(),
+            message: p.message,
+            id: Some(p.id),
+            dup: p.dup,
+        });
+    }
+
+    fn pump_actor(&mut self, address: &Arc<str>) {
+        let Some(q) = self.actor_subs.get_mut(address) else {
+            return;
+        };
+        for p in q.pump(self.limits.max_inflight as usize) {
+            self.counters.messages_out += 1;
+            self.notify(address, p);
+        }
     }
 
     /// Publishes a broker statistic on `$SYS/...`, retained and not persisted.
     pub fn publish_sys(&mut self, topic: &str, value: String) {
-        self.route(Message {
-            topic: topic.to_owned(),
-            payload: Bytes::from(value),
-            qos: 0,
-            retain: true,
-        });
+        self.route(Message::new(topic, Bytes::from(value), 0, true));
     }
 
     fn client_publish(&mut self, conn: ConnId, client_id: &Arc<str>, p: Publish) {
@@ -579,10 +776,8 @@ impl BrokerCore {
                 false,
             ) {
                 self.route(Message {
-                    topic: p.topic,
-                    payload: p.payload,
-                    qos,
-                    retain: p.retain,
+                    origin: Some(Subscriber::Client(client_id.clone())),
+                    ..Message::new(p.topic, p.payload, qos, p.retain)
                 });
             } else {
                 self.counters.denied += 1;
@@ -687,7 +882,11 @@ impl BrokerCore {
         }
         let matches = self.trie.matches(&message.topic);
         for m in matches.direct {
-            self.deliver(&m.key, message.qos.min(m.qos), &message, false);
+            if m.no_local && message.origin.as_ref() == Some(&m.key) {
+                continue;
+            }
+            let retain = m.retain_as_published && message.retain;
+            self.deliver(&m.key, message.qos.min(m.qos), &message, retain);
         }
         for (group, members) in matches.shared {
             let cursor = self.share_cursor.entry(group).or_insert(0);
@@ -709,16 +908,7 @@ impl BrokerCore {
     fn deliver(&mut self, to: &Subscriber, qos: u8, message: &Message, retain: bool) {
         let client_id = match to {
             Subscriber::Actor(address) => {
-                self.counters.messages_out += 1;
-                self.actions.push(Action::Notify {
-                    to: address.clone(),
-                    message: Message {
-                        qos,
-                        retain,
-                        ..message.clone()
-                    },
-                });
-                return;
+                return self.deliver_to_actor(address, qos, message, retain);
             }
             Subscriber::Client(id) => id,
         };
@@ -809,6 +999,57 @@ impl BrokerCore {
             }
             Offer::Dropped => self.counters.dropped += 1,
         }
+    }
+
+    fn deliver_to_actor(&mut self, address: &Arc<str>, qos: u8, message: &Message, retain: bool) {
+        let out = Message {
+            qos,
+            retain,
+            origin: None,
+            ..message.clone()
+        };
+        if qos == 0 {
+            self.counters.messages_out += 1;
+            self.actions.push(Action::Notify {
+                to: address.clone(),
+                message: out,
+                id: None,
+                dup: false,
+            });
+            return;
+        }
+        let Some(q) = self.actor_subs.get_mut(address) else {
+            return;
+        };
+        let id = self.next_seq;
+        self.next_seq += 1;
+        let offer = q.offer(
+            id,
+            out.clone(),
+            self.limits.max_inflight as usize,
+            self.limits.max_queued as usize,
+        );
+        match offer {
+            ActorOffer::Dropped => {
+                self.counters.dropped += 1;
+                return;
+            }
+            ActorOffer::Send => {
+                self.counters.messages_out += 1;
+                self.actions.push(Action::Notify {
+                    to: address.clone(),
+                    message: out.clone(),
+                    id: Some(id),
+                    dup: false,
+                });
+            }
+            ActorOffer::Queued => {}
+        }
+        self.store.push(StoreOp::PutActorMessage {
+            address: address.to_string(),
+            id,
+            message: out,
+        });
     }
 
     fn pump(&mut self, client_id: &Arc<str>) {

@@ -294,31 +294,208 @@ fn protocol_violations_close_only_that_connection() {
     assert!(c.take_actions().is_empty());
 }
 
+fn qos(q: u8) -> SubOptions {
+    SubOptions::from(q)
+}
+
+/// The notices in `actions`: (to, topic, id, dup).
+fn notices(actions: &[Action]) -> Vec<(String, String, Option<u64>, bool)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Notify {
+                to,
+                message,
+                id,
+                dup,
+            } => Some((to.to_string(), message.topic.clone(), *id, *dup)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn actor_publish(c: &mut BrokerCore, from: &str, topic: &str, qos: u8) -> ActorPublish {
+    c.publish(
+        Message {
+            origin: Some(Subscriber::Actor(from.into())),
+            ..Message::new(topic, Bytes::from_static(b"v"), qos, false)
+        },
+        None,
+    )
+}
+
 #[test]
 fn actor_subscribers_get_notices_and_can_publish() {
     let mut c = core();
     assert_eq!(
-        c.actor_subscribe("n/collector", &["s/#".into(), "bad/#/x".into()], 1),
-        [Some(1), None]
+        c.actor_subscribe("n/collector", &["s/#".into(), "bad/#/x".into()], qos(0)),
+        [Some(0), None]
     );
-    assert!(c.publish(Message {
-        topic: "s/1".into(),
-        payload: Bytes::from_static(b"v"),
-        qos: 1,
-        retain: false,
-    }));
+    assert_eq!(actor_publish(&mut c, "n/x", "s/1", 1), ActorPublish::Routed);
     let a = c.take_actions();
-    assert!(
-        matches!(&a[..], [Action::Notify { to, message }] if &**to == "n/collector" && message.topic == "s/1")
+    assert_eq!(
+        notices(&a),
+        [("n/collector".into(), "s/1".into(), None, false)]
     );
-    assert!(!c.publish(Message {
-        topic: "s/+".into(),
-        payload: Bytes::new(),
-        qos: 0,
-        retain: false,
-    }));
+    assert_eq!(
+        actor_publish(&mut c, "n/x", "s/+", 0),
+        ActorPublish::InvalidTopic
+    );
     c.actor_unsubscribe("n/collector", &[]);
     assert_eq!(c.subscriptions(), 0);
+}
+
+#[test]
+fn actor_notices_at_qos1_are_kept_until_acked_windowed_and_redelivered() {
+    let limits = BrokerLimits {
+        max_inflight: 2,
+        max_queued: 2,
+        ..BrokerLimits::default()
+    };
+    let mut c = BrokerCore::new(
+        AccessPolicy::new(true, vec![], vec![]),
+        limits,
+        Restored::default(),
+    );
+    c.actor_subscribe("n/c", &["s/#".into()], qos(1));
+    for i in 0..5 {
+        actor_publish(&mut c, "n/p", &format!("s/{i}"), 1);
+    }
+    let a = c.take_actions();
+    let n = notices(&a);
+    // Two in flight with ids, two queued, one dropped and counted.
+    assert_eq!(n.len(), 2);
+    let (id0, id1) = (n[0].2.unwrap(), n[1].2.unwrap());
+    assert!(id1 > id0);
+    assert_eq!(c.queued(), 2);
+    assert_eq!(c.counters().dropped, 1);
+    let ops = c.take_store_ops();
+    let puts = ops
+        .iter()
+        .filter(|o| matches!(o, StoreOp::PutActorMessage { .. }))
+        .count();
+    assert_eq!(puts, 4);
+    // The ack frees the window: the next queued goes out, in order.
+    c.actor_ack("n/c", &[id0]);
+    let n = notices(&c.take_actions());
+    assert_eq!(n.len(), 1);
+    assert_eq!((n[0].1.as_str(), n[0].3), ("s/2", false));
+    assert!(c.take_store_ops().iter().any(
+        |o| matches!(o, StoreOp::DeleteActorMessage { address, id } if address == "n/c" && *id == id0)
+    ));
+    // Unacked for the redelivery timeout: sent again, marked dup, in order.
+    for _ in 0..ACTOR_REDELIVER_TICKS - 1 {
+        c.actor_tick();
+    }
+    assert!(c.take_actions().is_empty());
+    c.actor_tick();
+    let n = notices(&c.take_actions());
+    assert_eq!(
+        n.iter().map(|x| (x.1.as_str(), x.3)).collect::<Vec<_>>(),
+        [("s/1", true), ("s/2", true)]
+    );
+    // Subscribing again is a reconnect: what is in flight goes again at once.
+    c.actor_subscribe("n/c", &["s/#".into()], qos(1));
+    let n = notices(&c.take_actions());
+    assert_eq!(
+        n.iter().map(|x| (x.1.as_str(), x.3)).collect::<Vec<_>>(),
+        [("s/1", true), ("s/2", true)]
+    );
+}
+
+#[test]
+fn actor_queue_and_subscription_survive_a_restart() {
+    let mut c = core();
+    c.actor_subscribe("n/c", &["s/#".into()], qos(1));
+    actor_publish(&mut c, "n/p", "s/a", 1);
+    actor_publish(&mut c, "n/p", "s/b", 2);
+    let n = notices(&c.take_actions());
+    let ops = c.take_store_ops();
+    c.actor_ack("n/c", &[n[0].2.unwrap()]);
+    let ops2 = c.take_store_ops();
+    // Replay the store ops into a fresh store and restart from it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.sqlite");
+    let mut store = crate::broker::store::BrokerStore::open(&path).unwrap();
+    store.apply(&ops).unwrap();
+    store.apply(&ops2).unwrap();
+    let restored = store.load().unwrap();
+    let mut c = BrokerCore::new(
+        AccessPolicy::new(true, vec![], vec![]),
+        BrokerLimits::default(),
+        restored,
+    );
+    c.start();
+    let again = notices(&c.take_actions());
+    assert_eq!(again, [("n/c".into(), "s/b".into(), n[1].2, true)]);
+    // New ids never reuse old ones.
+    actor_publish(&mut c, "n/p", "s/c", 1);
+    let fresh = notices(&c.take_actions());
+    assert!(fresh[0].2.unwrap() > n[1].2.unwrap());
+}
+
+#[test]
+fn no_local_hops_and_streams() {
+    let mut c = core();
+    let opts = SubOptions {
+        qos: 1,
+        no_local: true,
+        ..SubOptions::default()
+    };
+    c.actor_subscribe("n/bridge", &["x/#".into()], opts);
+    c.actor_subscribe("n/other", &["x/#".into()], qos(0));
+    // Its own publish does not come back to it; others get it, hops untouched.
+    let m = Message {
+        origin: Some(Subscriber::Actor("n/bridge".into())),
+        hops: vec!["site-a".into()],
+        ..Message::new("x/1", Bytes::from_static(b"v"), 1, false)
+    };
+    assert_eq!(c.publish(m, None), ActorPublish::Routed);
+    let a = c.take_actions();
+    assert_eq!(notices(&a).len(), 1);
+    assert!(
+        matches!(&a[0], Action::Notify { to, message, .. } if &**to == "n/other" && message.hops == ["site-a"])
+    );
+    actor_publish(&mut c, "n/else", "x/2", 1);
+    assert_eq!(notices(&c.take_actions()).len(), 2);
+    // A stream's repeated seq is acknowledged but not routed again.
+    let m = || Message::new("x/3", Bytes::from_static(b"v"), 1, false);
+    assert_eq!(c.publish(m(), Some(("s1".into(), 5))), ActorPublish::Routed);
+    assert_eq!(
+        c.publish(m(), Some(("s1".into(), 5))),
+        ActorPublish::Duplicate
+    );
+    assert_eq!(
+        c.publish(m(), Some(("s1".into(), 4))),
+        ActorPublish::Duplicate
+    );
+    assert_eq!(c.publish(m(), Some(("s2".into(), 0))), ActorPublish::Routed);
+    assert_eq!(c.publish(m(), Some(("s1".into(), 6))), ActorPublish::Routed);
+    assert_eq!(notices(&c.take_actions()).len(), 6);
+    assert!(c.take_store_ops().contains(&StoreOp::PutStream {
+        id: "s1".into(),
+        seq: 6
+    }));
+}
+
+#[test]
+fn declared_subscriptions_are_idempotent() {
+    let mut c = core();
+    c.publish(
+        Message::new("d/r", Bytes::from_static(b"kept"), 1, true),
+        None,
+    );
+    c.take_actions();
+    c.ensure_actor_subscription("n/c", &["d/#".into()], qos(1));
+    assert_eq!(
+        notices(&c.take_actions()).len(),
+        1,
+        "retained on first creation"
+    );
+    assert!(!c.take_store_ops().is_empty());
+    c.ensure_actor_subscription("n/c", &["d/#".into()], qos(1));
+    assert!(c.take_actions().is_empty());
+    assert!(c.take_store_ops().is_empty());
 }
 
 /// Fuzz-style: garbage byte streams framed and fed to the core on several connections never

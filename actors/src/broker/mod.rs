@@ -15,10 +15,23 @@
 //! actor's data directory (`broker.sqlite`), written before the packets that depend on them go
 //! out, so they survive client disconnects and the broker actor's restart or kill.
 //!
-//! Messages ([`BrokerMessage`]): `subscribe {filters, qos}` (the sender, or `subscriber`, then
-//! receives a [`BrokerNotice::Publish`] for every matching publish; the reply is the granted QoS
-//! per filter, `null` for an invalid one), `unsubscribe {filters}` (all when empty), `publish
-//! {topic, payload, qos, retain}` and `status {}`.
+//! Messages ([`BrokerMessage`]): `subscribe {filters, qos, no_local}` (the sender, or
+//! `subscriber`, then receives a [`BrokerNotice::Publish`] for every matching publish; the reply
+//! is the granted QoS per filter, `null` for an invalid one), `unsubscribe {filters}` (all when
+//! empty), `publish {topic, payload, qos, retain, hops, stream}`, `ack {ids}` and `status {}`.
+//!
+//! Actor subscriptions are reliable at QoS 1 and 2: each notice carries an `id`, stays in the
+//! store until the subscriber sends `ack {ids}`, at most `limits.max_inflight` are unacknowledged
+//! per subscriber (up to `limits.max_queued` more wait; beyond that they are dropped and counted),
+//! and unacknowledged ones go again, in order and marked `dup`, when the subscriber subscribes
+//! again and after a few seconds. Subscriptions, queues and what is in flight survive the broker
+//! actor's restart. Subscriptions the config implies (collectors with `via = "actor"`,
+//! [`declared`]) are created when the broker starts, so nothing published before a subscriber
+//! first runs is lost. `no_local` keeps an actor's own publishes (the envelope's sender is the
+//! origin) from coming back to it; `hops` pass through untouched for bridges. A publish with a
+//! `stream {id, seq}` is exactly-once: the highest seq per stream is kept on disk and a publish at
+//! or below it is acknowledged but not routed again. Called at QoS 1 or 2, the reply to a publish
+//! comes after the batch holding it is committed.
 //!
 //! Users, ACL rules, `allow_anonymous` and limits reload in place; listeners need a restart. A
 //! listener that cannot be bound, or TLS files that do not load, fail the start. The store
@@ -32,9 +45,11 @@
 //! SQLite file and [`listener`] the sockets.
 
 mod actor;
+pub mod actor_queue;
 pub mod auth;
 pub mod codec;
 pub mod core;
+pub mod declared;
 pub mod listener;
 pub mod retained;
 pub mod session;
@@ -47,12 +62,23 @@ pub use auth::hash_password;
 use colony_cluster::Address;
 use serde::{Deserialize, Serialize};
 
+/// Where a forwarder's publish sits in its stream, for exactly-once ingress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishStream {
+    /// The stream (one per forwarder and source, stable across its restarts).
+    pub id: String,
+    /// Increases with every publish on the stream.
+    pub seq: u64,
+}
+
 /// What the broker accepts from other actors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BrokerMessage {
     /// Subscribe the sender (or `subscriber`) to `filters`; matching publishes arrive as
     /// [`BrokerNotice::Publish`]. Replies with the granted QoS per filter (`None` if invalid).
+    /// At QoS 1 or 2 notices carry an `id` to [`BrokerMessage::Ack`]; a subscribe also says the
+    /// subscriber (re)started, and what it has not acknowledged is sent again.
     Subscribe {
         /// Topic filters, wildcards and `$share/group/...` allowed.
         filters: Vec<String>,
@@ -62,6 +88,9 @@ pub enum BrokerMessage {
         /// Who receives the notices, when not the sender.
         #[serde(default)]
         subscriber: Option<Address>,
+        /// Publishes sent by the subscriber itself are not delivered to it.
+        #[serde(default)]
+        no_local: bool,
     },
     /// Removes the sender's (or `subscriber`'s) subscriptions to `filters`, or all when empty.
     Unsubscribe {
@@ -72,7 +101,8 @@ pub enum BrokerMessage {
         #[serde(default)]
         subscriber: Option<Address>,
     },
-    /// Publishes into the broker as a client would.
+    /// Publishes into the broker as a client would. Called at QoS 1 or 2, the reply comes once
+    /// the message (and the stream's mark) is committed to disk.
     Publish {
         /// Topic name.
         topic: String,
@@ -85,6 +115,21 @@ pub enum BrokerMessage {
         /// Retain flag.
         #[serde(default)]
         retain: bool,
+        /// Bridges the message has passed through; handed to actor subscribers untouched.
+        #[serde(default)]
+        hops: Vec<String>,
+        /// The publish's place in a forwarder's stream: one already accepted is acknowledged
+        /// but not delivered again.
+        #[serde(default)]
+        stream: Option<PublishStream>,
+    },
+    /// The subscriber acknowledges notices (their `id`s).
+    Ack {
+        /// Notice ids.
+        ids: Vec<u64>,
+        /// Whose notices, when not the sender's.
+        #[serde(default)]
+        subscriber: Option<Address>,
     },
     /// Replies with the broker's status (the detail `colony ctl status` shows, and the actor
     /// subscriptions).
@@ -106,16 +151,30 @@ pub enum BrokerNotice {
         qos: u8,
         /// True for a retained message sent on subscribing.
         retain: bool,
+        /// At QoS 1 and 2: the id to acknowledge with [`BrokerMessage::Ack`]; the broker keeps
+        /// the message (on disk) and sends it again until then.
+        #[serde(default)]
+        id: Option<u64>,
+        /// Sent before (a redelivery).
+        #[serde(default)]
+        dup: bool,
+        /// Bridges the message has passed through.
+        #[serde(default)]
+        hops: Vec<String>,
     },
 }
 
-impl From<session::Message> for BrokerNotice {
-    fn from(m: session::Message) -> Self {
+impl BrokerNotice {
+    /// The notice for `message`, with its id when it must be acknowledged.
+    pub fn publish(m: session::Message, id: Option<u64>, dup: bool) -> Self {
         BrokerNotice::Publish {
             topic: m.topic,
             payload: m.payload.to_vec(),
             qos: m.qos,
             retain: m.retain,
+            id,
+            dup,
+            hops: m.hops,
         }
     }
 }

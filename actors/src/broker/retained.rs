@@ -40,6 +40,7 @@ impl RetainedStore {
         } else {
             let mut m = message.clone();
             m.retain = true;
+            m.origin = None;
             self.by_topic.insert(message.topic.clone(), m);
             RetainChange::Set
         }
@@ -71,12 +72,7 @@ mod tests {
     use bytes::Bytes;
 
     fn m(topic: &str, payload: &'static [u8]) -> Message {
-        Message {
-            topic: topic.into(),
-            payload: Bytes::from_static(payload),
-            qos: 1,
-            retain: true,
-        }
+        Message::new(topic, Bytes::from_static(payload), 1, true)
     }
 
     #[test]

@@ -9,9 +9,19 @@
 //! Each message carries a broker-wide sequence number so the on-disk copy can be found again.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+/// Who a subscription belongs to, or who published a message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subscriber {
+    /// An MQTT client, by client id.
+    Client(Arc<str>),
+    /// An actor, by address.
+    Actor(Arc<str>),
+}
 
 /// An application message as the broker routes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +34,24 @@ pub struct Message {
     pub qos: u8,
     /// Retain flag.
     pub retain: bool,
+    /// Who published it (for no-local); not kept on disk.
+    pub origin: Option<Subscriber>,
+    /// Bridges this message has passed through, carried to actor subscribers untouched.
+    pub hops: Vec<String>,
+}
+
+impl Message {
+    /// A message with no origin and no hops.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Bytes>, qos: u8, retain: bool) -> Self {
+        Message {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos,
+            retain,
+            origin: None,
+            hops: Vec::new(),
+        }
+    }
 }
 
 /// Where an outgoing QoS 1/2 message stands.
@@ -321,12 +349,7 @@ mod tests {
     use super::*;
 
     fn msg(qos: u8) -> Message {
-        Message {
-            topic: "t".into(),
-            payload: Bytes::from_static(b"x"),
-            qos,
-            retain: false,
-        }
+        Message::new("t", Bytes::from_static(b"x"), qos, false)
     }
 
     #[test]

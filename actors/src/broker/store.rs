@@ -13,6 +13,7 @@ use rusqlite::{Connection, params};
 
 use super::core::{Restored, StoreOp};
 use super::session::{InFlight, Message, OutState, Session};
+use super::topic::SubOptions;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,13 +63,48 @@ CREATE TABLE IF NOT EXISTS actor_subscriptions (
     qos INTEGER NOT NULL,
     PRIMARY KEY (address, filter)
 );
+CREATE TABLE IF NOT EXISTS actor_messages (
+    address TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    hops TEXT NOT NULL,
+    PRIMARY KEY (address, id)
+);
+CREATE TABLE IF NOT EXISTS streams (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 ";
+
+/// Columns added after the first release, added to older files on open.
+const MIGRATIONS: &[(&str, &str, &str)] = &[(
+    "actor_subscriptions",
+    "no_local",
+    "ALTER TABLE actor_subscriptions ADD COLUMN no_local INTEGER NOT NULL DEFAULT 0",
+)];
 
 impl BrokerStore {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Connection::open(path)?;
         db.execute_batch(SCHEMA)?;
+        for (table, column, alter) in MIGRATIONS {
+            let has: bool = db.query_row(
+                &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                params![column],
+                |r| r.get::<_, i64>(0).map(|n| n > 0),
+            )?;
+            if !has {
+                db.execute_batch(alter)?;
+            }
+        }
         Ok(BrokerStore { db })
     }
 
@@ -108,12 +144,7 @@ impl BrokerStore {
             let (client, seq, pid, state, topic, payload, qos, retain) = row?;
             let seq = seq.max(0) as u64;
             next_seq = next_seq.max(seq + 1);
-            let message = Message {
-                topic,
-                payload: Bytes::from(payload),
-                qos: qos.clamp(1, 2),
-                retain,
-            };
+            let message = Message::new(topic, Bytes::from(payload), qos.clamp(1, 2), retain);
             let entry = msgs.entry(client).or_default();
             match (pid, state.and_then(OutState::from_code)) {
                 (Some(pid), Some(state)) if pid != 0 => entry.0.push(InFlight {
@@ -152,30 +183,68 @@ impl BrokerStore {
             ))
         })? {
             let (topic, payload, qos) = row?;
-            retained.push(Message {
-                topic,
-                payload: Bytes::from(payload),
-                qos: qos.min(2),
-                retain: true,
-            });
+            retained.push(Message::new(topic, Bytes::from(payload), qos.min(2), true));
         }
         let mut actor_subscriptions = Vec::new();
         let mut stmt = self
             .db
-            .prepare("SELECT address, filter, qos FROM actor_subscriptions")?;
+            .prepare("SELECT address, filter, qos, no_local FROM actor_subscriptions")?;
         for row in stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
-                r.get::<_, u8>(2)?,
+                SubOptions {
+                    qos: r.get::<_, u8>(2)?.min(2),
+                    no_local: r.get::<_, bool>(3)?,
+                    ..SubOptions::default()
+                },
             ))
         })? {
             actor_subscriptions.push(row?);
+        }
+        let mut actor_messages = Vec::new();
+        let mut stmt = self.db.prepare(
+            "SELECT address, id, topic, payload, qos, retain, hops FROM actor_messages ORDER BY address, id",
+        )?;
+        for row in stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, u8>(4)?,
+                r.get::<_, bool>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })? {
+            let (address, id, topic, payload, qos, retain, hops) = row?;
+            let id = id.max(0) as u64;
+            next_seq = next_seq.max(id + 1);
+            let mut m = Message::new(topic, Bytes::from(payload), qos.clamp(1, 2), retain);
+            m.hops = serde_json::from_str(&hops).unwrap_or_default();
+            actor_messages.push((address, id, m));
+        }
+        let mut streams = Vec::new();
+        let mut stmt = self.db.prepare("SELECT id, seq FROM streams")?;
+        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (id, seq) = row?;
+            streams.push((id, seq.max(0) as u64));
+        }
+        let saved: Option<i64> = self
+            .db
+            .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+                r.get(0)
+            })
+            .ok();
+        if let Some(saved) = saved {
+            next_seq = next_seq.max(saved.max(0) as u64);
         }
         Ok(Restored {
             sessions,
             retained,
             actor_subscriptions,
+            actor_messages,
+            streams,
             next_seq,
         })
     }
@@ -254,11 +323,51 @@ impl BrokerStore {
                     address,
                     filter,
                     qos,
+                    no_local,
                 } => {
                     tx.execute(
-                        "INSERT OR REPLACE INTO actor_subscriptions (address, filter, qos) VALUES (?1, ?2, ?3)",
-                        params![address, filter, qos],
+                        "INSERT OR REPLACE INTO actor_subscriptions (address, filter, qos, no_local) VALUES (?1, ?2, ?3, ?4)",
+                        params![address, filter, qos, no_local],
                     )?;
+                }
+                StoreOp::PutActorMessage {
+                    address,
+                    id,
+                    message,
+                } => {
+                    let hops = serde_json::to_string(&message.hops).unwrap_or_default();
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO actor_messages (address, id, topic, payload, qos, retain, hops) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(params![
+                        address,
+                        *id as i64,
+                        message.topic,
+                        &message.payload[..],
+                        message.qos,
+                        message.retain,
+                        hops,
+                    ])?;
+                }
+                StoreOp::DeleteActorMessage { address, id } => {
+                    tx.prepare_cached("DELETE FROM actor_messages WHERE address = ?1 AND id = ?2")?
+                        .execute(params![address, *id as i64])?;
+                }
+                StoreOp::DeleteActorQueue { address } => {
+                    tx.execute(
+                        "DELETE FROM actor_messages WHERE address = ?1",
+                        params![address],
+                    )?;
+                }
+                StoreOp::PutStream { id, seq } => {
+                    tx.prepare_cached("INSERT OR REPLACE INTO streams (id, seq) VALUES (?1, ?2)")?
+                        .execute(params![id, *seq as i64])?;
+                }
+                StoreOp::NextSeq(seq) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?1)",
+                    )?
+                    .execute(params![*seq as i64])?;
                 }
                 StoreOp::DeleteActorSubscription { address, filter } => {
                     tx.execute(
@@ -278,12 +387,7 @@ mod tests {
     use super::*;
 
     fn msg(topic: &str) -> Message {
-        Message {
-            topic: topic.into(),
-            payload: Bytes::from_static(b"p"),
-            qos: 1,
-            retain: false,
-        }
+        Message::new(topic, Bytes::from_static(b"p"), 1, false)
     }
 
     #[test]
@@ -326,14 +430,37 @@ mod tests {
             StoreOp::PutActorSubscription {
                 address: "n/c".into(),
                 filter: "x/#".into(),
-                qos: 0,
+                qos: 1,
+                no_local: true,
             },
+            StoreOp::PutActorMessage {
+                address: "n/c".into(),
+                id: 3,
+                message: Message {
+                    hops: vec!["n/bridge".into()],
+                    ..msg("x/1")
+                },
+            },
+            StoreOp::PutActorMessage {
+                address: "n/c".into(),
+                id: 4,
+                message: msg("x/2"),
+            },
+            StoreOp::DeleteActorMessage {
+                address: "n/c".into(),
+                id: 4,
+            },
+            StoreOp::PutStream {
+                id: "s".into(),
+                seq: 41,
+            },
+            StoreOp::NextSeq(90),
         ])
         .unwrap();
         drop(s);
         let s = BrokerStore::open(&path).unwrap();
         let r = s.load().unwrap();
-        assert_eq!(r.next_seq, 7);
+        assert_eq!(r.next_seq, 90);
         assert_eq!(r.sessions.len(), 1);
         let (id, session) = &r.sessions[0];
         assert_eq!(id, "c1");
@@ -341,6 +468,15 @@ mod tests {
         assert_eq!(session.inflight().count(), 1);
         assert_eq!(session.queued_len(), 1);
         assert_eq!(r.retained.len(), 1);
-        assert_eq!(r.actor_subscriptions, [("n/c".into(), "x/#".into(), 0)]);
+        let opts = SubOptions {
+            qos: 1,
+            no_local: true,
+            ..SubOptions::default()
+        };
+        assert_eq!(r.actor_subscriptions, [("n/c".into(), "x/#".into(), opts)]);
+        assert_eq!(r.actor_messages.len(), 1);
+        assert_eq!(r.actor_messages[0].1, 3);
+        assert_eq!(r.actor_messages[0].2.hops, ["n/bridge"]);
+        assert_eq!(r.streams, [("s".into(), 41)]);
     }
 }

@@ -97,11 +97,33 @@ pub fn filter_covered_by(filter: &str, pattern: &str) -> bool {
     }
 }
 
+/// How a subscriber subscribed to one filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SubOptions {
+    /// Maximum QoS.
+    pub qos: u8,
+    /// Publishes from the subscriber itself are not delivered to it (MQTT 5 no-local).
+    pub no_local: bool,
+    /// Deliver with the retain flag as published, not cleared (MQTT 5 retain-as-published).
+    pub retain_as_published: bool,
+    /// MQTT 5 subscription identifier.
+    pub id: Option<u32>,
+}
+
+impl From<u8> for SubOptions {
+    fn from(qos: u8) -> Self {
+        SubOptions {
+            qos,
+            ..SubOptions::default()
+        }
+    }
+}
+
 /// One subscriber's entry on a filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry<K> {
     key: K,
-    qos: u8,
+    opts: SubOptions,
     group: Option<String>,
 }
 
@@ -135,8 +157,33 @@ impl<K> Node<K> {
 pub struct Match<K> {
     /// The subscriber.
     pub key: K,
-    /// The QoS it subscribed with.
+    /// The QoS it subscribed with (the highest of its matching filters).
     pub qos: u8,
+    /// Every matching filter was subscribed with no-local.
+    pub no_local: bool,
+    /// Some matching filter was subscribed with retain-as-published.
+    pub retain_as_published: bool,
+    /// Subscription identifiers of the matching filters.
+    pub ids: Vec<u32>,
+}
+
+impl<K> Match<K> {
+    fn new(key: K, o: &SubOptions) -> Self {
+        Match {
+            key,
+            qos: o.qos,
+            no_local: o.no_local,
+            retain_as_published: o.retain_as_published,
+            ids: o.id.into_iter().collect(),
+        }
+    }
+
+    fn merge(&mut self, o: &SubOptions) {
+        self.qos = self.qos.max(o.qos);
+        self.no_local &= o.no_local;
+        self.retain_as_published |= o.retain_as_published;
+        self.ids.extend(o.id);
+    }
 }
 
 /// A share group (`group`, `filter`) and the members a publish on it may go to.
@@ -184,7 +231,14 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
     }
 
     /// Adds or replaces `key`'s subscription to `filter` (a valid filter) in `group`.
-    pub fn insert(&mut self, filter: &str, group: Option<&str>, key: K, qos: u8) {
+    pub fn insert(
+        &mut self,
+        filter: &str,
+        group: Option<&str>,
+        key: K,
+        opts: impl Into<SubOptions>,
+    ) {
+        let opts = opts.into();
         let (node, multi) = self.node_mut(filter);
         let list = if multi {
             &mut node.multi
@@ -193,9 +247,9 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
         };
         let group = group.map(str::to_owned);
         match list.iter_mut().find(|e| e.key == key && e.group == group) {
-            Some(e) => e.qos = qos,
+            Some(e) => e.opts = opts,
             None => {
-                list.push(Entry { key, qos, group });
+                list.push(Entry { key, opts, group });
                 self.count += 1;
             }
         }
@@ -222,18 +276,12 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
         for (e, filter) in out {
             match &e.group {
                 None => match direct.iter_mut().find(|m| m.key == e.key) {
-                    Some(m) => m.qos = m.qos.max(e.qos),
-                    None => direct.push(Match {
-                        key: e.key.clone(),
-                        qos: e.qos,
-                    }),
+                    Some(m) => m.merge(&e.opts),
+                    None => direct.push(Match::new(e.key.clone(), &e.opts)),
                 },
                 Some(g) => {
                     let id = (g.clone(), filter);
-                    let m = Match {
-                        key: e.key.clone(),
-                        qos: e.qos,
-                    };
+                    let m = Match::new(e.key.clone(), &e.opts);
                     match shared.iter_mut().find(|(k, _)| *k == id) {
                         Some((_, members)) => members.push(m),
                         None => shared.push((id, vec![m])),
@@ -398,7 +446,8 @@ mod tests {
         t.insert("a/#", None, 1, 0);
         t.insert("a/b", None, 1, 2);
         let m = t.matches("a/b");
-        assert_eq!(m.direct, [Match { key: 1, qos: 2 }]);
+        assert_eq!(m.direct.len(), 1);
+        assert_eq!((m.direct[0].key, m.direct[0].qos), (1, 2));
     }
 
     #[test]

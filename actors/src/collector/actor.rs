@@ -59,6 +59,10 @@ struct Collector {
     tracker: SequenceTracker,
     batch: Batcher<Item>,
     acks: Vec<Publish>,
+    /// Ids of broker notices (via = "actor") to acknowledge once committed.
+    actor_acks: Vec<u64>,
+    /// The cluster, this collector's address and its broker, to acknowledge notices.
+    actor_source: Option<(colony_cluster::Cluster, Address, Address)>,
     seen: HashMap<String, (Option<String>, u64)>,
     devices: HashMap<String, SocketAddr>,
     n: Counters,
@@ -174,6 +178,19 @@ impl Collector {
             }
         } else {
             self.acks.clear();
+        }
+        if !self.actor_acks.is_empty()
+            && let Some((cluster, me, broker)) = &self.actor_source
+        {
+            let ids = std::mem::take(&mut self.actor_acks);
+            let ack = BrokerMessage::Ack {
+                ids,
+                subscriber: None,
+            };
+            if let Err(e) = cluster.send(broker, Some(me), &ack).await {
+                // Unacknowledged notices come again; the tracker drops what is stored.
+                debug!(%broker, "ack not delivered: {e}");
+            }
         }
         Ok(())
     }
@@ -416,6 +433,12 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             CollectorVia::Actor => actor_subscribed = false,
         }
     }
+    let actor_source = match (&settings.source.broker, settings.source.via) {
+        (Some(b), CollectorVia::Actor) => {
+            Some((ctx.cluster.clone(), ctx.address.clone(), b.clone()))
+        }
+        _ => None,
+    };
     let mut c = Collector {
         batch: Batcher::new(
             settings.batch_size,
@@ -427,6 +450,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         store,
         tracker,
         acks: Vec::new(),
+        actor_acks: Vec::new(),
+        actor_source,
         seen: HashMap::new(),
         devices,
         n: Counters::default(),
@@ -484,7 +509,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             _ = sleep_until(deadline) => {}
             _ = tick.tick() => {
                 if !actor_subscribed && let Some(broker) = &c.settings.source.broker {
-                    let m = BrokerMessage::Subscribe { filters: c.settings.source.topics.clone(), qos: c.settings.qos, subscriber: None };
+                    let m = BrokerMessage::Subscribe { filters: c.settings.source.topics.clone(), qos: c.settings.qos, subscriber: None, no_local: false };
                     let r: Result<Vec<Option<u8>>, CallError> = ctx.cluster.call(broker, Some(&ctx.address), &m, Some(Duration::from_secs(2))).await;
                     match r {
                         Ok(_) => { actor_subscribed = true; info!(%broker, "subscribed as an actor"); }
@@ -538,8 +563,11 @@ async fn handle(
             c.ingest_reading(reading, topic, &sender, None, now);
             d.reply(&());
         }
-        CollectorMessage::Publish { topic, payload, .. } => {
+        CollectorMessage::Publish {
+            topic, payload, id, ..
+        } => {
             c.ingest(&payload, topic.clone(), &topic, None, now);
+            c.actor_acks.extend(id);
             d.reply(&());
         }
         CollectorMessage::Query(q) => {

@@ -7,8 +7,9 @@
 //!   off, client id `colony-collector-NODE-NAME`) and acknowledges a QoS 1 publish only after the
 //!   transaction holding it has committed; the broker redelivers whatever was not acknowledged
 //!   when the collector died, and the sequence tracker drops what was already stored. With
-//!   `via = "actor"` it subscribes by address instead (at most once: a reading in the
-//!   collector's batch when it is killed is lost).
+//!   `via = "actor"` it subscribes by address instead; at QoS 1 the broker keeps each notice
+//!   (on disk, and from before the collector first starts: the subscription is declared by the
+//!   config) until the collector acknowledges it after the transaction holding it has committed.
 //! - `source = { udp = "0.0.0.0:6001" }`: each datagram is one reading. The collector remembers
 //!   each device's last address (in memory and in the `sources` table) so that a `command`
 //!   message can send it a datagram.
@@ -76,6 +77,9 @@ pub enum CollectorMessage {
         /// Retained.
         #[serde(default)]
         retain: bool,
+        /// The id to acknowledge to the broker once the reading is committed (QoS 1/2).
+        #[serde(default)]
+        id: Option<u64>,
     },
     /// Answers a query (after committing what is pending).
     Query(CollectorQuery),

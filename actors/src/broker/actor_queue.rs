@@ -1,0 +1,213 @@
+//! One actor subscriber's reliable queue: its filters, the QoS 1/2 notices in flight to it
+//! (unacknowledged) and those queued behind them.
+//!
+//! Like a client session, but addressed by message: each notice carries a broker-wide `id` the
+//! actor acknowledges with [`super::BrokerMessage::Ack`]. At most `max_inflight` are
+//! unacknowledged at a time; beyond that up to `max_queued` wait, and past that they are dropped
+//! (and counted by the caller). What is in flight is sent again, in order and marked `dup`, when
+//! the actor subscribes again (it restarted) and when it has gone unacknowledged for
+//! `redeliver_ticks` ticks of the broker's clock. Nothing here touches a clock or the disk; the
+//! core turns changes into store operations.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::session::Message;
+use super::topic::SubOptions;
+
+/// A notice waiting for its acknowledgement, or queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// The broker-wide id the actor acknowledges.
+    pub id: u64,
+    /// The message.
+    pub message: Message,
+    /// Sent before (by this run or a previous one).
+    pub dup: bool,
+    /// Ticks since it was last sent.
+    pub age: u32,
+}
+
+/// What happened to a notice offered to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActorOffer {
+    /// Send it now.
+    Send,
+    /// It waits behind the window.
+    Queued,
+    /// The queue is full: dropped.
+    Dropped,
+}
+
+/// One actor subscriber.
+#[derive(Debug, Clone, Default)]
+pub struct ActorQueue {
+    /// Raw filters and how they were subscribed.
+    pub filters: BTreeMap<String, SubOptions>,
+    inflight: VecDeque<Pending>,
+    queue: VecDeque<Pending>,
+}
+
+impl ActorQueue {
+    /// Restores messages left unacknowledged by a previous run (all marked `dup`; the first
+    /// `pump` puts them in flight again, in id order).
+    pub fn restore(&mut self, mut messages: Vec<(u64, Message)>) {
+        messages.sort_by_key(|(id, _)| *id);
+        self.queue
+            .extend(messages.into_iter().map(|(id, message)| Pending {
+                id,
+                message,
+                dup: true,
+                age: 0,
+            }));
+    }
+
+    /// Notices in flight.
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Notices queued behind the window.
+    pub fn queued_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Offers a QoS 1/2 notice.
+    pub fn offer(
+        &mut self,
+        id: u64,
+        message: Message,
+        max_inflight: usize,
+        max_queued: usize,
+    ) -> ActorOffer {
+        let p = Pending {
+            id,
+            message,
+            dup: false,
+            age: 0,
+        };
+        if self.queue.is_empty() && self.inflight.len() < max_inflight.max(1) {
+            self.inflight.push_back(p);
+            return ActorOffer::Send;
+        }
+        if self.queue.len() >= max_queued {
+            return ActorOffer::Dropped;
+        }
+        self.queue.push_back(p);
+        ActorOffer::Queued
+    }
+
+    /// Removes an acknowledged notice (in flight or queued); false when it is not held.
+    pub fn ack(&mut self, id: u64) -> bool {
+        if let Some(i) = self.inflight.iter().position(|p| p.id == id) {
+            self.inflight.remove(i);
+            return true;
+        }
+        if let Some(i) = self.queue.iter().position(|p| p.id == id) {
+            self.queue.remove(i);
+            return true;
+        }
+        false
+    }
+
+    /// Moves queued notices into the window while there is room; returns those to send.
+    pub fn pump(&mut self, max_inflight: usize) -> Vec<Pending> {
+        let mut out = Vec::new();
+        while self.inflight.len() < max_inflight.max(1) {
+            let Some(p) = self.queue.pop_front() else {
+                break;
+            };
+            self.inflight.push_back(p.clone());
+            out.push(p);
+        }
+        out
+    }
+
+    /// Everything in flight, to send again (in order, marked `dup`).
+    pub fn resend_all(&mut self) -> Vec<Pending> {
+        for p in &mut self.inflight {
+            p.dup = true;
+            p.age = 0;
+        }
+        self.inflight.iter().cloned().collect()
+    }
+
+    /// One tick of the broker's clock: returns the notices unacknowledged for `redeliver_ticks`
+    /// ticks, in order, marked `dup`.
+    pub fn tick(&mut self, redeliver_ticks: u32) -> Vec<Pending> {
+        let mut out = Vec::new();
+        for p in &mut self.inflight {
+            p.age += 1;
+            if p.age >= redeliver_ticks {
+                p.age = 0;
+                p.dup = true;
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+
+    /// Ids of everything held (in flight, then queued).
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.inflight.iter().chain(&self.queue).map(|p| p.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(n: u8) -> Message {
+        Message::new(format!("t/{n}"), vec![n], 1, false)
+    }
+
+    #[test]
+    fn window_queue_drop_and_ack_in_any_order() {
+        let mut q = ActorQueue::default();
+        assert_eq!(q.offer(1, msg(1), 2, 1), ActorOffer::Send);
+        assert_eq!(q.offer(2, msg(2), 2, 1), ActorOffer::Send);
+        assert_eq!(q.offer(3, msg(3), 2, 1), ActorOffer::Queued);
+        assert_eq!(q.offer(4, msg(4), 2, 1), ActorOffer::Dropped);
+        assert!(q.ack(2));
+        assert!(!q.ack(2));
+        let moved = q.pump(2);
+        assert_eq!(moved.iter().map(|p| p.id).collect::<Vec<_>>(), [3]);
+        assert_eq!(q.ids().collect::<Vec<_>>(), [1, 3]);
+    }
+
+    #[test]
+    fn unacknowledged_notices_are_redelivered_in_order_after_the_timeout() {
+        let mut q = ActorQueue::default();
+        q.offer(1, msg(1), 10, 10);
+        q.offer(2, msg(2), 10, 10);
+        assert!(q.tick(3).is_empty());
+        q.ack(1);
+        assert!(q.tick(3).is_empty());
+        let again = q.tick(3);
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].id, again[0].dup), (2, true));
+        assert!(q.tick(3).is_empty(), "the age restarts after a resend");
+    }
+
+    #[test]
+    fn resubscribing_resends_everything_in_flight() {
+        let mut q = ActorQueue::default();
+        q.offer(1, msg(1), 1, 10);
+        q.offer(2, msg(2), 1, 10);
+        let again = q.resend_all();
+        assert_eq!(
+            again.iter().map(|p| (p.id, p.dup)).collect::<Vec<_>>(),
+            [(1, true)]
+        );
+    }
+
+    #[test]
+    fn restored_notices_go_out_marked_dup_in_id_order() {
+        let mut q = ActorQueue::default();
+        q.restore(vec![(9, msg(9)), (4, msg(4))]);
+        let out = q.pump(10);
+        assert_eq!(
+            out.iter().map(|p| (p.id, p.dup)).collect::<Vec<_>>(),
+            [(4, true), (9, true)]
+        );
+    }
+}
