@@ -359,5 +359,177 @@ source = {{ udp = "127.0.0.1:{udp}" }}
     drop((core, edge));
 }
 
-#[allow(dead_code)]
-fn unused(_: PathBuf) {}
+/// One node "core" running `actors` (TOML; `"DB"` stands for the collector's database file in
+/// the test directory).
+struct Single {
+    work: Workdir,
+    node: NodeProc,
+    db: PathBuf,
+}
+
+fn single_node(actors: &str) -> Single {
+    let quic = free_udp_port();
+    let config = format!(
+        r#"
+[cluster]
+name = "collect"
+
+[supervision]
+max_restarts = 20
+within_secs = 10
+backoff_ms = 10
+
+[[node]]
+name = "core"
+listen = "127.0.0.1:{quic}"
+{actors}
+"#
+    );
+    let work = Workdir::new(&config);
+    let db = work.path().join("readings.sqlite");
+    let text = std::fs::read_to_string(&work.config)
+        .unwrap()
+        .replace("\"DB\"", &format!("{:?}", db.to_str().unwrap()));
+    std::fs::write(&work.config, text).unwrap();
+    let node = work.start_node("core");
+    Single { work, node, db }
+}
+
+impl Single {
+    fn detail(&self, address: &str) -> serde_json::Value {
+        self.work
+            .status("core")
+            .and_then(|s| actor(&s, address).map(|a| a["detail"].clone()))
+            .unwrap_or_default()
+    }
+
+    fn wait_detail(&self, address: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+        let ok = wait_for(Duration::from_secs(30), || f(&self.detail(address)));
+        assert!(
+            ok,
+            "{address}: {what}: {}\n{}",
+            self.detail(address),
+            self.node.log_text()
+        );
+    }
+
+    /// Pauses every sensor and waits until the collector has stored everything they sent;
+    /// returns how many readings the group sent.
+    fn pause_sensors_and_drain(&self, sensors: &str) -> i64 {
+        self.work.ctl_ok(
+            "core",
+            &["send", sensors, r#"{"command": {"action": "pause"}}"#],
+        );
+        // The status detail is refreshed every second.
+        std::thread::sleep(Duration::from_millis(2500));
+        let sent = self.detail(sensors)["readings_sent"].as_i64().unwrap();
+        let mut last = -1;
+        let ok = wait_for(Duration::from_secs(60), || {
+            std::thread::sleep(Duration::from_millis(700));
+            let now = count(&self.db, "select count(*) from readings");
+            let settled = now == last && now > 0;
+            last = now;
+            settled
+        });
+        assert!(ok, "the collector never settled");
+        sent
+    }
+}
+
+fn broker(mqtt: u16) -> String {
+    format!(
+        r#"
+[[actor]]
+name = "broker"
+node = "core"
+kind = "broker"
+listen = "127.0.0.1:{mqtt}"
+allow_anonymous = true
+limits = {{ max_queued = 200000, max_inflight = 256 }}
+"#
+    )
+}
+
+/// Every source's readings are exactly 1..=max(seq), each once; returns the total.
+fn assert_exactly_once(db: &Path, sources: i64) -> i64 {
+    let rows = sqlite(
+        db,
+        "select source, count(*) as n, count(distinct seq) as d, min(seq) as lo, max(seq) as hi \
+         from readings group by source",
+    );
+    assert_eq!(rows.len() as i64, sources, "sources: {rows:?}");
+    let mut total = 0;
+    for r in &rows {
+        let (n, d, lo, hi) = (
+            r["n"].as_i64().unwrap(),
+            r["d"].as_i64().unwrap(),
+            r["lo"].as_i64().unwrap(),
+            r["hi"].as_i64().unwrap(),
+        );
+        assert!(n == d && lo == 1 && hi == n, "not exactly once: {r}");
+        total += n;
+    }
+    total
+}
+
+#[test]
+fn via_actor_readings_sent_before_the_collector_runs_are_stored_exactly_once() {
+    let mqtt = free_tcp_port();
+    // The sensors come first in the config, so they start (and publish) before the collector.
+    let c = single_node(&format!(
+        r#"{}
+[[actor]]
+name = "sensors"
+node = "core"
+kind = "sensor_group"
+broker = "core/broker"
+qos = 1
+count = 50
+interval_ms = 100
+ramp_per_sec = 5000
+topic = "sensors/{{group}}/{{id}}"
+
+[[actor]]
+name = "store"
+node = "core"
+kind = "collector"
+database = "DB"
+flush_ms = 50
+qos = 1
+source = {{ broker = "core/broker", topics = ["sensors/#"], via = "actor" }}
+"#,
+        broker(mqtt)
+    ));
+    let ok = wait_for(Duration::from_secs(20), || c.work.status("core").is_some());
+    assert!(ok, "the node never answered\n{}", c.node.log_text());
+    c.work.ctl_ok("core", &["stop", "core/store"]);
+    // The collector is down while the sensors publish a few thousand readings.
+    c.wait_detail("core/sensors", "connected", |d| d["connected"] == 50);
+    let stopped_at = count(&c.db, "select count(*) from readings");
+    c.wait_detail("core/sensors", "sent 2,000", |d| {
+        d["readings_sent"].as_u64() >= Some(2000)
+    });
+    assert_eq!(
+        count(&c.db, "select count(*) from readings"),
+        stopped_at,
+        "nothing is stored while the collector is stopped"
+    );
+    c.work.ctl_ok("core", &["start", "core/store"]);
+    // And killed twice while catching up and while the sensors keep publishing.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(1200));
+        c.work.ctl_ok("core", &["kill", "core/store"]);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let sent = c.pause_sensors_and_drain("core/sensors");
+    let total = assert_exactly_once(&c.db, 50);
+    assert_eq!(total, sent, "every reading sent is stored");
+    let counts = c.work.ctl_json(
+        "core",
+        &["call", "core/store", r#"{"query": {"counts": {}}}"#],
+    );
+    assert_eq!(counts["reply"]["gaps"], 0, "{counts}");
+    eprintln!(
+        "{total} readings of 50 sensors, sent before and while the collector ran, stored exactly once"
+    );
+}

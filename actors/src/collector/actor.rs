@@ -63,6 +63,9 @@ struct Collector {
     actor_acks: Vec<u64>,
     /// The cluster, this collector's address and its broker, to acknowledge notices.
     actor_source: Option<(colony_cluster::Cluster, Address, Address)>,
+    /// Commit once this many notices wait for acknowledgement: half the broker's in-flight
+    /// window, so that it never stalls waiting for a batch's time bound.
+    actor_ack_window: usize,
     seen: HashMap<String, (Option<String>, u64)>,
     devices: HashMap<String, SocketAddr>,
     n: Counters,
@@ -433,6 +436,16 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             CollectorVia::Actor => actor_subscribed = false,
         }
     }
+    let actor_ack_window = settings
+        .source
+        .broker
+        .as_ref()
+        .and_then(|b| match &ctx.config.actor(b)?.settings {
+            ActorSettings::Broker(bs) => Some(usize::from(bs.limits.max_inflight) / 2),
+            _ => None,
+        })
+        .unwrap_or(ACK_WINDOW)
+        .max(1);
     let actor_source = match (&settings.source.broker, settings.source.via) {
         (Some(b), CollectorVia::Actor) => {
             Some((ctx.cluster.clone(), ctx.address.clone(), b.clone()))
@@ -451,6 +464,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         tracker,
         acks: Vec::new(),
         actor_acks: Vec::new(),
+        actor_ack_window,
         actor_source,
         seen: HashMap::new(),
         devices,
@@ -569,6 +583,9 @@ async fn handle(
             c.ingest(&payload, topic.clone(), &topic, None, now);
             c.actor_acks.extend(id);
             d.reply(&());
+            if c.actor_acks.len() >= c.actor_ack_window {
+                c.flush(mqtt).await?;
+            }
         }
         CollectorMessage::Query(q) => {
             c.flush(mqtt).await?;

@@ -10,6 +10,16 @@
 //!   `via = "actor"` it subscribes by address instead; at QoS 1 the broker keeps each notice
 //!   (on disk, and from before the collector first starts: the subscription is declared by the
 //!   config) until the collector acknowledges it after the transaction holding it has committed.
+//!   A redelivered notice (`dup`) whose reading was already stored is dropped by the sequence
+//!   tracker and the unique index, and acknowledged again.
+//!
+//!   **Readings published before the first connect.** Over MQTT (`via = "mqtt"`, the default)
+//!   the broker queues QoS 1 readings for the collector only once its persistent session exists,
+//!   that is from the collector's first successful subscribe on: whatever is published before
+//!   that (a collector added after its sensors, or started late) is not delivered to it. With
+//!   `via = "actor"` the broker declares the subscription itself when it starts, so nothing
+//!   published after the broker's start is lost. Exactly-once storage relies on sequence
+//!   numbers: a redelivered reading that carries none is stored again.
 //! - `source = { udp = "0.0.0.0:6001" }`: each datagram is one reading. The collector remembers
 //!   each device's last address (in memory and in the `sources` table) so that a `command`
 //!   message can send it a datagram.
