@@ -368,6 +368,11 @@ struct Single {
 }
 
 fn single_node(actors: &str) -> Single {
+    single_node_with(actors, |_| {})
+}
+
+/// As [`single_node`], calling `prepare` with the test directory before the node starts.
+fn single_node_with(actors: &str, prepare: impl FnOnce(&Path)) -> Single {
     let quic = free_udp_port();
     let config = format!(
         r#"
@@ -391,6 +396,7 @@ listen = "127.0.0.1:{quic}"
         .unwrap()
         .replace("\"DB\"", &format!("{:?}", db.to_str().unwrap()));
     std::fs::write(&work.config, text).unwrap();
+    prepare(work.path());
     let node = work.start_node("core");
     Single { work, node, db }
 }
@@ -532,4 +538,350 @@ source = {{ broker = "core/broker", topics = ["sensors/#"], via = "actor" }}
     eprintln!(
         "{total} readings of 50 sensors, sent before and while the collector ran, stored exactly once"
     );
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+}
+
+/// A test CA (`mqtt-ca.pem`) and a server certificate for 127.0.0.1 (`mqtt-server.pem`/`.key`).
+fn make_server_cert(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "mqtt-ca.key",
+        "-out",
+        "mqtt-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sensor-test-ca",
+    ]);
+    openssl(dir, &ca);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let mut req = vec!["req"];
+    req.extend(ec);
+    req.extend([
+        "-keyout",
+        "mqtt-server.key",
+        "-out",
+        "mqtt-server.csr",
+        "-subj",
+        "/CN=broker",
+    ]);
+    openssl(dir, &req);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "mqtt-server.csr",
+            "-CA",
+            "mqtt-ca.pem",
+            "-CAkey",
+            "mqtt-ca.key",
+            "-CAcreateserial",
+            "-out",
+            "mqtt-server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
+
+fn password_hash(password: &str) -> String {
+    let out = Command::new(colony_bin())
+        .args(["passwd", "--password", password])
+        .output()
+        .expect("colony passwd");
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn sensors_over_mqtts_with_cbor_and_templated_payloads_are_stored_and_parsed() {
+    let (tcp, tls) = (free_tcp_port(), free_tcp_port());
+    let hash = password_hash("s3cret");
+    // Sensors authenticate; the collector takes readings by address (`via = "actor"`).
+    let c = single_node_with(
+        &format!(
+            r#"
+[[actor]]
+name = "broker"
+node = "core"
+kind = "broker"
+listen = "127.0.0.1:{tcp}"
+listeners = [ {{ bind = "127.0.0.1:{tls}", tls = {{ cert = "mqtt-server.pem", key = "mqtt-server.key" }} }} ]
+users = [ {{ name = "sensor", password_hash = "{hash}" }} ]
+
+[[actor]]
+name = "store"
+node = "core"
+kind = "collector"
+database = "DB"
+flush_ms = 50
+source = {{ broker = "core/broker", topics = ["cbor/#", "tpl/#", "gas/#", "intruder/#"], via = "actor" }}
+
+[[actor]]
+name = "cbor"
+node = "core"
+kind = "sensor_group"
+url = "mqtts://127.0.0.1:{tls}"
+ca = "mqtt-ca.pem"
+username = "sensor"
+password = "s3cret"
+qos = 1
+count = 3
+interval_ms = 200
+format = "cbor"
+payload_size = 300
+topic = "cbor/{{id}}"
+
+[[actor]]
+name = "tpl"
+node = "core"
+kind = "sensor_group"
+broker = "core/broker"
+username = "sensor"
+password = "s3cret"
+qos = 1
+count = 2
+interval_ms = 200
+topic = "tpl/{{id}}"
+payload_template = '{{"source": "tpl-{{node}}-{{id}}", "seq": {{seq}}, "ts": {{ts}}, "values": {{"co2": {{value}}, "sensor": {{id}}}}}}'
+
+[[actor]]
+name = "gas"
+node = "core"
+kind = "sensor_group"
+url = "mqtts://127.0.0.1:{tls}"
+ca = "mqtt-ca.pem"
+username = "sensor"
+password = "s3cret"
+qos = 1
+count = 2
+interval_ms = 200
+topic = "gas/{{id}}"
+payload_template = "{{seq}}-Gas Sensor IP:10.9.0.{{id}} MAC:02:00:00:00:09:0{{id}} Reading value={{value}}"
+
+[[actor]]
+name = "intruder"
+node = "core"
+kind = "sensor_group"
+url = "mqtts://127.0.0.1:{tls}"
+ca = "mqtt-ca.pem"
+username = "sensor"
+password = "wrong"
+count = 1
+interval_ms = 200
+topic = "intruder/{{id}}"
+"#
+        ),
+        make_server_cert,
+    );
+    for group in ["cbor", "tpl", "gas"] {
+        let n = if group == "cbor" { 3 } else { 2 };
+        c.wait_detail(&format!("core/{group}"), "connected", |d| {
+            d["connected"] == n
+        });
+    }
+    c.wait_detail("core/cbor", "sent", |d| {
+        d["readings_sent"].as_u64() >= Some(30)
+    });
+    for g in ["core/tpl", "core/gas", "core/intruder"] {
+        c.work
+            .ctl_ok("core", &["send", g, r#"{"command": {"action": "pause"}}"#]);
+    }
+    let sent = c.pause_sensors_and_drain("core/cbor");
+
+    // CBOR over TLS: every reading of every sensor, its sender's timestamp and value.
+    let cbor = sqlite(
+        &c.db,
+        "select source, count(*) as n, min(seq) as lo, max(seq) as hi, min(sent_ms) as ts, \
+         min(value) as v, min(topic) as topic from readings where topic like 'cbor/%' group by source order by source",
+    );
+    assert_eq!(cbor.len(), 3, "{cbor:?}");
+    let mut total = 0;
+    for (i, r) in cbor.iter().enumerate() {
+        assert_eq!(r["source"], format!("core/cbor/{}", i + 1));
+        assert_eq!(r["topic"], format!("cbor/{}", i + 1));
+        assert_eq!(
+            (r["lo"].as_i64(), r["hi"].as_i64()),
+            (Some(1), r["n"].as_i64()),
+            "{r}"
+        );
+        assert!(r["ts"].as_i64().unwrap() > 1_600_000_000_000, "{r}");
+        let v = r["v"].as_f64().unwrap();
+        assert!((400.0..=500.0).contains(&v), "{r}");
+        total += r["n"].as_i64().unwrap();
+    }
+    assert_eq!(total, sent, "every CBOR reading sent over mqtts is stored");
+
+    // The JSON template: its own source names and two named values.
+    let tpl = sqlite(
+        &c.db,
+        "select source, \"values\" as vals, sent_ms, seq from readings where topic = 'tpl/2' order by seq",
+    );
+    assert!(tpl.len() >= 3, "{tpl:?}");
+    assert!(tpl.iter().all(|r| r["source"] == "tpl-core-2"));
+    let vals: serde_json::Value = serde_json::from_str(tpl[0]["vals"].as_str().unwrap()).unwrap();
+    assert_eq!(vals["sensor"], 2.0, "{vals}");
+    assert!(vals["co2"].as_f64().is_some_and(|v| v >= 400.0), "{vals}");
+    assert!(tpl[0]["sent_ms"].as_i64().unwrap() > 1_600_000_000_000);
+    assert_eq!(tpl[0]["seq"], 1);
+
+    // The gas text template over TLS: source is the MAC, type and IP parsed.
+    let gas = sqlite(
+        &c.db,
+        "select source, sensor_type, ip, mac, count(*) as n, max(seq) as hi from readings \
+         where topic like 'gas/%' group by source order by source",
+    );
+    assert_eq!(gas.len(), 2, "{gas:?}");
+    assert_eq!(gas[0]["source"], "02:00:00:00:09:01");
+    assert_eq!(gas[0]["sensor_type"], "Gas");
+    assert_eq!(gas[1]["ip"], "10.9.0.2");
+    assert!(gas.iter().all(|r| r["n"] == r["hi"]), "{gas:?}");
+
+    // Nothing is malformed, and the sensor with a wrong password never got in.
+    assert_eq!(count(&c.db, "select count(*) from rejects"), 0);
+    assert_eq!(
+        count(
+            &c.db,
+            "select count(*) from readings where topic like 'intruder/%'"
+        ),
+        0
+    );
+    let intruder = c.detail("core/intruder");
+    assert_eq!(intruder["connected"], 0, "{intruder}");
+    assert!(intruder["send_errors"].as_u64() > Some(0), "{intruder}");
+}
+
+#[test]
+fn sensor_and_collector_settings_reload_in_place() {
+    let mqtt = free_tcp_port();
+    let sensors = |interval: u32, jitter: u32| {
+        format!(
+            r#"
+[[actor]]
+name = "sensors"
+node = "core"
+kind = "sensor_group"
+broker = "core/broker"
+qos = 1
+count = 3
+interval_ms = {interval}
+jitter_ms = {jitter}
+topic = "sensors/{{id}}"
+"#
+        )
+    };
+    let collector = |flush: u32, format: &str| {
+        format!(
+            r#"
+[[actor]]
+name = "store"
+node = "core"
+kind = "collector"
+database = "DB"
+flush_ms = {flush}
+{format}
+source = {{ broker = "core/broker", topics = ["sensors/#"], via = "actor" }}
+"#
+        )
+    };
+    let c = single_node(&format!(
+        "{}{}{}",
+        broker(mqtt),
+        collector(50, ""),
+        sensors(2000, 0)
+    ));
+    c.wait_detail("core/sensors", "connected", |d| d["connected"] == 3);
+    std::thread::sleep(Duration::from_secs(3));
+    let rate = |window: Duration| {
+        let before = count(&c.db, "select count(*) from readings");
+        std::thread::sleep(window);
+        count(&c.db, "select count(*) from readings") - before
+    };
+    let slow = rate(Duration::from_secs(2));
+    assert!(slow <= 6, "3 sensors at 2 s: {slow} readings in 2 s");
+    let uptime = |a: &str| {
+        let s = c.work.status("core").unwrap();
+        let a = actor(&s, a).unwrap();
+        (
+            a["uptime_ms"].as_u64().unwrap(),
+            a["restarts"].as_u64().unwrap(),
+        )
+    };
+    let (sensors_up, _) = uptime("core/sensors");
+    let (store_up, _) = uptime("core/store");
+
+    // Faster readings and a shorter flush, in place.
+    let text = std::fs::read_to_string(&c.work.config).unwrap();
+    let text = text
+        .replace(
+            "interval_ms = 2000\njitter_ms = 0",
+            "interval_ms = 100\njitter_ms = 20",
+        )
+        .replace("flush_ms = 50\n", "flush_ms = 20\n");
+    std::fs::write(&c.work.config, &text).unwrap();
+    let plan = c.work.ctl_ok("core", &["reload", c.work.config_str()]);
+    assert!(plan.contains("change in place"), "{plan}");
+    assert!(!plan.contains("restart "), "{plan}");
+    std::thread::sleep(Duration::from_millis(500));
+    let fast = rate(Duration::from_secs(2));
+    assert!(fast >= 40, "3 sensors at 100 ms: {fast} readings in 2 s");
+    let (sensors_up2, sensors_restarts) = uptime("core/sensors");
+    let (store_up2, store_restarts) = uptime("core/store");
+    assert!(
+        sensors_up2 > sensors_up && store_up2 > store_up,
+        "uptime kept"
+    );
+    assert_eq!((sensors_restarts, store_restarts), (0, 0));
+    let s = c.work.status("core").unwrap();
+    assert_eq!(
+        actor(&s, "core/sensors").unwrap()["settings"]["interval_ms"],
+        100
+    );
+    assert_eq!(actor(&s, "core/store").unwrap()["settings"]["flush_ms"], 20);
+    // The sequence numbers went on where they were: still exactly once from 1.
+    c.work
+        .ctl_ok("core", &["call", "core/store", r#"{"flush": {}}"#]);
+    assert_exactly_once(&c.db, 3);
+
+    // The collector's format, in place: JSON readings are now refused as not CBOR.
+    let text = text.replace("flush_ms = 20\n", "flush_ms = 20\nformat = \"cbor\"\n");
+    std::fs::write(&c.work.config, &text).unwrap();
+    c.work.ctl_ok("core", &["reload", c.work.config_str()]);
+    let ok = wait_for(Duration::from_secs(10), || {
+        count(
+            &c.db,
+            "select count(*) from rejects where reason like 'bad CBOR%'",
+        ) > 0
+    });
+    assert!(
+        ok,
+        "no CBOR rejects: {:?}",
+        sqlite(&c.db, "select reason from rejects limit 3")
+    );
+    assert_eq!(uptime("core/store").1, 0);
 }

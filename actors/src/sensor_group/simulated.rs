@@ -245,6 +245,9 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
                     if new.interval_ms != g.s.interval_ms {
                         sched.command(None, SensorAction::IntervalMs(new.interval_ms), Instant::now());
                     }
+                    if new.jitter_ms != g.s.jitter_ms || new.interval_ms != g.s.interval_ms {
+                        sched.set_jitter(Duration::from_millis(new.jitter_ms));
+                    }
                     g.s = new;
                 }
                 ActorEvent::Reconfigure(_) => {}
