@@ -520,6 +520,12 @@ source = {{ broker = "core/broker", topics = ["sensors/#"], via = "actor" }}
         stopped_at,
         "nothing is stored while the collector is stopped"
     );
+    // The broker restarts under the sensors: they reconnect and send again what it had not
+    // acknowledged; its queue for the collector survives.
+    c.work.ctl_ok("core", &["restart", "core/broker"]);
+    c.wait_detail("core/sensors", "reconnected", |d| {
+        d["connected"] == 50 && d["send_errors"].as_u64() >= Some(50)
+    });
     c.work.ctl_ok("core", &["start", "core/store"]);
     // And killed twice while catching up and while the sensors keep publishing.
     for _ in 0..2 {

@@ -28,6 +28,7 @@
 //! The schedule of every sensor is the pure [`schedule::Scheduler`].
 
 mod actor;
+mod conn;
 mod metrics;
 mod probe;
 pub mod schedule;
