@@ -33,6 +33,8 @@ const ACK_WINDOW: usize = 32;
 const REJECT_KEEP: usize = 4096;
 /// Sources listed one by one in status.
 const STATUS_SOURCES: usize = 20;
+/// The sequence tracker is checkpointed with a batch at most this often while readings flow.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// The most rows one export page holds.
 const EXPORT_PAGE_ROWS: u32 = 5_000;
 
@@ -61,6 +63,8 @@ struct Collector {
     acks: Vec<Publish>,
     /// Ids of broker notices (via = "actor") to acknowledge once committed.
     actor_acks: Vec<u64>,
+    /// When the sequence tracker was last checkpointed.
+    checkpoint_at: Instant,
     /// The cluster, this collector's address and its broker, to acknowledge notices.
     actor_source: Option<(colony_cluster::Cluster, Address, Address)>,
     /// Commit once this many notices wait for acknowledgement: half the broker's in-flight
@@ -126,7 +130,7 @@ impl Collector {
         }
         let mut epoch = 0;
         if let Some(seq) = r.seq {
-            let event = self.tracker.observe(&r.source, seq, r.ts);
+            let (event, e) = self.tracker.observe_in_epoch(&r.source, seq, r.ts);
             if !event.is_new() {
                 self.n.duplicates += 1;
                 return;
@@ -134,7 +138,7 @@ impl Collector {
             if !event.as_str().is_empty() {
                 flags.push(event.as_str());
             }
-            epoch = self.tracker.source(&r.source).map_or(0, |s| s.epoch);
+            epoch = e;
         }
         if let Some(addr) = addr {
             self.devices.insert(r.source.clone(), addr);
@@ -151,9 +155,27 @@ impl Collector {
         self.batch.push(Item::Reading(item), now);
     }
 
-    /// Commits the batch, then acknowledges the publishes it holds.
+    /// Commits the batch (with a checkpoint of the sequence tracker when one is due), then
+    /// acknowledges the publishes it holds.
     async fn flush(&mut self, mqtt: Option<&AsyncClient>) -> Result<(), ActorFailure> {
-        if !self.batch.is_empty() || !self.seen.is_empty() {
+        let checkpoint =
+            self.tracker.changed() > 0 && self.checkpoint_at.elapsed() >= CHECKPOINT_EVERY;
+        self.commit(mqtt, checkpoint).await
+    }
+
+    /// Commits the batch and a checkpoint of the sequence tracker (before a query or an
+    /// export, which read it, and at shutdown).
+    async fn flush_all(&mut self, mqtt: Option<&AsyncClient>) -> Result<(), ActorFailure> {
+        let checkpoint = self.tracker.changed() > 0;
+        self.commit(mqtt, checkpoint).await
+    }
+
+    async fn commit(
+        &mut self,
+        mqtt: Option<&AsyncClient>,
+        checkpoint: bool,
+    ) -> Result<(), ActorFailure> {
+        if !self.batch.is_empty() || !self.seen.is_empty() || checkpoint {
             let mut c = Commit::default();
             for item in self.batch.take() {
                 match item {
@@ -161,7 +183,11 @@ impl Collector {
                     Item::Reject(r) => c.rejects.push(r),
                 }
             }
-            c.sources = self.tracker.take_changed();
+            if checkpoint {
+                c.sources = self.tracker.take_changed();
+                c.checkpoint = true;
+                self.checkpoint_at = Instant::now();
+            }
             c.seen = self
                 .seen
                 .drain()
@@ -386,6 +412,17 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         }
         tracker.restore(row.source, row.state);
     }
+    // Readings stored after the last checkpoint bring the tracker up to where the data ends.
+    let replay = store.readings_after_checkpoint().map_err(fail)?;
+    if !replay.is_empty() {
+        info!(
+            readings = replay.len(),
+            "sequence state replayed from the readings after its checkpoint"
+        );
+    }
+    for (source, seq, ts) in replay {
+        tracker.observe(&source, seq, ts);
+    }
     let udp = match settings.source.udp {
         Some(addr) => Some(
             UdpSocket::bind(addr)
@@ -464,6 +501,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         tracker,
         acks: Vec::new(),
         actor_acks: Vec::new(),
+        checkpoint_at: Instant::now(),
         actor_ack_window,
         actor_source,
         seen: HashMap::new(),
@@ -522,6 +560,13 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             },
             _ = sleep_until(deadline) => {}
             _ = tick.tick() => {
+                // A checkpoint comes due even when readings have stopped.
+                if c.tracker.changed() > 0
+                    && c.checkpoint_at.elapsed() >= CHECKPOINT_EVERY
+                    && let Err(e) = c.flush(mqtt_client.as_ref()).await
+                {
+                    break Err(e);
+                }
                 if !actor_subscribed && let Some(broker) = &c.settings.source.broker {
                     let m = BrokerMessage::Subscribe { filters: c.settings.source.topics.clone(), qos: c.settings.qos, subscriber: None, no_local: false };
                     let r: Result<Vec<Option<u8>>, CallError> = ctx.cluster.call(broker, Some(&ctx.address), &m, Some(Duration::from_secs(2))).await;
@@ -540,7 +585,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         }
     };
     // Commit what is pending, even when failing for another reason.
-    let flushed = c.flush(mqtt_client.as_ref()).await;
+    let flushed = c.flush_all(mqtt_client.as_ref()).await;
     if let Some(client) = mqtt_client {
         let _ = client.try_disconnect();
     }
@@ -588,7 +633,7 @@ async fn handle(
             }
         }
         CollectorMessage::Query(q) => {
-            c.flush(mqtt).await?;
+            c.flush_all(mqtt).await?;
             match c.query(q) {
                 Ok(v) => d.reply(&v),
                 Err(e) => d.reject(CallError::Rejected(e)),
@@ -600,7 +645,7 @@ async fn handle(
             from_ms,
             to_ms,
         } => {
-            c.flush(mqtt).await?;
+            c.flush_all(mqtt).await?;
             let filter = ExportFilter {
                 source,
                 from_ms,
@@ -654,7 +699,7 @@ async fn handle(
             }
         }
         CollectorMessage::Flush {} => {
-            c.flush(mqtt).await?;
+            c.flush_all(mqtt).await?;
             d.reply(&json!({ "stored": c.n.stored, "rejected": c.n.rejected }));
         }
         CollectorMessage::Status {} => {
