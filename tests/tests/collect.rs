@@ -646,6 +646,7 @@ node = "core"
 kind = "collector"
 database = "DB"
 flush_ms = 50
+synchronous = "full"
 source = {{ broker = "core/broker", topics = ["cbor/#", "tpl/#", "gas/#", "intruder/#"], via = "actor" }}
 
 [[actor]]

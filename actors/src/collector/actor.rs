@@ -26,8 +26,9 @@ use crate::host::{ActorContext, ActorEvent, ActorFailure};
 use crate::mqtt_client::MqttTarget;
 use crate::reading::{self, Reading};
 
-/// Publishes taken from the MQTT session before they must be committed and acknowledged (the
-/// broker stops sending at its in-flight window, so waiting longer only adds latency).
+/// Publishes taken before they must be committed and acknowledged when the broker's in-flight
+/// window is not known (the broker stops sending at its window, so waiting longer only adds
+/// latency); a Colony broker's window is read from the config.
 const ACK_WINDOW: usize = 32;
 /// Rejected payloads are kept up to this size.
 const REJECT_KEEP: usize = 4096;
@@ -69,7 +70,7 @@ struct Collector {
     actor_source: Option<(colony_cluster::Cluster, Address, Address)>,
     /// Commit once this many notices wait for acknowledgement: half the broker's in-flight
     /// window, so that it never stalls waiting for a batch's time bound.
-    actor_ack_window: usize,
+    ack_window: usize,
     seen: HashMap<String, (Option<String>, u64)>,
     devices: HashMap<String, SocketAddr>,
     n: Counters,
@@ -403,7 +404,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         return Err(fail("collector started with another kind's settings"));
     };
     let db_path = resolve(&ctx.data_dir, settings.database.clone());
-    let store = Store::open(&db_path).map_err(|e| fail(format!("{}: {e}", db_path.display())))?;
+    let store = Store::open_with(&db_path, settings.synchronous)
+        .map_err(|e| fail(format!("{}: {e}", db_path.display())))?;
     let mut tracker = SequenceTracker::new();
     let mut devices = HashMap::new();
     for row in store.load_sources().map_err(fail)? {
@@ -473,7 +475,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             CollectorVia::Actor => actor_subscribed = false,
         }
     }
-    let actor_ack_window = settings
+    let ack_window = settings
         .source
         .broker
         .as_ref()
@@ -502,7 +504,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         acks: Vec::new(),
         actor_acks: Vec::new(),
         checkpoint_at: Instant::now(),
-        actor_ack_window,
+        ack_window,
         actor_source,
         seen: HashMap::new(),
         devices,
@@ -550,7 +552,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     if c.n.rejected > rejected { ctx.stats.rejected(); }
                     c.acks.push(p);
                     let idle = mqtt_rx.as_ref().is_some_and(|rx| rx.is_empty());
-                    if (idle || c.acks.len() >= ACK_WINDOW)
+                    if (idle || c.acks.len() >= c.ack_window)
                         && let Err(e) = c.flush(mqtt_client.as_ref()).await
                     {
                         break Err(e);
@@ -628,7 +630,7 @@ async fn handle(
             c.ingest(&payload, topic.clone(), &topic, None, now);
             c.actor_acks.extend(id);
             d.reply(&());
-            if c.actor_acks.len() >= c.actor_ack_window {
+            if c.actor_acks.len() >= c.ack_window {
                 c.flush(mqtt).await?;
             }
         }

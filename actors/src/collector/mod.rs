@@ -32,7 +32,11 @@
 //! else the MQTT topic, `udp:ADDR` or the sending actor's address.
 //!
 //! Storage ([`store`]): the `database` file (relative to the actor's data directory) in WAL mode;
-//! a transaction commits `batch_size` readings or whatever waited `flush_ms`, and on shutdown.
+//! a transaction commits `batch_size` readings or whatever waited `flush_ms`, and on shutdown
+//! (over MQTT and by actor at QoS 1 also whenever half the broker's in-flight window waits for
+//! acknowledgement: raise the broker's `limits.max_inflight` for larger batches). `synchronous`
+//! (`normal` by default, or `full`) says whether a commit, and so an acknowledgement, survives
+//! only the process dying or also an OS crash or power cut.
 //! Tables: `readings` (source, epoch, seq, topic, value = the value named `value` or the first,
 //! `values` = JSON of all values, sensor_type, ip, mac, sent_ms = the sensor's timestamp,
 //! received_ms, flags = `requested`, `first`, `gap`, `late`, `reset`), `rejects` (received_ms,

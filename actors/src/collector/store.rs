@@ -1,8 +1,9 @@
 //! The collector's SQLite file: readings, rejects and per-source sequence state.
 //!
-//! The file is in WAL mode with `synchronous = NORMAL`: a committed transaction survives the
-//! process dying (an OS crash or power cut may lose the last transactions, never corrupt the
-//! file). Every commit writes one batch of readings, rejects and the sequence state of the
+//! The file is in WAL mode with `synchronous = NORMAL` by default: a committed transaction
+//! survives the process dying (an OS crash or power cut may lose the last transactions, never
+//! corrupt the file); with the collector's `synchronous = "full"` every commit syncs the log, so
+//! what was acknowledged survives those too. Every commit writes one batch of readings, rejects and the sequence state of the
 //! sources they came from together, so the data and the tracker never disagree.
 //!
 //! Schema (see the module doc of [`super`] for what each column means):
@@ -33,6 +34,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use colony_config::kinds::CollectorSync;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -186,14 +188,23 @@ fn i(v: u64) -> i64 {
 }
 
 impl Store {
-    /// Opens (creating if needed) the file at `path` in WAL mode.
+    /// Opens (creating if needed) the file at `path` in WAL mode with `synchronous = NORMAL`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with(path, CollectorSync::Normal)
+    }
+
+    /// Opens (creating if needed) the file at `path` in WAL mode with `synchronous` as given.
+    pub fn open_with(path: &Path, synchronous: CollectorSync) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let sync = match synchronous {
+            CollectorSync::Normal => "NORMAL",
+            CollectorSync::Full => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
         // Each source appends at its own place in the unique index: keep those pages cached,
         // and checkpoint the WAL less often so that a hot page is written back once, not once
         // per thousand pages of log. The log is truncated back after each checkpoint.
