@@ -800,6 +800,22 @@ pub struct CollectorSettings {
     /// A reading waits at most this long before its transaction commits.
     #[serde(default = "default_flush_ms")]
     pub flush_ms: u64,
+    /// How durable a commit is before readings are acknowledged: `normal` survives the process
+    /// dying (an OS crash or power cut may lose the last commits); `full` syncs the log at
+    /// every commit and survives those too, at the cost of one fsync per batch.
+    #[serde(default)]
+    pub synchronous: CollectorSync,
+}
+
+/// `synchronous` of a collector: SQLite's setting of that name (the file is in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectorSync {
+    /// Committed transactions survive the process dying.
+    #[default]
+    Normal,
+    /// Committed transactions also survive an OS crash or power cut.
+    Full,
 }
 
 fn default_collector_qos() -> u8 {

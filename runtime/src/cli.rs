@@ -50,6 +50,9 @@ pub enum Command {
     /// (from sensor counts, intervals and payloads); `--measure` compares with a running
     /// cluster.
     Plan(crate::commands::plan::PlanArgs),
+    /// Write a collector's readings (on any node) as CSV to a file or stdout, filtered by source
+    /// and received time.
+    Export(crate::commands::export::ExportArgs),
 }
 
 /// `colony node`.
@@ -247,6 +250,7 @@ pub fn main() -> ExitCode {
         Command::Certs(args) => commands::certs::run(args),
         Command::Passwd(args) => commands::passwd::run(args),
         Command::Plan(args) => commands::plan::run(args),
+        Command::Export(args) => commands::export::run(args),
     };
     match result {
         Ok(code) => code,

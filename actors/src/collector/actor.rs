@@ -19,20 +19,25 @@ use tracing::{debug, info, warn};
 
 use super::batch::Batcher;
 use super::sequence::SequenceTracker;
-use super::store::{Commit, Reject, Store, StoredReading, unix_ms};
-use super::{CollectorMessage, CollectorQuery};
+use super::store::{CSV_HEADER, Commit, ExportFilter, Reject, Store, StoredReading, unix_ms};
+use super::{CollectorMessage, CollectorQuery, ExportPageReply};
 use crate::broker::BrokerMessage;
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
 use crate::mqtt_client::MqttTarget;
 use crate::reading::{self, Reading};
 
-/// Publishes taken from the MQTT session before they must be committed and acknowledged (the
-/// broker stops sending at its in-flight window, so waiting longer only adds latency).
+/// Publishes taken before they must be committed and acknowledged when the broker's in-flight
+/// window is not known (the broker stops sending at its window, so waiting longer only adds
+/// latency); a Colony broker's window is read from the config.
 const ACK_WINDOW: usize = 32;
 /// Rejected payloads are kept up to this size.
 const REJECT_KEEP: usize = 4096;
 /// Sources listed one by one in status.
 const STATUS_SOURCES: usize = 20;
+/// The sequence tracker is checkpointed with a batch at most this often while readings flow.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// The most rows one export page holds.
+const EXPORT_PAGE_ROWS: u32 = 5_000;
 
 enum Item {
     Reading(StoredReading),
@@ -59,8 +64,13 @@ struct Collector {
     acks: Vec<Publish>,
     /// Ids of broker notices (via = "actor") to acknowledge once committed.
     actor_acks: Vec<u64>,
+    /// When the sequence tracker was last checkpointed.
+    checkpoint_at: Instant,
     /// The cluster, this collector's address and its broker, to acknowledge notices.
     actor_source: Option<(colony_cluster::Cluster, Address, Address)>,
+    /// Commit once this many notices wait for acknowledgement: half the broker's in-flight
+    /// window, so that it never stalls waiting for a batch's time bound.
+    ack_window: usize,
     seen: HashMap<String, (Option<String>, u64)>,
     devices: HashMap<String, SocketAddr>,
     n: Counters,
@@ -121,7 +131,7 @@ impl Collector {
         }
         let mut epoch = 0;
         if let Some(seq) = r.seq {
-            let event = self.tracker.observe(&r.source, seq, r.ts);
+            let (event, e) = self.tracker.observe_in_epoch(&r.source, seq, r.ts);
             if !event.is_new() {
                 self.n.duplicates += 1;
                 return;
@@ -129,7 +139,7 @@ impl Collector {
             if !event.as_str().is_empty() {
                 flags.push(event.as_str());
             }
-            epoch = self.tracker.source(&r.source).map_or(0, |s| s.epoch);
+            epoch = e;
         }
         if let Some(addr) = addr {
             self.devices.insert(r.source.clone(), addr);
@@ -146,9 +156,27 @@ impl Collector {
         self.batch.push(Item::Reading(item), now);
     }
 
-    /// Commits the batch, then acknowledges the publishes it holds.
+    /// Commits the batch (with a checkpoint of the sequence tracker when one is due), then
+    /// acknowledges the publishes it holds.
     async fn flush(&mut self, mqtt: Option<&AsyncClient>) -> Result<(), ActorFailure> {
-        if !self.batch.is_empty() || !self.seen.is_empty() {
+        let checkpoint =
+            self.tracker.changed() > 0 && self.checkpoint_at.elapsed() >= CHECKPOINT_EVERY;
+        self.commit(mqtt, checkpoint).await
+    }
+
+    /// Commits the batch and a checkpoint of the sequence tracker (before a query or an
+    /// export, which read it, and at shutdown).
+    async fn flush_all(&mut self, mqtt: Option<&AsyncClient>) -> Result<(), ActorFailure> {
+        let checkpoint = self.tracker.changed() > 0;
+        self.commit(mqtt, checkpoint).await
+    }
+
+    async fn commit(
+        &mut self,
+        mqtt: Option<&AsyncClient>,
+        checkpoint: bool,
+    ) -> Result<(), ActorFailure> {
+        if !self.batch.is_empty() || !self.seen.is_empty() || checkpoint {
             let mut c = Commit::default();
             for item in self.batch.take() {
                 match item {
@@ -156,7 +184,11 @@ impl Collector {
                     Item::Reject(r) => c.rejects.push(r),
                 }
             }
-            c.sources = self.tracker.take_changed();
+            if checkpoint {
+                c.sources = self.tracker.take_changed();
+                c.checkpoint = true;
+                self.checkpoint_at = Instant::now();
+            }
             c.seen = self
                 .seen
                 .drain()
@@ -260,7 +292,7 @@ impl Collector {
     fn export(
         &self,
         path: Option<String>,
-        source: Option<String>,
+        filter: &ExportFilter,
     ) -> Result<serde_json::Value, String> {
         let path = match path {
             Some(p) => resolve(&self.data_dir, PathBuf::from(p)),
@@ -268,9 +300,39 @@ impl Collector {
         };
         let rows = self
             .store
-            .export_csv(&path, source.as_deref())
+            .export_csv(&path, filter)
             .map_err(|e| format!("export to {}: {e}", path.display()))?;
         Ok(json!({ "path": path, "rows": rows }))
+    }
+
+    fn export_page(
+        &self,
+        filter: &ExportFilter,
+        after_id: Option<i64>,
+        upto_id: Option<i64>,
+        max_rows: Option<u32>,
+        max_bytes: usize,
+    ) -> Result<ExportPageReply, String> {
+        let e = |e: super::store::StoreError| e.to_string();
+        let upto_id = match upto_id {
+            Some(id) => id,
+            None => self.store.max_id().map_err(e)?,
+        };
+        let max_rows = max_rows
+            .unwrap_or(EXPORT_PAGE_ROWS)
+            .clamp(1, EXPORT_PAGE_ROWS);
+        let page = self
+            .store
+            .export_page(filter, after_id.unwrap_or(0), upto_id, max_rows, max_bytes)
+            .map_err(e)?;
+        Ok(ExportPageReply {
+            header: CSV_HEADER.to_owned(),
+            csv: page.csv,
+            rows: page.rows,
+            last_id: page.last_id,
+            upto_id,
+            done: page.done,
+        })
     }
 }
 
@@ -342,7 +404,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         return Err(fail("collector started with another kind's settings"));
     };
     let db_path = resolve(&ctx.data_dir, settings.database.clone());
-    let store = Store::open(&db_path).map_err(|e| fail(format!("{}: {e}", db_path.display())))?;
+    let store = Store::open_with(&db_path, settings.synchronous)
+        .map_err(|e| fail(format!("{}: {e}", db_path.display())))?;
     let mut tracker = SequenceTracker::new();
     let mut devices = HashMap::new();
     for row in store.load_sources().map_err(fail)? {
@@ -350,6 +413,17 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             devices.insert(row.source.clone(), addr);
         }
         tracker.restore(row.source, row.state);
+    }
+    // Readings stored after the last checkpoint bring the tracker up to where the data ends.
+    let replay = store.readings_after_checkpoint().map_err(fail)?;
+    if !replay.is_empty() {
+        info!(
+            readings = replay.len(),
+            "sequence state replayed from the readings after its checkpoint"
+        );
+    }
+    for (source, seq, ts) in replay {
+        tracker.observe(&source, seq, ts);
     }
     let udp = match settings.source.udp {
         Some(addr) => Some(
@@ -401,6 +475,16 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             CollectorVia::Actor => actor_subscribed = false,
         }
     }
+    let ack_window = settings
+        .source
+        .broker
+        .as_ref()
+        .and_then(|b| match &ctx.config.actor(b)?.settings {
+            ActorSettings::Broker(bs) => Some(usize::from(bs.limits.max_inflight) / 2),
+            _ => None,
+        })
+        .unwrap_or(ACK_WINDOW)
+        .max(1);
     let actor_source = match (&settings.source.broker, settings.source.via) {
         (Some(b), CollectorVia::Actor) => {
             Some((ctx.cluster.clone(), ctx.address.clone(), b.clone()))
@@ -419,6 +503,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         tracker,
         acks: Vec::new(),
         actor_acks: Vec::new(),
+        checkpoint_at: Instant::now(),
+        ack_window,
         actor_source,
         seen: HashMap::new(),
         devices,
@@ -466,7 +552,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     if c.n.rejected > rejected { ctx.stats.rejected(); }
                     c.acks.push(p);
                     let idle = mqtt_rx.as_ref().is_some_and(|rx| rx.is_empty());
-                    if (idle || c.acks.len() >= ACK_WINDOW)
+                    if (idle || c.acks.len() >= c.ack_window)
                         && let Err(e) = c.flush(mqtt_client.as_ref()).await
                     {
                         break Err(e);
@@ -476,6 +562,13 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             },
             _ = sleep_until(deadline) => {}
             _ = tick.tick() => {
+                // A checkpoint comes due even when readings have stopped.
+                if c.tracker.changed() > 0
+                    && c.checkpoint_at.elapsed() >= CHECKPOINT_EVERY
+                    && let Err(e) = c.flush(mqtt_client.as_ref()).await
+                {
+                    break Err(e);
+                }
                 if !actor_subscribed && let Some(broker) = &c.settings.source.broker {
                     let m = BrokerMessage::Subscribe { filters: c.settings.source.topics.clone(), qos: c.settings.qos, subscriber: None, no_local: false };
                     let r: Result<Vec<Option<u8>>, CallError> = ctx.cluster.call(broker, Some(&ctx.address), &m, Some(Duration::from_secs(2))).await;
@@ -494,7 +587,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         }
     };
     // Commit what is pending, even when failing for another reason.
-    let flushed = c.flush(mqtt_client.as_ref()).await;
+    let flushed = c.flush_all(mqtt_client.as_ref()).await;
     if let Some(client) = mqtt_client {
         let _ = client.try_disconnect();
     }
@@ -537,17 +630,53 @@ async fn handle(
             c.ingest(&payload, topic.clone(), &topic, None, now);
             c.actor_acks.extend(id);
             d.reply(&());
+            if c.actor_acks.len() >= c.ack_window {
+                c.flush(mqtt).await?;
+            }
         }
         CollectorMessage::Query(q) => {
-            c.flush(mqtt).await?;
+            c.flush_all(mqtt).await?;
             match c.query(q) {
                 Ok(v) => d.reply(&v),
                 Err(e) => d.reject(CallError::Rejected(e)),
             }
         }
-        CollectorMessage::Export { path, source } => {
-            c.flush(mqtt).await?;
-            match c.export(path, source) {
+        CollectorMessage::Export {
+            path,
+            source,
+            from_ms,
+            to_ms,
+        } => {
+            c.flush_all(mqtt).await?;
+            let filter = ExportFilter {
+                source,
+                from_ms,
+                to_ms,
+            };
+            match c.export(path, &filter) {
+                Ok(v) => d.reply(&v),
+                Err(e) => d.reject(CallError::Rejected(e)),
+            }
+        }
+        CollectorMessage::ExportPage {
+            source,
+            from_ms,
+            to_ms,
+            after_id,
+            upto_id,
+            max_rows,
+        } => {
+            if after_id.is_none() {
+                c.flush(mqtt).await?;
+            }
+            let filter = ExportFilter {
+                source,
+                from_ms,
+                to_ms,
+            };
+            // Room for the reply's framing and the other fields within one cluster frame.
+            let max_bytes = (ctx.config.cluster.max_frame_bytes as usize / 2).max(512);
+            match c.export_page(&filter, after_id, upto_id, max_rows, max_bytes) {
                 Ok(v) => d.reply(&v),
                 Err(e) => d.reject(CallError::Rejected(e)),
             }
@@ -572,7 +701,7 @@ async fn handle(
             }
         }
         CollectorMessage::Flush {} => {
-            c.flush(mqtt).await?;
+            c.flush_all(mqtt).await?;
             d.reply(&json!({ "stored": c.n.stored, "rejected": c.n.rejected }));
         }
         CollectorMessage::Status {} => {

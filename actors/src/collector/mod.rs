@@ -10,6 +10,16 @@
 //!   `via = "actor"` it subscribes by address instead; at QoS 1 the broker keeps each notice
 //!   (on disk, and from before the collector first starts: the subscription is declared by the
 //!   config) until the collector acknowledges it after the transaction holding it has committed.
+//!   A redelivered notice (`dup`) whose reading was already stored is dropped by the sequence
+//!   tracker and the unique index, and acknowledged again.
+//!
+//!   **Readings published before the first connect.** Over MQTT (`via = "mqtt"`, the default)
+//!   the broker queues QoS 1 readings for the collector only once its persistent session exists,
+//!   that is from the collector's first successful subscribe on: whatever is published before
+//!   that (a collector added after its sensors, or started late) is not delivered to it. With
+//!   `via = "actor"` the broker declares the subscription itself when it starts, so nothing
+//!   published after the broker's start is lost. Exactly-once storage relies on sequence
+//!   numbers: a redelivered reading that carries none is stored again.
 //! - `source = { udp = "0.0.0.0:6001" }`: each datagram is one reading. The collector remembers
 //!   each device's last address (in memory and in the `sources` table) so that a `command`
 //!   message can send it a datagram.
@@ -22,7 +32,11 @@
 //! else the MQTT topic, `udp:ADDR` or the sending actor's address.
 //!
 //! Storage ([`store`]): the `database` file (relative to the actor's data directory) in WAL mode;
-//! a transaction commits `batch_size` readings or whatever waited `flush_ms`, and on shutdown.
+//! a transaction commits `batch_size` readings or whatever waited `flush_ms`, and on shutdown
+//! (over MQTT and by actor at QoS 1 also whenever half the broker's in-flight window waits for
+//! acknowledgement: raise the broker's `limits.max_inflight` for larger batches). `synchronous`
+//! (`normal` by default, or `full`) says whether a commit, and so an acknowledgement, survives
+//! only the process dying or also an OS crash or power cut.
 //! Tables: `readings` (source, epoch, seq, topic, value = the value named `value` or the first,
 //! `values` = JSON of all values, sensor_type, ip, mac, sent_ms = the sensor's timestamp,
 //! received_ms, flags = `requested`, `first`, `gap`, `late`, `reset`), `rejects` (received_ms,
@@ -31,8 +45,11 @@
 //! stored. Query it with `sqlite3 FILE 'select source, count(*) from readings group by 1'`.
 //!
 //! Messages ([`CollectorMessage`]): `query` (`latest`, `latest_per_source`, `counts`, `gaps`,
-//! `rejects`), `export` (CSV; replies with the file's path), `command` (a datagram to a UDP
-//! device), `flush`, `status`. Queries and exports commit the pending batch first.
+//! `rejects`), `export` (CSV to a file on the collector's node; replies with the file's path),
+//! `export_page` (CSV in pages, what `colony export` writes to a file or stdout on the machine
+//! it runs on, from a collector on any node), `command` (a datagram to a UDP device), `flush`,
+//! `status`. Queries and exports commit the pending batch first. Exports filter by `source` and
+//! by received time (`from_ms` inclusive, `to_ms` exclusive, Unix ms).
 //!
 //! Reloads in place: `batch_size`, `flush_ms`, `format`. Anything else restarts the actor. A
 //! database that cannot be opened or a UDP port that cannot be bound fails the start; a failed
@@ -80,7 +97,8 @@ pub enum CollectorMessage {
     },
     /// Answers a query (after committing what is pending).
     Query(CollectorQuery),
-    /// Writes readings as CSV; replies `{"path": …, "rows": …}`.
+    /// Writes readings as CSV to a file on the collector's node; replies
+    /// `{"path": …, "rows": …}`.
     Export {
         /// The file (relative to the actor's data directory); `export-<ms>.csv` when absent.
         #[serde(default)]
@@ -88,6 +106,35 @@ pub enum CollectorMessage {
         /// Only this source.
         #[serde(default)]
         source: Option<String>,
+        /// Only readings received at or after this time, Unix ms.
+        #[serde(default)]
+        from_ms: Option<u64>,
+        /// Only readings received before this time, Unix ms.
+        #[serde(default)]
+        to_ms: Option<u64>,
+    },
+    /// One page of readings as CSV, for a client that writes the file itself (`colony export`);
+    /// replies with an [`ExportPageReply`]. Pages are bounded by the cluster's frame size.
+    ExportPage {
+        /// Only this source.
+        #[serde(default)]
+        source: Option<String>,
+        /// Only readings received at or after this time, Unix ms.
+        #[serde(default)]
+        from_ms: Option<u64>,
+        /// Only readings received before this time, Unix ms.
+        #[serde(default)]
+        to_ms: Option<u64>,
+        /// Rows after this id (0 or absent: from the start).
+        #[serde(default)]
+        after_id: Option<i64>,
+        /// Rows up to this id (absent: up to the newest now; the reply says which id that was,
+        /// to pass on with the next pages so the export ends).
+        #[serde(default)]
+        upto_id: Option<i64>,
+        /// At most this many rows (default and limit 5,000).
+        #[serde(default)]
+        max_rows: Option<u32>,
     },
     /// Sends `payload` as one datagram to the UDP device `device` (its last address).
     Command {
@@ -100,6 +147,23 @@ pub enum CollectorMessage {
     Flush {},
     /// Replies with the status detail.
     Status {},
+}
+
+/// The reply to [`CollectorMessage::ExportPage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportPageReply {
+    /// The CSV header line (without a newline).
+    pub header: String,
+    /// CSV lines of this page, each ending in a newline.
+    pub csv: String,
+    /// Rows in `csv`.
+    pub rows: u64,
+    /// Ask for the next page after this id.
+    pub last_id: Option<i64>,
+    /// The newest id this export covers.
+    pub upto_id: i64,
+    /// True when no row is left.
+    pub done: bool,
 }
 
 /// Questions the collector answers.

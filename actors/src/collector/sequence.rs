@@ -146,12 +146,19 @@ impl SourceState {
     }
 }
 
+/// One source's state and whether it changed since it was last taken to store.
+#[derive(Debug, Default)]
+struct Entry {
+    state: SourceState,
+    changed: bool,
+}
+
 /// The sequence state of every source.
 #[derive(Debug, Default)]
 pub struct SequenceTracker {
-    sources: HashMap<String, SourceState>,
-    /// Sources changed since [`SequenceTracker::take_changed`] was last called.
-    changed: BTreeSet<String>,
+    sources: HashMap<String, Entry>,
+    /// How many entries are marked changed.
+    changed: usize,
 }
 
 impl SequenceTracker {
@@ -162,16 +169,24 @@ impl SequenceTracker {
 
     /// Puts back a source's stored state.
     pub fn restore(&mut self, source: String, state: SourceState) {
-        self.sources.insert(source, state);
+        self.sources.insert(
+            source,
+            Entry {
+                state,
+                changed: false,
+            },
+        );
     }
 
     /// Classifies `seq` from `source` (sent at `ts`, Unix ms, if known) and updates the state.
     pub fn observe(&mut self, source: &str, seq: u64, ts: Option<u64>) -> SeqEvent {
-        if !self.changed.contains(source) {
-            self.changed.insert(source.to_owned());
-        }
-        match self.sources.get_mut(source) {
-            Some(state) => state.observe(seq, ts),
+        self.observe_in_epoch(source, seq, ts).0
+    }
+
+    /// As [`SequenceTracker::observe`], also returning the source's epoch after the reading.
+    pub fn observe_in_epoch(&mut self, source: &str, seq: u64, ts: Option<u64>) -> (SeqEvent, u32) {
+        let entry = match self.sources.get_mut(source) {
+            Some(entry) => entry,
             None => {
                 let mut state = SourceState {
                     highest: seq,
@@ -179,20 +194,33 @@ impl SequenceTracker {
                     ..SourceState::default()
                 };
                 state.counters.received = 1;
-                self.sources.insert(source.to_owned(), state);
-                SeqEvent::First
+                self.sources.insert(
+                    source.to_owned(),
+                    Entry {
+                        state,
+                        changed: true,
+                    },
+                );
+                self.changed += 1;
+                return (SeqEvent::First, 0);
             }
+        };
+        if !entry.changed {
+            entry.changed = true;
+            self.changed += 1;
         }
+        let event = entry.state.observe(seq, ts);
+        (event, entry.state.epoch)
     }
 
     /// The state of `source`.
     pub fn source(&self, source: &str) -> Option<&SourceState> {
-        self.sources.get(source)
+        self.sources.get(source).map(|e| &e.state)
     }
 
     /// Every source and its state.
     pub fn sources(&self) -> impl Iterator<Item = (&String, &SourceState)> {
-        self.sources.iter()
+        self.sources.iter().map(|(name, e)| (name, &e.state))
     }
 
     /// The number of sources.
@@ -205,18 +233,30 @@ impl SequenceTracker {
         self.sources.is_empty()
     }
 
+    /// How many sources changed since [`SequenceTracker::take_changed`] was last called.
+    pub fn changed(&self) -> usize {
+        self.changed
+    }
+
     /// The sources changed since the last call, with their state (to store).
     pub fn take_changed(&mut self) -> Vec<(String, SourceState)> {
-        std::mem::take(&mut self.changed)
-            .into_iter()
-            .filter_map(|s| self.sources.get(&s).map(|st| (s, st.clone())))
-            .collect()
+        if self.changed == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(self.changed);
+        for (name, e) in &mut self.sources {
+            if std::mem::take(&mut e.changed) {
+                out.push((name.clone(), e.state.clone()));
+            }
+        }
+        self.changed = 0;
+        out
     }
 
     /// Totals over every source: (gaps, duplicates).
     pub fn totals(&self) -> (u64, u64) {
-        self.sources.values().fold((0, 0), |(g, d), s| {
-            (g + s.gaps(), d + s.counters.duplicates)
+        self.sources.values().fold((0, 0), |(g, d), e| {
+            (g + e.state.gaps(), d + e.state.counters.duplicates)
         })
     }
 }

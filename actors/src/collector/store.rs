@@ -1,8 +1,9 @@
 //! The collector's SQLite file: readings, rejects and per-source sequence state.
 //!
-//! The file is in WAL mode with `synchronous = NORMAL`: a committed transaction survives the
-//! process dying (an OS crash or power cut may lose the last transactions, never corrupt the
-//! file). Every commit writes one batch of readings, rejects and the sequence state of the
+//! The file is in WAL mode with `synchronous = NORMAL` by default: a committed transaction
+//! survives the process dying (an OS crash or power cut may lose the last transactions, never
+//! corrupt the file); with the collector's `synchronous = "full"` every commit syncs the log, so
+//! what was acknowledged survives those too. Every commit writes one batch of readings, rejects and the sequence state of the
 //! sources they came from together, so the data and the tracker never disagree.
 //!
 //! Schema (see the module doc of [`super`] for what each column means):
@@ -18,11 +19,22 @@
 //!     highest_ts INTEGER, missing TEXT NOT NULL, received INTEGER NOT NULL, lost INTEGER NOT NULL,
 //!     duplicates INTEGER NOT NULL, reordered INTEGER NOT NULL, resets INTEGER NOT NULL,
 //!     last_seen_ms INTEGER, last_addr TEXT);
+//! CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 //! ```
+//!
+//! The `sources` rows are a checkpoint of the sequence tracker, written with a batch (at most
+//! once a second while readings flow, and on every query and shutdown) together with
+//! `meta.sources_upto_id`, the newest reading id they account for. A collector that restarts
+//! loads the checkpoint and replays the readings stored after it through the tracker
+//! ([`Store::readings_after_checkpoint`]), which brings it to exactly where the data ends. (The
+//! duplicates counted since the checkpoint are not stored, so that counter may come back a
+//! little low after a crash.) Writing every source with every batch would double the rows
+//! written per reading.
 
 use std::io::Write;
 use std::path::Path;
 
+use colony_config::kinds::CollectorSync;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +78,10 @@ CREATE TABLE IF NOT EXISTS sources (
     resets INTEGER NOT NULL,
     last_seen_ms INTEGER,
     last_addr TEXT
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 "#;
 
@@ -115,8 +131,11 @@ pub struct Commit {
     pub readings: Vec<StoredReading>,
     /// Rejects.
     pub rejects: Vec<Reject>,
-    /// Sources whose sequence state changed.
+    /// Sources whose sequence state changed, when `checkpoint` is set: every source changed
+    /// since the last checkpoint.
     pub sources: Vec<(String, SourceState)>,
+    /// Write `sources` as the tracker's checkpoint, complete up to the newest reading.
+    pub checkpoint: bool,
     /// Sources' last addresses and when they were seen.
     pub seen: Vec<(String, Option<String>, u64)>,
 }
@@ -169,14 +188,30 @@ fn i(v: u64) -> i64 {
 }
 
 impl Store {
-    /// Opens (creating if needed) the file at `path` in WAL mode.
+    /// Opens (creating if needed) the file at `path` in WAL mode with `synchronous = NORMAL`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with(path, CollectorSync::Normal)
+    }
+
+    /// Opens (creating if needed) the file at `path` in WAL mode with `synchronous` as given.
+    pub fn open_with(path: &Path, synchronous: CollectorSync) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let sync = match synchronous {
+            CollectorSync::Normal => "NORMAL",
+            CollectorSync::Full => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        // Each source appends at its own place in the unique index: keep those pages cached,
+        // and checkpoint the WAL less often so that a hot page is written back once, not once
+        // per thousand pages of log. The log is truncated back after each checkpoint.
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 8_192)?;
+        conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store { conn })
@@ -211,45 +246,66 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The readings stored after the last checkpoint of the sequence tracker, oldest first:
+    /// (source, sequence number, sent time). Readings without a sequence number are left out.
+    pub fn readings_after_checkpoint(&self) -> Result<Vec<(String, u64, Option<u64>)>, StoreError> {
+        let upto: i64 = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'sources_upto_id'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let mut stmt = self.conn.prepare(
+            "SELECT source, seq, sent_ms FROM readings WHERE id > ?1 AND seq IS NOT NULL ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![upto], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Writes a batch in one transaction; returns how many readings were new (a reading
     /// already stored under the same source, epoch and number is skipped).
     pub fn commit(&mut self, c: &Commit) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
         let mut inserted = 0;
         {
-            let mut ins = tx.prepare_cached(
-                "INSERT OR IGNORE INTO readings (source, epoch, seq, topic, value, \"values\", \
-                 sensor_type, ip, mac, sent_ms, received_ms, flags) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )?;
-            for r in &c.readings {
-                let rd = &r.reading;
-                let value = rd
-                    .values
-                    .get("value")
-                    .or_else(|| rd.values.values().next())
-                    .copied();
-                let values = serde_json::to_string(&rd.values).unwrap_or_default();
-                inserted += ins.execute(params![
-                    rd.source,
-                    r.epoch,
-                    rd.seq.map(i),
-                    r.topic,
-                    value,
-                    values,
-                    rd.sensor_type,
-                    rd.ip,
-                    rd.mac,
-                    rd.ts.map(i),
-                    i(r.received_ms),
-                    r.flags,
-                ])? as u64;
+            // Many rows per statement: a statement's fixed cost is paid once per chunk.
+            let mut chunks = c.readings.chunks_exact(ROWS_PER_INSERT);
+            if chunks.len() > 0 {
+                let mut ins = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
+                for chunk in &mut chunks {
+                    for (k, r) in chunk.iter().enumerate() {
+                        bind_reading(&mut ins, k * READING_COLUMNS, r)?;
+                    }
+                    inserted += ins.raw_execute()? as u64;
+                }
+            }
+            let mut one = tx.prepare_cached(&insert_sql(1))?;
+            for r in chunks.remainder() {
+                bind_reading(&mut one, 0, r)?;
+                inserted += one.raw_execute()? as u64;
             }
             let mut rej = tx.prepare_cached(
                 "INSERT INTO rejects (received_ms, origin, reason, payload) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for r in &c.rejects {
                 rej.execute(params![i(r.received_ms), r.origin, r.reason, r.payload])?;
+            }
+            if c.checkpoint {
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('sources_upto_id', \
+                     (SELECT coalesce(max(id), 0) FROM readings)) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    [],
+                )?;
             }
             let mut src = tx.prepare_cached(
                 "INSERT INTO sources (source, epoch, highest, highest_ts, missing, received, lost, \
@@ -396,37 +452,171 @@ impl Store {
             .flatten())
     }
 
-    /// Writes readings (of `source`, or all) as CSV to `path`; returns the rows written.
-    pub fn export_csv(&self, path: &Path, source: Option<&str>) -> Result<u64, StoreError> {
+    /// Writes the readings `filter` selects as CSV (with [`CSV_HEADER`]) to `path`, through a
+    /// temporary file renamed at the end; returns the rows written.
+    pub fn export_csv(&self, path: &Path, filter: &ExportFilter) -> Result<u64, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = path.with_extension("csv.partial");
         let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        writeln!(
-            out,
-            "source,epoch,seq,topic,value,values,sensor_type,ip,mac,sent_ms,received_ms,flags"
-        )?;
-        let mut stmt = self.conn.prepare(
-            "SELECT source, epoch, seq, topic, value, \"values\", sensor_type, ip, mac, sent_ms, \
-             received_ms, flags FROM readings WHERE ?1 IS NULL OR source = ?1 ORDER BY id",
-        )?;
-        let mut rows = stmt.query(params![source])?;
+        writeln!(out, "{CSV_HEADER}")?;
+        let mut after = 0;
+        let upto = self.max_id()?;
         let mut n = 0;
-        while let Some(r) = rows.next()? {
-            let mut fields = Vec::with_capacity(12);
-            for c in 0..12 {
-                let v: rusqlite::types::Value = r.get(c)?;
-                fields.push(csv_field(&v));
+        loop {
+            let page = self.export_page(filter, after, upto, 10_000, usize::MAX)?;
+            out.write_all(page.csv.as_bytes())?;
+            n += page.rows;
+            match page.last_id {
+                Some(id) if !page.done => after = id,
+                _ => break,
             }
-            writeln!(out, "{}", fields.join(","))?;
-            n += 1;
         }
         out.flush()?;
         drop(out);
         std::fs::rename(&tmp, path)?;
         Ok(n)
     }
+
+    /// The highest reading id stored (0 when there is none).
+    pub fn max_id(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT coalesce(max(id), 0) FROM readings", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// One page of the readings `filter` selects with ids in (`after_id`, `upto_id`], oldest
+    /// first, as CSV lines (no header): at most `max_rows` rows, and no more lines once
+    /// `max_bytes` is reached (but always at least one row, if any is left).
+    pub fn export_page(
+        &self,
+        filter: &ExportFilter,
+        after_id: i64,
+        upto_id: i64,
+        max_rows: u32,
+        max_bytes: usize,
+    ) -> Result<ExportPage, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, source, epoch, seq, topic, value, \"values\", sensor_type, ip, mac, sent_ms, \
+             received_ms, flags FROM readings WHERE id > ?1 AND id <= ?2 \
+             AND (?3 IS NULL OR source = ?3) AND (?4 IS NULL OR received_ms >= ?4) \
+             AND (?5 IS NULL OR received_ms < ?5) ORDER BY id LIMIT ?6",
+        )?;
+        let mut rows = stmt.query(params![
+            after_id,
+            upto_id,
+            filter.source,
+            filter.from_ms.map(i),
+            filter.to_ms.map(i),
+            max_rows.max(1),
+        ])?;
+        let mut page = ExportPage {
+            csv: String::new(),
+            rows: 0,
+            last_id: None,
+            done: true,
+        };
+        let mut fields = Vec::with_capacity(12);
+        while let Some(r) = rows.next()? {
+            if page.rows > 0 && page.csv.len() >= max_bytes {
+                page.done = false;
+                return Ok(page);
+            }
+            page.last_id = Some(r.get(0)?);
+            fields.clear();
+            for c in 1..=12 {
+                let v: rusqlite::types::Value = r.get(c)?;
+                fields.push(csv_field(&v));
+            }
+            page.csv.push_str(&fields.join(","));
+            page.csv.push('\n');
+            page.rows += 1;
+        }
+        // A full page may have more behind it.
+        page.done = page.rows < u64::from(max_rows.max(1));
+        Ok(page)
+    }
+}
+
+/// Columns of `readings` an insert binds.
+const READING_COLUMNS: usize = 12;
+/// Readings per multi-row INSERT (12 columns each: 768 parameters, well below SQLite's limit).
+const ROWS_PER_INSERT: usize = 64;
+
+/// `INSERT OR IGNORE INTO readings … VALUES (…), (…)` for `rows` rows.
+fn insert_sql(rows: usize) -> String {
+    let one = format!("({})", ["?"; READING_COLUMNS].join(","));
+    format!(
+        "INSERT OR IGNORE INTO readings (source, epoch, seq, topic, value, \"values\", \
+         sensor_type, ip, mac, sent_ms, received_ms, flags) VALUES {}",
+        vec![one; rows].join(",")
+    )
+}
+
+/// Binds one reading's columns at parameters `base + 1 ..= base + 12`.
+fn bind_reading(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    base: usize,
+    r: &StoredReading,
+) -> rusqlite::Result<()> {
+    let rd = &r.reading;
+    let value = rd
+        .values
+        .get("value")
+        .or_else(|| rd.values.values().next())
+        .copied();
+    let values = values_json(&rd.values);
+    stmt.raw_bind_parameter(base + 1, &rd.source)?;
+    stmt.raw_bind_parameter(base + 2, r.epoch)?;
+    stmt.raw_bind_parameter(base + 3, rd.seq.map(i))?;
+    stmt.raw_bind_parameter(base + 4, &r.topic)?;
+    stmt.raw_bind_parameter(base + 5, value)?;
+    stmt.raw_bind_parameter(base + 6, values)?;
+    stmt.raw_bind_parameter(base + 7, &rd.sensor_type)?;
+    stmt.raw_bind_parameter(base + 8, &rd.ip)?;
+    stmt.raw_bind_parameter(base + 9, &rd.mac)?;
+    stmt.raw_bind_parameter(base + 10, rd.ts.map(i))?;
+    stmt.raw_bind_parameter(base + 11, i(r.received_ms))?;
+    stmt.raw_bind_parameter(base + 12, &r.flags)
+}
+
+/// The `values` column: a JSON object of name → number.
+fn values_json(values: &std::collections::BTreeMap<String, f64>) -> String {
+    serde_json::to_string(values).unwrap_or_default()
+}
+
+/// The first line of every CSV export: the columns of `readings` (without `id`).
+pub const CSV_HEADER: &str =
+    "source,epoch,seq,topic,value,values,sensor_type,ip,mac,sent_ms,received_ms,flags";
+
+/// Which readings an export takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportFilter {
+    /// Only this source.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Only readings received at or after this time, Unix ms.
+    #[serde(default)]
+    pub from_ms: Option<u64>,
+    /// Only readings received before this time, Unix ms.
+    #[serde(default)]
+    pub to_ms: Option<u64>,
+}
+
+/// One page of an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportPage {
+    /// CSV lines, each ending in a newline, without the header.
+    pub csv: String,
+    /// Rows in `csv`.
+    pub rows: u64,
+    /// The id of the last row, to ask for the next page after.
+    pub last_id: Option<i64>,
+    /// True when no row is left.
+    pub done: bool,
 }
 
 fn csv_field(v: &rusqlite::types::Value) -> String {
@@ -471,7 +661,7 @@ pub fn unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collector::sequence::SequenceTracker;
+    use crate::collector::sequence::{SeqEvent, SequenceTracker};
 
     fn stored(source: &str, seq: u64) -> StoredReading {
         StoredReading {
@@ -481,6 +671,105 @@ mod tests {
             received_ms: 2000 + seq,
             flags: String::new(),
         }
+    }
+
+    #[test]
+    fn a_restart_replays_what_came_after_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sqlite");
+        let mut store = Store::open(&path).unwrap();
+        let mut tracker = SequenceTracker::new();
+        let mut c = Commit::default();
+        // `stored` readings were sent at 1000 + seq.
+        for seq in [1, 2] {
+            tracker.observe("a", seq, Some(1000 + seq));
+            c.readings.push(stored("a", seq));
+        }
+        c.sources = tracker.take_changed();
+        c.checkpoint = true;
+        store.commit(&c).unwrap();
+        // Two more batches without a checkpoint: 4 leaves 3 missing, then "b" appears.
+        for (source, seq) in [("a", 4), ("b", 1)] {
+            let mut c = Commit::default();
+            tracker.observe(source, seq, Some(1000 + seq));
+            c.readings.push(stored(source, seq));
+            store.commit(&c).unwrap();
+        }
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let mut restored = SequenceTracker::new();
+        for row in store.load_sources().unwrap() {
+            restored.restore(row.source, row.state);
+        }
+        assert_eq!(restored.source("a").unwrap().highest, 2);
+        let replay = store.readings_after_checkpoint().unwrap();
+        assert_eq!(replay.len(), 2);
+        for (source, seq, ts) in replay {
+            restored.observe(&source, seq, ts);
+        }
+        for name in ["a", "b"] {
+            assert_eq!(restored.source(name), tracker.source(name), "{name}");
+        }
+        assert_eq!(restored.observe("a", 3, Some(1003)), SeqEvent::Late);
+        assert_eq!(restored.observe("a", 4, Some(1004)), SeqEvent::Duplicate);
+    }
+
+    #[test]
+    fn many_rows_per_statement_skip_only_what_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.sqlite")).unwrap();
+        let batch = |seqs: std::ops::RangeInclusive<u64>| Commit {
+            readings: seqs.map(|seq| stored("a", seq)).collect(),
+            ..Commit::default()
+        };
+        assert_eq!(store.commit(&batch(1..=150)).unwrap(), 150);
+        // Two full chunks and a remainder, half of it already stored.
+        assert_eq!(store.commit(&batch(76..=225)).unwrap(), 75);
+        assert_eq!(store.totals().unwrap(), (225, 0));
+        let rows = store.latest(Some("a"), 1).unwrap();
+        assert_eq!(rows[0]["seq"], 225);
+        assert_eq!(rows[0]["values"]["value"], 112.5);
+        assert_eq!(rows[0]["sent_ms"], 1225);
+    }
+
+    #[test]
+    fn export_pages_filter_and_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.sqlite")).unwrap();
+        let mut c = Commit::default();
+        for seq in 1..=5 {
+            c.readings.push(stored("a", seq));
+            c.readings.push(stored("b", seq));
+        }
+        store.commit(&c).unwrap();
+        let upto = store.max_id().unwrap();
+        assert_eq!(upto, 10);
+        let all = ExportFilter::default();
+        let first = store.export_page(&all, 0, upto, 4, usize::MAX).unwrap();
+        assert_eq!((first.rows, first.done, first.last_id), (4, false, Some(4)));
+        let rest = store.export_page(&all, 4, upto, 100, usize::MAX).unwrap();
+        assert_eq!((rest.rows, rest.done), (6, true));
+        // Bounded by bytes, but never empty while rows are left.
+        let tiny = store.export_page(&all, 0, upto, 100, 1).unwrap();
+        assert_eq!((tiny.rows, tiny.done), (1, false));
+        let only_b = ExportFilter {
+            source: Some("b".into()),
+            from_ms: Some(2002),
+            to_ms: Some(2005),
+        };
+        let b = store
+            .export_page(&only_b, 0, upto, 100, usize::MAX)
+            .unwrap();
+        let seqs: Vec<&str> = b
+            .csv
+            .lines()
+            .map(|l| l.split(',').nth(2).unwrap())
+            .collect();
+        assert_eq!(seqs, ["2", "3", "4"]);
+        // Rows after `upto` (stored once the export began) are not part of it.
+        let later = store.export_page(&all, 0, 3, 100, usize::MAX).unwrap();
+        assert_eq!((later.rows, later.done), (3, true));
     }
 
     #[test]
@@ -503,6 +792,7 @@ mod tests {
             payload: b"junk".to_vec(),
         });
         c.sources = tracker.take_changed();
+        c.checkpoint = true;
         c.seen.push(("a".into(), Some("127.0.0.1:9".into()), 7));
         assert_eq!(store.commit(&c).unwrap(), 4);
         // The same readings again are skipped, not duplicated.
@@ -533,7 +823,7 @@ mod tests {
         assert!(a.state.missing.contains(&3));
 
         let csv = dir.path().join("out.csv");
-        assert_eq!(store.export_csv(&csv, None).unwrap(), 4);
+        assert_eq!(store.export_csv(&csv, &ExportFilter::default()).unwrap(), 4);
         let text = std::fs::read_to_string(&csv).unwrap();
         assert!(text.starts_with("source,epoch,seq"));
         assert!(text.contains("\"{\"\"value\"\":0.5}\""), "{text}");

@@ -125,6 +125,9 @@ async fn periodic(mut ctx: ActorContext, mut s: SensorGroupSettings) -> Result<(
                     if new.interval_ms != s.interval_ms {
                         sched.command(None, SensorAction::IntervalMs(new.interval_ms), Instant::now());
                     }
+                    if new.jitter_ms != s.jitter_ms || new.interval_ms != s.interval_ms {
+                        sched.set_jitter(Duration::from_millis(new.jitter_ms));
+                    }
                     s = new;
                 }
                 ActorEvent::Reconfigure(_) => {}

@@ -8,6 +8,9 @@
 //!   (`{id}`, `{group}`, `{node}`) at `qos`, in `format` (JSON, CBOR, gas text) padded to
 //!   `payload_size`, or as `payload_template`. Every reading carries the sensor's sequence number
 //!   (from 1 at each start) and the send time. Each sensor also subscribes to `command_topic`.
+//!   A sensor's connection is a small task of its own ([`conn`], a few KiB: 10,000 sensors at
+//!   one reading a second take some 40 MiB and a sixth of a core, see the README's benchmarks);
+//!   at QoS 1 and 2 what the broker has not acknowledged is sent again after a reconnect.
 //! - `source = "host"`: one sensor reading CPU (overall and per core), memory, swap, disk usage
 //!   and I/O, load averages and network interface counters every `interval_ms`, sent as a
 //!   reading to `collector`; with `balancer`, also as this node's load (CPU, memory, network
@@ -29,6 +32,7 @@
 //! The schedule of every sensor is the pure [`schedule::Scheduler`].
 
 mod actor;
+pub mod conn;
 mod metrics;
 mod probe;
 pub mod schedule;

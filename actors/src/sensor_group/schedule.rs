@@ -200,6 +200,12 @@ impl Scheduler {
         }
     }
 
+    /// Changes the jitter of every reading scheduled from now on.
+    pub fn set_jitter(&mut self, jitter: Duration) {
+        let shortest = self.slots.iter().map(|s| s.interval).min();
+        self.jitter = shortest.map_or(jitter, |i| jitter.min(i));
+    }
+
     /// The current interval of sensor `index`.
     pub fn interval(&self, index: usize) -> Option<Duration> {
         self.slots.get(index).map(|s| s.interval)

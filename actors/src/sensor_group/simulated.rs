@@ -1,13 +1,14 @@
 //! Simulated sensors: one MQTT connection (and client id) per sensor, each driven by its own
-//! small task that only moves packets; one scheduler for the whole group decides who publishes
-//! when, so 10,000 sensors cost 10,000 connections but no 10,000 timers.
+//! small task ([`super::conn`]) that only moves packets; one scheduler for the whole group
+//! decides who publishes when and builds the payloads, so 10,000 sensors cost 10,000
+//! connections but no 10,000 timers.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use colony_config::ActorSettings;
 use colony_config::kinds::{ReadingFormat, SensorGroupSettings};
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use rumqttc::mqttbytes::QoS;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -15,18 +16,12 @@ use tracing::{debug, info};
 
 use super::SensorGroupMessage;
 use super::actor::sleep_until;
+use super::conn::{self, ConnEvent, Outbox, SensorLink};
 use super::schedule::{Fire, Ramp, Scheduler, SensorAction, parse_command};
 use crate::collector::store::unix_ms;
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
 use crate::mqtt_client::MqttTarget;
 use crate::reading::{self, Reading};
-
-/// What a connection task reports.
-enum ConnEvent {
-    Up(usize),
-    Down(usize, String),
-    Command(usize, Bytes),
-}
 
 /// Fills `{id}`, `{group}`, `{node}` (and any other `{key}` given) in a template.
 pub fn fill(template: &str, vars: &[(&str, &str)]) -> String {
@@ -39,6 +34,9 @@ pub fn fill(template: &str, vars: &[(&str, &str)]) -> String {
     }
     out
 }
+
+/// Keep-alive of each sensor's connection.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 /// A plausible gas reading that varies per sensor and over time.
 fn simulated_value(id: u32, seq: u64) -> f64 {
@@ -109,7 +107,7 @@ struct Group {
     node: String,
     group: String,
     qos: QoS,
-    clients: Vec<Option<AsyncClient>>,
+    clients: Vec<Option<Arc<Outbox>>>,
     up: Vec<bool>,
     seqs: Vec<u64>,
     connected: u64,
@@ -129,22 +127,21 @@ impl Group {
 
     fn publish(&mut self, fire: Fire) {
         let i = fire.index;
-        let Some(client) = self.clients[i].as_ref() else {
+        let Some(outbox) = self.clients[i].as_ref() else {
             return;
         };
         let id = i as u32 + 1;
         let seq = self.seqs[i] + 1;
         let payload = self.payload(id, seq, unix_ms(), fire.requested);
-        let topic = topic(&self.s, &self.node, &self.group, id);
-        match client.try_publish(topic, self.qos, false, payload) {
-            Ok(()) => {
-                self.seqs[i] = seq;
-                self.sent += 1;
-            }
-            Err(e) => {
-                self.errors += 1;
-                self.last_error = Some(format!("sensor {id}: {e}"));
-            }
+        if outbox.push(payload.into()) {
+            self.seqs[i] = seq;
+            self.sent += 1;
+        } else {
+            self.errors += 1;
+            self.last_error = Some(format!(
+                "sensor {id}: {} readings wait to be sent; this one is dropped",
+                conn::OUTBOX_LIMIT
+            ));
         }
     }
 
@@ -165,41 +162,6 @@ impl Group {
     }
 }
 
-async fn connection(
-    index: usize,
-    mut events: EventLoop,
-    client: AsyncClient,
-    command_topic: Option<String>,
-    tx: mpsc::Sender<ConnEvent>,
-) {
-    let mut up = false;
-    loop {
-        let event = match events.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                up = true;
-                if let Some(t) = &command_topic {
-                    let _ = client.try_subscribe(t.clone(), QoS::AtLeastOnce);
-                }
-                ConnEvent::Up(index)
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => ConnEvent::Command(index, p.payload),
-            Ok(_) => continue,
-            Err(e) => {
-                let was_up = std::mem::replace(&mut up, false);
-                let _ = tx.send(ConnEvent::Down(index, e.to_string())).await;
-                let _ = was_up;
-                // Spread reconnects so a broker restart is not met by every sensor at once.
-                let wait = 500 + (index as u64 * 7919) % 1000;
-                tokio::time::sleep(Duration::from_millis(wait)).await;
-                continue;
-            }
-        };
-        if tx.send(event).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Runs `count` simulated sensors.
 pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), ActorFailure> {
     let fail = ActorFailure::new;
@@ -215,6 +177,7 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
     if let Some(u) = &s.username {
         target.credentials = Some((u.clone(), s.password.clone().unwrap_or_default()));
     }
+    let target = Arc::new(target);
     let count = s.count as usize;
     let mut g = Group {
         node: ctx.address.node().to_owned(),
@@ -263,6 +226,9 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
                 ActorEvent::Reconfigure(ActorSettings::SensorGroup(new)) => {
                     if new.interval_ms != g.s.interval_ms {
                         sched.command(None, SensorAction::IntervalMs(new.interval_ms), Instant::now());
+                    }
+                    if new.jitter_ms != g.s.jitter_ms || new.interval_ms != g.s.interval_ms {
+                        sched.set_jitter(Duration::from_millis(new.jitter_ms));
                     }
                     g.s = new;
                 }
@@ -322,13 +288,17 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
                 for i in ramp.due(Instant::now()) {
                     let id = (i + 1).to_string();
                     let vars = [("id", id.as_str()), ("group", g.group.as_str()), ("node", g.node.as_str())];
-                    let mut o = target.options(&fill(&g.s.client_id, &vars), Duration::from_secs(30));
-                    // A sensor sends a reading a second; a small window keeps each client's state small.
-                    o.set_inflight(16);
-                    let (client, events) = AsyncClient::new(o, 64);
-                    let command_topic = (!g.s.command_topic.is_empty()).then(|| fill(&g.s.command_topic, &vars));
-                    tasks.spawn(connection(i, events, client.clone(), command_topic, tx.clone()));
-                    g.clients[i] = Some(client);
+                    let link = SensorLink {
+                        index: i,
+                        client_id: fill(&g.s.client_id, &vars),
+                        topic: fill(&g.s.topic, &vars),
+                        command_topic: (!g.s.command_topic.is_empty()).then(|| fill(&g.s.command_topic, &vars)),
+                        qos: g.qos,
+                        keep_alive: KEEP_ALIVE,
+                    };
+                    let outbox = Arc::new(Outbox::default());
+                    tasks.spawn(conn::run(link, target.clone(), outbox.clone(), tx.clone()));
+                    g.clients[i] = Some(outbox);
                 }
             }
             _ = tick.tick() => {
@@ -339,7 +309,7 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
         }
     }
     for c in g.clients.iter().flatten() {
-        let _ = c.try_disconnect();
+        c.close();
     }
     // Let the disconnects go out before the tasks are dropped.
     tokio::time::sleep(Duration::from_millis(50)).await;

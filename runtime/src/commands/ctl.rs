@@ -50,14 +50,29 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
 
 /// The control socket to talk to: `--socket`, or the config's socket for `--node`.
 fn socket_path(args: &CtlArgs) -> anyhow::Result<PathBuf> {
-    if let Some(socket) = &args.socket {
-        return Ok(socket.clone());
+    resolve_socket(
+        args.socket.as_deref(),
+        args.config.as_deref(),
+        args.node.as_deref(),
+        args.state_dir.as_deref(),
+    )
+}
+
+/// The control socket: `socket`, or the one the config at `config` gives `node`.
+pub(crate) fn resolve_socket(
+    socket: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    node: Option<&str>,
+    state_dir: Option<&std::path::Path>,
+) -> anyhow::Result<PathBuf> {
+    if let Some(socket) = socket {
+        return Ok(socket.to_path_buf());
     }
-    let (Some(path), Some(node)) = (&args.config, &args.node) else {
+    let (Some(path), Some(node)) = (config, node) else {
         bail!("give the node's control socket with --socket, or --config and --node");
     };
-    let config = crate::config_load::load(path, args.state_dir.as_deref(), FileChecks::Skip)
-        .map_err(|e| anyhow!("{e}"))?;
+    let config =
+        crate::config_load::load(path, state_dir, FileChecks::Skip).map_err(|e| anyhow!("{e}"))?;
     let node_config = config.node(node).ok_or_else(|| {
         let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
         anyhow!(

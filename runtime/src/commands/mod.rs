@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod check;
 pub mod ctl;
+pub mod export;
 pub mod node;
 pub mod passwd;
 pub mod plan;
