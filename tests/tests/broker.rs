@@ -886,7 +886,8 @@ fn actor_publish_streams_are_exactly_once_and_no_local_holds() {
 
 /// Every MQTT 5 feature a paho client can see: topic aliases, no-local, retain-as-published and
 /// retain handling, subscription identifiers, shared subscriptions, reason codes (SUBACK,
-/// UNSUBACK, CONNACK), session expiry (resumed within it, gone after it) and message expiry.
+/// UNSUBACK, CONNACK), session expiry (resumed within it, gone after it), message expiry and
+/// will delay.
 #[test]
 fn mqtt5_features_with_paho() {
     let b = start();
@@ -937,6 +938,9 @@ fn mqtt5_features_with_paho() {
         (90..100).contains(&remaining),
         "remaining expiry {remaining}"
     );
+    let wills = &r["will_delay"];
+    assert_eq!(wills[0], j("[]"), "will before its delay: {wills}");
+    assert_eq!(wills[1], j(r#"["gone"]"#), "will after its delay: {wills}");
 }
 
 /// MQTT 5 properties through mosquitto's clients, a 3.1.1 subscriber on the same topic, PUBACK

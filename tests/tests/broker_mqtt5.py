@@ -147,4 +147,20 @@ me = C("me", clean=False, expiry=60)
 got = me.wait(1, 2.0)
 out["message_expiry"] = got
 out["remaining"] = [getattr(m.properties, "MessageExpiryInterval", None) for m in me.msgs]
+# Will delay: a connection that drops without DISCONNECT has its will published only after the
+# delay (the session outlives it).
+wd = C("wd-watch"); wd.sub("a/wills/#")
+dev = mqtt.Client("wd-dev", protocol=mqtt.MQTTv5)
+wp = Properties(PacketTypes.WILLMESSAGE); wp.WillDelayInterval = 2
+dev.will_set("a/wills/dev", "gone", qos=1, properties=wp)
+cp = Properties(PacketTypes.CONNECT); cp.SessionExpiryInterval = 30
+dev.connect("127.0.0.1", PORT, properties=cp)
+dev.loop_start()
+time.sleep(0.5)
+dev.loop_stop()
+dev.socket().close()
+dropped_at = time.time()
+early = list(wd.wait(1, 1.0))
+late = wd.wait(1, 6.0)
+out["will_delay"] = [early, late, round(time.time() - dropped_at)]
 print(json.dumps(out))
