@@ -69,6 +69,20 @@ pub fn changes_in_place(kind: ActorKind, fields: &[String]) -> bool {
     fields.iter().all(|f| in_place.contains(&f.as_str()))
 }
 
+/// The message that ends child `child` of an actor of `kind` (a connection the actor reports as
+/// its child), for `colony ctl kill|stop|restart NODE/ACTOR/CHILD`; `None` when the kind has no
+/// children that can be ended. A broker's child is a client connection: it is cut off (its will
+/// is published) and the client may connect again, as a supervised child restarts.
+pub fn end_child_message(kind: ActorKind, child: &str) -> Option<Vec<u8>> {
+    match kind {
+        ActorKind::Broker => colony_cluster::encode_body(&broker::BrokerMessage::Disconnect {
+            client_id: child.to_owned(),
+        })
+        .ok(),
+        _ => None,
+    }
+}
+
 /// Turns `message` (JSON, as an operator writes it) into the body `kind` accepts: it must be
 /// one of the kind's messages, and is encoded as that type so that, say, a whole number is
 /// accepted where the kind expects a float.

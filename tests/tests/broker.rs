@@ -1104,7 +1104,29 @@ fn connections_are_children_and_a_stalled_subscriber_drops_qos0_alone() {
     assert_eq!(cut("nobody"), false);
     // mosquitto_sub reports the MQTT 5 reason: 152, administrative action.
     assert_eq!(watcher.take(1, SECS), ["Received DISCONNECT (152)"]);
-    let watcher = b.subscribe(b.tcp, &["-i", "watcher2", "-t", "a/other"]);
+    // The same through the supervision commands on the child's address.
+    let watcher = b.subscribe(b.tcp, &["-V", "mqttv5", "-i", "watcher2", "-t", "a/other"]);
+    let listed = wait_for(SECS, || {
+        b.work
+            .ctl_ok("n1", &["tree"])
+            .contains("n1/broker/watcher2")
+    });
+    assert!(listed);
+    b.work.ctl_ok("n1", &["kill", "n1/broker/watcher2"]);
+    assert_eq!(watcher.take(1, SECS), ["Received DISCONNECT (152)"]);
+    let gone = b.work.ctl("n1", &["kill", "n1/broker/nobody"]);
+    assert!(!gone.status.success());
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("n1/broker/nobody is not connected"),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    let start = b.work.ctl("n1", &["start", "n1/broker/watcher2"]);
+    assert!(
+        !start.status.success(),
+        "a connection is started by its client"
+    );
+    let watcher = b.subscribe(b.tcp, &["-i", "watcher3", "-t", "a/other"]);
 
     // A subscriber that never reads again.
     let mut stalled = raw_client(b.tcp, "stalled");

@@ -194,9 +194,13 @@ impl Node {
 
     /// Applies an operator action to the actor at `address`, on whichever node it lives.
     pub async fn act(&self, address: &Address, action: ActionName) -> Result<(), String> {
+        if address.path().len() == 2 && action != ActionName::Start {
+            return self.end_child(address).await;
+        }
         if address.path().len() != 1 {
             return Err(format!(
-                "{address} is not a top-level actor; actions apply to configured actors"
+                "{address} is not a top-level actor; start, stop, restart and kill apply to \
+                 configured actors, and stop, restart and kill to the children they report"
             ));
         }
         self.check_actor(address)?;
@@ -211,6 +215,31 @@ impl Node {
         let reply: Result<Result<(), String>, CallError> =
             self.cluster.call(&to, None, &request, None).await;
         reply.map_err(|e| e.to_string())?
+    }
+
+    /// Ends the child at `address` (`node/actor/child`) through its actor: for a broker, the
+    /// client connection is cut off, and the client reconnects as it would after any failure.
+    async fn end_child(&self, address: &Address) -> Result<(), String> {
+        let actor = self.check_actor(address)?;
+        let child = &address.path()[1];
+        let body = colony_actors::end_child_message(actor.kind(), child).ok_or_else(|| {
+            format!(
+                "{} is a {}, which has no children to stop",
+                address.top_level(),
+                actor.kind()
+            )
+        })?;
+        let from = Address::new(self.name.clone(), "_ctl");
+        let reply = self
+            .cluster
+            .call_raw(&address.top_level(), Some(&from), body.into(), None)
+            .await
+            .map_err(|e| e.to_string())?;
+        match colony_cluster::decode_body::<bool>(&reply) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("{address} is not connected")),
+            Err(e) => Err(format!("{address}: unexpected reply: {e}")),
+        }
     }
 
     /// An error unless the config places an actor at `address`.
