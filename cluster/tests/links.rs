@@ -296,11 +296,22 @@ fn order_is_kept_and_a_slow_receiver_pushes_back() {
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     });
-    std::thread::sleep(Duration::from_secs(2));
-    let first = sent.load(std::sync::atomic::Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(500));
-    let second = sent.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(first, second, "sender kept going");
+    // The count must stop growing (on a busy machine filling the windows takes a while): two
+    // readings 500 ms apart that agree, within 30 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = u64::MAX;
+    let stopped = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last {
+            break Some(now);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        last = now;
+    };
+    let first = stopped.expect("the sender kept going for 30 s");
     assert!(
         first < 100_000,
         "{first} messages buffered for a receiver that reads nothing"

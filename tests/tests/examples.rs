@@ -65,7 +65,7 @@ fn every_example_passes_check() {
 fn load_test_connects_ten_thousand_sensors_and_stores_their_readings() {
     let up = up("load-test.toml");
     // Both groups ramp up 5,000 connections at 1,000/s; then 10,000 readings a second flow.
-    let ok = wait_for(Duration::from_secs(90), || {
+    let ok = wait_for(Duration::from_secs(150), || {
         let s = status(&up, "core");
         let connected: u64 = ["sensors-1/sensors", "sensors-2/sensors"]
             .iter()
