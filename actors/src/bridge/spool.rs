@@ -114,45 +114,11 @@ pub struct Spool {
     /// Acknowledgement marks not yet written: (source, id, when). They only shorten how long a
     /// notice is remembered, so they ride along with the next commit instead of one of their own.
     acks: Vec<(String, u64, u64)>,
-    _checkpoints: Checkpointer,
+    _checkpoints: crate::checkpoint::Checkpointer,
 }
 
 /// Acknowledgement marks held before they are written in a transaction of their own.
 const ACKS_HELD: usize = 4096;
-
-/// Copies the write-ahead log into the database from a thread of its own, so that the fsync a
-/// checkpoint needs never stalls the bridge's appends (SQLite's automatic checkpoint would run
-/// inside a commit).
-struct Checkpointer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Checkpointer {
-    fn start(path: &Path) -> Result<Checkpointer, rusqlite::Error> {
-        let conn = Connection::open(path)?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        std::thread::Builder::new()
-            .name("bridge-spool-checkpoint".into())
-            .spawn(move || {
-                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(std::time::Duration::from_millis(250));
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::debug!("spool checkpoint: {e}");
-                    }
-                }
-            })
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        Ok(Checkpointer { stop })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -195,8 +161,8 @@ impl Spool {
     pub fn open(path: &Path, bounds: Bounds) -> Result<Spool, SpoolError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpoints = Checkpointer::start(path)?;
+        let checkpoints =
+            crate::checkpoint::Checkpointer::start(&conn, path, "bridge-spool-checkpoint")?;
         let mut s = Spool {
             conn,
             bounds,
