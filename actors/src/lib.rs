@@ -11,6 +11,7 @@
 pub mod balancer;
 pub mod bridge;
 pub mod broker;
+mod checkpoint;
 pub mod collector;
 pub mod host;
 pub mod mqtt_client;

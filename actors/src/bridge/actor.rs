@@ -1,7 +1,7 @@
 //! The bridge actor: subscriptions on both brokers, the spool between them, and one forwarding
 //! lane per direction (a Colony broker by calls over the cluster, or the external MQTT link).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,10 @@ const COLONY_WINDOW: usize = 512;
 const BATCH: usize = 256;
 /// Events taken from the mailbox before the spool commits.
 const DRAIN: usize = 1024;
+/// QoS 0 messages waiting for a busy lane, at most, per direction: beyond it the oldest are
+/// dropped (and counted in `dropped_qos0`). A lane is busy when the far broker (or the link to
+/// it) takes messages slower than they come; a burst within this bound is delivered.
+const QOS0_QUEUE: usize = 65_536;
 /// How long a call to a broker may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -55,23 +59,30 @@ struct Lane {
     /// For a Colony lane: the node that must be up.
     node: Option<String>,
     delivered: u64,
+    /// QoS 0 messages waiting for room in the lane's queue (at most [`QOS0_QUEUE`]).
+    qos0: VecDeque<Forward>,
 }
 
+#[derive(Clone)]
 enum LaneTx {
     Colony(mpsc::Sender<(u64, Vec<Forward>)>),
     Mqtt(mpsc::Sender<ToLink>),
 }
 
 impl Lane {
-    fn down(&mut self, reason: &str, min: Duration, max: Duration) {
+    /// Marks the lane down; returns how many waiting QoS 0 messages that dropped.
+    fn down(&mut self, reason: &str, min: Duration, max: Duration) -> usize {
         if self.up {
             warn!(dir = self.dir.as_str(), "bridge lane down: {reason}");
         }
+        let dropped = self.qos0.len();
+        self.qos0.clear();
         self.up = false;
         self.cursor = 0;
         self.outstanding = 0;
         self.retry_at = Some(Instant::now() + jitter(self.backoff));
         self.backoff = (self.backoff * 2).clamp(min, max);
+        dropped
     }
 
     fn revive(&mut self, epoch: u64) {
@@ -82,32 +93,52 @@ impl Lane {
         self.retry_at = None;
     }
 
-    /// Hands QoS 0 messages over now (dropped when the lane is down). Returns how many went.
-    fn send_now(&mut self, items: Vec<Forward>) -> usize {
-        if !self.up || items.is_empty() {
-            return 0;
+    /// Queues QoS 0 messages for the lane (dropped when the lane is down, and the oldest
+    /// past [`QOS0_QUEUE`]). Returns how many were dropped.
+    fn queue_qos0(&mut self, items: Vec<Forward>) -> usize {
+        if !self.up {
+            return items.len();
         }
-        let n = items.len();
-        let ok = match &self.tx {
-            LaneTx::Colony(tx) => tx.try_send((self.epoch, items)).is_ok(),
-            LaneTx::Mqtt(tx) => tx
-                .try_send(ToLink::Batch {
-                    epoch: self.epoch,
-                    items,
-                })
-                .is_ok(),
-        };
-        if ok { n } else { 0 }
+        self.qos0.extend(items);
+        let over = self.qos0.len().saturating_sub(QOS0_QUEUE);
+        self.qos0.drain(..over);
+        over
+    }
+
+    /// True when QoS 0 messages wait for room in the lane's queue.
+    fn qos0_waiting(&self) -> bool {
+        self.up && !self.qos0.is_empty()
+    }
+
+    /// Hands waiting QoS 0 messages to the lane while its queue has room. Returns how many went.
+    fn flush_qos0(&mut self) -> usize {
+        let mut sent = 0;
+        while self.up && !self.qos0.is_empty() && self.tx.capacity() > 0 {
+            let n = self.qos0.len().min(DRAIN);
+            let items: Vec<Forward> = self.qos0.drain(..n).collect();
+            let ok = match &self.tx {
+                LaneTx::Colony(tx) => tx.try_send((self.epoch, items)).is_ok(),
+                LaneTx::Mqtt(tx) => tx
+                    .try_send(ToLink::Batch {
+                        epoch: self.epoch,
+                        items,
+                    })
+                    .is_ok(),
+            };
+            if !ok {
+                // The lane's task is gone (the actor is stopping).
+                self.qos0.clear();
+                return sent;
+            }
+            sent += n;
+        }
+        sent
     }
 
     /// Hands the next spooled messages to the lane while it has room.
     fn pump(&mut self, spool: &Spool) -> Result<(), ActorFailure> {
         while self.up && self.outstanding < self.window {
-            let room = match &self.tx {
-                LaneTx::Colony(tx) => tx.capacity(),
-                LaneTx::Mqtt(tx) => tx.capacity(),
-            };
-            if room == 0 {
+            if self.tx.capacity() == 0 {
                 // The lane's queue is full; the next pump goes on from the cursor.
                 return Ok(());
             }
@@ -135,6 +166,26 @@ impl Lane {
             }
         }
         Ok(())
+    }
+}
+
+impl LaneTx {
+    fn capacity(&self) -> usize {
+        match self {
+            LaneTx::Colony(tx) => tx.capacity(),
+            LaneTx::Mqtt(tx) => tx.capacity(),
+        }
+    }
+
+    /// Waits until the lane's queue has room (forever once its task is gone).
+    async fn room(&self) {
+        let free = match self {
+            LaneTx::Colony(tx) => tx.reserve().await.is_ok(),
+            LaneTx::Mqtt(tx) => tx.reserve().await.is_ok(),
+        };
+        if !free {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -185,9 +236,11 @@ fn publish_message(f: Forward, stream: &str) -> BrokerMessage {
     }
 }
 
-/// Sends `items` in one ordered batch, then a status call as a barrier: when the barrier is
-/// answered over the same connection the batch went on, the broker has handled (and committed)
-/// every message before it. Returns false when that is not certain.
+/// Sends `items` in one ordered batch whose last message is a call: its reply, over the same
+/// connection the batch went on, means the broker has handled (and committed) every message
+/// before it too. A single message is one call, with no extra round trip. Returns false when
+/// that is not certain (the caller then sends them again one call at a time; the stream makes
+/// the repeats harmless).
 async fn pipelined(
     cluster: &Cluster,
     me: &Address,
@@ -195,29 +248,34 @@ async fn pipelined(
     stream: &str,
     items: &[Forward],
 ) -> bool {
+    let Some((last, rest)) = items.split_last() else {
+        return true;
+    };
     let before = generation(cluster, to.node());
     if before.is_none() {
         return false;
     }
-    let mut bodies = Vec::with_capacity(items.len());
-    for f in items {
-        match colony_cluster::encode_body(&publish_message(f.clone(), stream)) {
-            Ok(b) => bodies.push(bytes::Bytes::from(b)),
-            Err(_) => return false,
+    if !rest.is_empty() {
+        let mut bodies = Vec::with_capacity(rest.len());
+        for f in rest {
+            match colony_cluster::encode_body(&publish_message(f.clone(), stream)) {
+                Ok(b) => bodies.push(bytes::Bytes::from(b)),
+                Err(_) => return false,
+            }
+        }
+        if cluster.send_batch(to, Some(me), bodies).await.is_err() {
+            return false;
         }
     }
-    if cluster.send_batch(to, Some(me), bodies).await.is_err() {
-        return false;
-    }
-    let barrier = cluster
-        .call::<_, serde::de::IgnoredAny>(
+    let reply = cluster
+        .call::<_, ()>(
             to,
             Some(me),
-            &BrokerMessage::Status {},
+            &publish_message(last.clone(), stream),
             Some(CALL_TIMEOUT),
         )
         .await;
-    barrier.is_ok() && generation(cluster, to.node()) == before
+    reply.is_ok() && generation(cluster, to.node()) == before
 }
 
 /// Forwards batches to a Colony broker. QoS 1/2 messages are numbered in the bridge's publish
@@ -406,6 +464,8 @@ struct Bridge {
     notification_topic: String,
     local_subscribed: bool,
     remote_subscribed: bool,
+    /// Spool seqs the far sides acknowledged, per direction, not yet removed.
+    delivered: [Vec<u64>; 2],
 }
 
 /// An incoming message, from either side.
@@ -475,15 +535,8 @@ impl Bridge {
                 self.spool.append(dir, &spooled[i], t).map_err(fail)?;
             }
             let items = std::mem::take(&mut now[i]);
-            let total = items.len();
             let lane = if i == 0 { &mut self.out } else { &mut self.inn };
-            let sent = lane.send_now(items);
-            self.n.dropped_qos0 += (total - sent) as u64;
-            if i == 0 {
-                self.n.forwarded_out += sent as u64;
-            } else {
-                self.n.forwarded_in += sent as u64;
-            }
+            self.n.dropped_qos0 += lane.queue_qos0(items) as u64;
         }
         Ok(acks)
     }
@@ -503,11 +556,17 @@ impl Bridge {
                     Dir::Out => self.n.forwarded_out += seqs.len() as u64,
                     Dir::In => self.n.forwarded_in += seqs.len() as u64,
                 }
-                self.spool.remove(dir, &seqs).map_err(fail)?;
+                // Removed from the spool together with the others of this round (see `pump`).
+                let done = &mut self.delivered[usize::from(dir == Dir::In)];
+                if done.is_empty() {
+                    *done = seqs;
+                } else {
+                    done.extend(seqs);
+                }
             }
             FromLink::Down { epoch, reason } => {
                 if epoch == lane.epoch {
-                    lane.down(&reason, min, max);
+                    self.n.dropped_qos0 += lane.down(&reason, min, max) as u64;
                 }
                 if matches!(self.remote, Remote::Mqtt) && dir == Dir::Out {
                     // The MQTT link retries by itself; it says when it is up.
@@ -533,7 +592,18 @@ impl Bridge {
         Ok(())
     }
 
+    /// Removes what the far sides acknowledged since the last round (one transaction per
+    /// direction however many acknowledgements came in), then hands waiting QoS 0 messages and
+    /// the next spooled ones to the lanes.
     fn pump(&mut self) -> Result<(), ActorFailure> {
+        for (i, dir) in [(0, Dir::Out), (1, Dir::In)] {
+            if !self.delivered[i].is_empty() {
+                let seqs = std::mem::take(&mut self.delivered[i]);
+                self.spool.remove(dir, &seqs).map_err(fail)?;
+            }
+        }
+        self.n.forwarded_out += self.out.flush_qos0() as u64;
+        self.n.forwarded_in += self.inn.flush_qos0() as u64;
         self.out.pump(&self.spool)?;
         self.inn.pump(&self.spool)
     }
@@ -764,6 +834,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             backoff: min,
             node: Some(to.node().to_owned()),
             delivered: 0,
+            qos0: VecDeque::new(),
         }
     };
 
@@ -792,6 +863,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 backoff: min,
                 node: None,
                 delivered: 0,
+                qos0: VecDeque::new(),
             };
             (Remote::Mqtt, url.clone(), lane, Some(tx))
         }
@@ -818,6 +890,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         notification_topic: expand(&settings.notification_topic, &me),
         local_subscribed: false,
         remote_subscribed: false,
+        delivered: [Vec::new(), Vec::new()],
     };
     if let Remote::Colony(a) = &b.remote {
         b.connected = cluster.is_up(a.node());
@@ -850,6 +923,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     b.notify(&mut tasks);
     ctx.started();
 
+    let (out_tx, in_tx) = (b.out.tx.clone(), b.inn.tx.clone());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = (0u64, 0u64);
@@ -999,6 +1073,9 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 ctx.stats.set_detail(b.detail(rates));
             }
             _ = sleep_until(b.next_retry()) => b.revive_colony_lanes(),
+            // QoS 0 messages wait for a busy lane: `pump` below hands them over.
+            _ = out_tx.room(), if b.out.qos0_waiting() => {}
+            _ = in_tx.room(), if b.inn.qos0_waiting() => {}
             Some(done) = tasks.join_next() => {
                 if let Err(e) = done && e.is_panic() {
                     return Err(fail("a bridge task panicked"));

@@ -332,8 +332,11 @@ pub(super) async fn run(
         let mut pkids: HashMap<u16, u64> = HashMap::new();
         let mut probe = tokio::time::interval(c.primary_retry);
         probe.tick().await;
+        // Acknowledged seqs, reported together once the connection has nothing more ready.
+        let mut acked: Vec<u64> = Vec::new();
         let reason = loop {
             tokio::select! {
+                biased;
                 r = events.poll() => match r {
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(seq) = sent.pop_front()
@@ -343,10 +346,8 @@ pub(super) async fn run(
                         }
                     }
                     Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        if let Some(seq) = pkids.remove(&a.pkid)
-                            && tx.send(FromLink::Delivered { seqs: vec![seq] }).await.is_err()
-                        {
-                            return;
+                        if let Some(seq) = pkids.remove(&a.pkid) {
+                            acked.push(seq);
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -401,6 +402,13 @@ pub(super) async fn run(
                     }
                     Some(_) => {}
                 },
+                // Only when nothing above is ready: one report for a run of acknowledgements.
+                _ = std::future::ready(()), if !acked.is_empty() => {
+                    let seqs = std::mem::take(&mut acked);
+                    if tx.send(FromLink::Delivered { seqs }).await.is_err() {
+                        return;
+                    }
+                }
                 _ = probe.tick(), if index != 0 => {
                     if primary_answers(&c.targets[0]).await {
                         info!(primary = %c.targets[0].url, "primary broker answers again; going back to it");
@@ -412,6 +420,9 @@ pub(super) async fn run(
             }
         };
         warn!(remote = %target.url, "bridge connection lost: {reason}");
+        if !acked.is_empty() && tx.send(FromLink::Delivered { seqs: acked }).await.is_err() {
+            return;
+        }
         if tx.send(FromLink::Down { epoch, reason }).await.is_err() {
             return;
         }

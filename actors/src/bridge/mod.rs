@@ -11,7 +11,8 @@
 //! numbered by the spool), so Colony to Colony forwarding is exactly once across restarts and
 //! outages; an external broker acknowledges with PUBACK/PUBREC, and what was in flight when the
 //! connection broke is sent again (at least once). QoS 0 messages are forwarded while the far
-//! side is reachable and otherwise dropped (counted).
+//! side is reachable and otherwise dropped (counted); while it is merely busy they wait, up to a
+//! bound per direction, and only the oldest past it are dropped (counted).
 //!
 //! Loops: the bridge subscribes with no-local (its own publishes do not come back to it), and
 //! every message carries the brokers it has been in (`hops`; an MQTT 5 user property

@@ -111,42 +111,14 @@ pub struct Spool {
     conn: Connection,
     bounds: Bounds,
     dirs: [DirCounters; 2],
-    _checkpoints: Checkpointer,
+    /// Acknowledgement marks not yet written: (source, id, when). They only shorten how long a
+    /// notice is remembered, so they ride along with the next commit instead of one of their own.
+    acks: Vec<(String, u64, u64)>,
+    _checkpoints: crate::checkpoint::Checkpointer,
 }
 
-/// Copies the write-ahead log into the database from a thread of its own, so that the fsync a
-/// checkpoint needs never stalls the bridge's appends (SQLite's automatic checkpoint would run
-/// inside a commit).
-struct Checkpointer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Checkpointer {
-    fn start(path: &Path) -> Result<Checkpointer, rusqlite::Error> {
-        let conn = Connection::open(path)?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        std::thread::Builder::new()
-            .name("bridge-spool-checkpoint".into())
-            .spawn(move || {
-                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(std::time::Duration::from_millis(250));
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::debug!("spool checkpoint: {e}");
-                    }
-                }
-            })
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        Ok(Checkpointer { stop })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
+/// Acknowledgement marks held before they are written in a transaction of their own.
+const ACKS_HELD: usize = 4096;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -189,12 +161,13 @@ impl Spool {
     pub fn open(path: &Path, bounds: Bounds) -> Result<Spool, SpoolError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpoints = Checkpointer::start(path)?;
+        let checkpoints =
+            crate::checkpoint::Checkpointer::start(&conn, path, "bridge-spool-checkpoint")?;
         let mut s = Spool {
             conn,
             bounds,
             dirs: [DirCounters::default(); 2],
+            acks: Vec::new(),
             _checkpoints: checkpoints,
         };
         for dir in [Dir::Out, Dir::In] {
@@ -314,6 +287,7 @@ impl Spool {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
+        write_acks(&tx, &self.acks)?;
         let (mut n, mut bytes) = (0, 0);
         {
             let mut del =
@@ -329,6 +303,7 @@ impl Spool {
             }
         }
         tx.commit()?;
+        self.acks.clear();
         let c = &mut self.dirs[dir.index()];
         c.messages = c.messages.saturating_sub(n);
         c.bytes = c.bytes.saturating_sub(bytes);
@@ -340,6 +315,7 @@ impl Spool {
     pub fn expire(&mut self, now_ms: u64) -> Result<u64, SpoolError> {
         let cutoff = now_ms.saturating_sub(self.bounds.max_age_ms) as i64;
         let tx = self.conn.transaction()?;
+        write_acks(&tx, &self.acks)?;
         let mut total = 0;
         for dir in [Dir::Out, Dir::In] {
             let (n, bytes): (u64, u64) = tx.query_row(
@@ -368,23 +344,37 @@ impl Spool {
             params![cutoff, now_ms.saturating_sub(SEEN_AFTER_ACK_MS) as i64],
         )?;
         tx.commit()?;
+        self.acks.clear();
         Ok(total)
     }
 
     /// Notes that the broker `source` has the acknowledgement of `ids`: they are forgotten a
-    /// minute later (at an [`Spool::expire`]).
+    /// minute later (at an [`Spool::expire`]). The marks are written with the next removal or
+    /// expiry (or on their own once [`ACKS_HELD`] wait): a mark lost in a crash only means the
+    /// notice is remembered until the age bound instead.
     pub fn acked(&mut self, source: &str, ids: &[u64], now_ms: u64) -> Result<(), SpoolError> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut up =
-                tx.prepare_cached("UPDATE seen SET acked_ms = ?3 WHERE source = ?1 AND id = ?2")?;
-            for id in ids {
-                up.execute(params![source, *id as i64, now_ms as i64])?;
-            }
+        self.acks
+            .extend(ids.iter().map(|id| (source.to_owned(), *id, now_ms)));
+        if self.acks.len() >= ACKS_HELD {
+            let tx = self.conn.transaction()?;
+            write_acks(&tx, &self.acks)?;
+            tx.commit()?;
+            self.acks.clear();
         }
-        tx.commit()?;
         Ok(())
     }
+}
+
+fn write_acks(tx: &Connection, acks: &[(String, u64, u64)]) -> Result<(), rusqlite::Error> {
+    if acks.is_empty() {
+        return Ok(());
+    }
+    let mut up =
+        tx.prepare_cached("UPDATE seen SET acked_ms = ?3 WHERE source = ?1 AND id = ?2")?;
+    for (source, id, at) in acks {
+        up.execute(params![source, *id as i64, *at as i64])?;
+    }
+    Ok(())
 }
 
 fn save_counters(tx: &Connection, dir: Dir, c: &DirCounters) -> Result<(), rusqlite::Error> {

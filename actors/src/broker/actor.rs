@@ -40,7 +40,7 @@ use crate::host::{ActorContext, ActorEvent, ActorFailure};
 const BATCH: usize = 512;
 /// Connections listed one by one in status (all are counted).
 const STATUS_CHILDREN: usize = 100;
-/// Notices queued for one actor subscriber before more are dropped.
+/// Notices queued for one actor subscriber before more are dropped, at least.
 const NOTICE_QUEUE: usize = 4096;
 
 fn policy(s: &BrokerSettings) -> AccessPolicy {
@@ -54,6 +54,9 @@ struct Shell {
     /// Where each connection comes from and since when.
     meta: HashMap<u64, (ConnMeta, Instant)>,
     notifiers: HashMap<Arc<str>, mpsc::Sender<BrokerNotice>>,
+    /// Notices queued for one actor subscriber (a bridge, a collector) while it is busy; past
+    /// this QoS 0 ones are dropped and counted, as for a client connection.
+    notice_queue: usize,
     actions: Vec<Action>,
     panics: u64,
 }
@@ -97,7 +100,7 @@ impl Shell {
                     dup,
                 } => {
                     let tx = self.notifiers.entry(to.clone()).or_insert_with(|| {
-                        let (tx, rx) = mpsc::channel(NOTICE_QUEUE);
+                        let (tx, rx) = mpsc::channel(self.notice_queue);
                         tasks.spawn(notify_actor(
                             ctx.cluster.clone(),
                             ctx.address.clone(),
@@ -294,6 +297,9 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         conns: HashMap::new(),
         meta: HashMap::new(),
         notifiers: HashMap::new(),
+        // Like a client connection's queue: `max_inflight` + `max_queued`, at least 4096.
+        notice_queue: settings.limits.max_inflight as usize
+            + (settings.limits.max_queued as usize).max(NOTICE_QUEUE),
         actions: Vec::new(),
         panics: 0,
     };

@@ -28,6 +28,8 @@ type SessionMessages = (Vec<InFlight>, Vec<(u64, Message)>);
 /// The SQLite file.
 pub struct BrokerStore {
     db: Connection,
+    /// Checkpoints the write-ahead log from a thread of its own, so no commit waits for fsync.
+    _checkpoints: crate::checkpoint::Checkpointer,
 }
 
 const SCHEMA: &str = "
@@ -171,7 +173,11 @@ impl BrokerStore {
                 db.execute_batch(alter)?;
             }
         }
-        Ok(BrokerStore { db })
+        let checkpoints = crate::checkpoint::Checkpointer::start(&db, path, "broker-checkpoint")?;
+        Ok(BrokerStore {
+            db,
+            _checkpoints: checkpoints,
+        })
     }
 
     /// Everything a previous run left.
