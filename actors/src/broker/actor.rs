@@ -576,6 +576,7 @@ fn status(core: &BrokerCore, detail: &serde_json::Value) -> serde_json::Value {
                     "filters": filters,
                     "inflight": q.inflight_len(),
                     "queued": q.queued_len(),
+                    "window": q.window,
                 }),
             )
         })
