@@ -541,6 +541,15 @@ source = {{ broker = "core/broker", topics = ["sensors/#"], via = "actor" }}
         &["call", "core/store", r#"{"query": {"counts": {}}}"#],
     );
     assert_eq!(counts["reply"]["gaps"], 0, "{counts}");
+    // The collector's in-flight window is four of its batches (5,000 by default), not the
+    // broker's `max_inflight`, also after the broker's restart.
+    let b = c
+        .work
+        .ctl_json("core", &["call", "core/broker", r#"{"status": {}}"#]);
+    assert_eq!(
+        b["reply"]["actor_subscriptions"]["core/store"]["window"], 20_000,
+        "{b}"
+    );
     eprintln!(
         "{total} readings of 50 sensors, sent before and while the collector ran, stored exactly once"
     );

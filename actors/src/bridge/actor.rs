@@ -397,6 +397,7 @@ async fn subscribe(
             qos,
             subscriber: None,
             no_local: true,
+            window: None,
         };
         match cluster
             .call::<_, Vec<Option<u8>>>(&broker, Some(&me), &m, Some(CALL_TIMEOUT))

@@ -40,8 +40,14 @@ use crate::host::{ActorContext, ActorEvent, ActorFailure};
 const BATCH: usize = 512;
 /// Connections listed one by one in status (all are counted).
 const STATUS_CHILDREN: usize = 100;
-/// Notices queued for one actor subscriber before more are dropped, at least.
+/// QoS 0 notices queued for one actor subscriber before more are dropped, at least (the bound
+/// is `max_inflight + max_queued`, as for a client connection).
 const NOTICE_QUEUE: usize = 4096;
+/// Room in one actor subscriber's notice channel besides its QoS 0 bound: QoS 1/2 notices are
+/// bounded by its window, and a redelivery may repeat the whole window.
+const NOTICE_CHANNEL: usize = 2 * super::ACTOR_WINDOW_MAX as usize;
+/// Notices sent to an actor subscriber in one `send_batch`.
+const NOTICE_BATCH: usize = 1024;
 
 fn policy(s: &BrokerSettings) -> AccessPolicy {
     AccessPolicy::new(s.allow_anonymous, s.users.clone(), s.acl.clone())
@@ -100,7 +106,7 @@ impl Shell {
                     dup,
                 } => {
                     let tx = self.notifiers.entry(to.clone()).or_insert_with(|| {
-                        let (tx, rx) = mpsc::channel(self.notice_queue);
+                        let (tx, rx) = mpsc::channel(NOTICE_CHANNEL + self.notice_queue);
                         tasks.spawn(notify_actor(
                             ctx.cluster.clone(),
                             ctx.address.clone(),
@@ -109,12 +115,12 @@ impl Shell {
                         ));
                         tx
                     });
-                    // A QoS 1/2 notice that does not fit stays unacknowledged and goes again later.
-                    if tx
-                        .try_send(BrokerNotice::publish(message, id, dup))
-                        .is_err()
-                        && id.is_none()
-                    {
+                    // A QoS 0 notice for an actor that reads too slowly is dropped; a QoS 1/2 notice
+                    // that does not fit stays unacknowledged and goes again later.
+                    let backlog = tx.max_capacity() - tx.capacity();
+                    let sent = (id.is_some() || backlog < self.notice_queue)
+                        && tx.try_send(BrokerNotice::publish(message, id, dup)).is_ok();
+                    if !sent && id.is_none() {
                         dropped += 1;
                     }
                 }
@@ -185,7 +191,7 @@ impl Shell {
     }
 }
 
-/// Sends notices to one actor subscriber, in order.
+/// Sends notices to one actor subscriber, in order, in batches of what is waiting.
 async fn notify_actor(
     cluster: colony_cluster::Cluster,
     from: Address,
@@ -196,9 +202,16 @@ async fn notify_actor(
         warn!(subscriber = %to, "actor subscriber address does not parse");
         return;
     };
-    while let Some(notice) = rx.recv().await {
-        if let Err(e) = cluster.send(&address, Some(&from), &notice).await {
-            debug!(subscriber = %to, "notice not delivered: {e}");
+    let mut notices = Vec::with_capacity(NOTICE_BATCH);
+    while rx.recv_many(&mut notices, NOTICE_BATCH).await > 0 {
+        let bodies: Vec<bytes::Bytes> = notices
+            .drain(..)
+            .filter_map(|n| colony_cluster::encode_body(&n).ok())
+            .map(bytes::Bytes::from)
+            .collect();
+        // Undelivered QoS 1/2 notices go again when unacknowledged for a while.
+        if let Err(e) = cluster.send_batch(&address, Some(&from), bodies).await {
+            debug!(subscriber = %to, "notices not delivered: {e}");
         }
     }
 }
@@ -290,6 +303,9 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             ..SubOptions::default()
         };
         core.ensure_actor_subscription(&d.subscriber.to_string(), &d.filters, opts);
+        if d.window.is_some() {
+            core.set_actor_window(&d.subscriber.to_string(), d.window);
+        }
     }
     let mut shell = Shell {
         core,
@@ -486,6 +502,7 @@ fn handle_message(
             qos,
             subscriber,
             no_local,
+            window,
         } => match who(subscriber, "subscribe") {
             Ok(who) => {
                 let opts = SubOptions {
@@ -493,7 +510,10 @@ fn handle_message(
                     no_local,
                     ..SubOptions::default()
                 };
-                Reply::Granted(shell.core.actor_subscribe(&who.to_string(), &filters, opts))
+                let who = who.to_string();
+                let granted = shell.core.actor_subscribe(&who, &filters, opts);
+                shell.core.set_actor_window(&who, window);
+                Reply::Granted(granted)
             }
             Err(e) => Reply::Reject(e),
         },
@@ -563,6 +583,7 @@ fn status(core: &BrokerCore, detail: &serde_json::Value) -> serde_json::Value {
                     "filters": filters,
                     "inflight": q.inflight_len(),
                     "queued": q.queued_len(),
+                    "window": q.window,
                 }),
             )
         })

@@ -823,6 +823,17 @@ impl BrokerCore {
         }
     }
 
+    /// Sets the in-flight window `address` asked for (`None`: `limits.max_inflight`; at most
+    /// [`super::ACTOR_WINDOW_MAX`]); with a larger window, queued notices go out now.
+    pub fn set_actor_window(&mut self, address: &str, window: Option<u32>) {
+        let Some(q) = self.actor_subs.get_mut(address) else {
+            return;
+        };
+        q.window = window;
+        let address: Arc<str> = address.into();
+        self.pump_actor(&address);
+    }
+
     /// An actor acknowledges notices by id; the next queued ones go out.
     pub fn actor_ack(&mut self, address: &str, ids: &[u64]) {
         let Some(q) = self.actor_subs.get_mut(address) else {
@@ -889,7 +900,8 @@ impl BrokerCore {
         let Some(q) = self.actor_subs.get_mut(address) else {
             return;
         };
-        for p in q.pump(self.limits.max_inflight as usize) {
+        let window = actor_window(q, &self.limits);
+        for p in q.pump(window) {
             self.counters.messages_out += 1;
             self.notify(address, p);
         }
@@ -1260,12 +1272,8 @@ impl BrokerCore {
         };
         let id = self.next_seq;
         self.next_seq += 1;
-        let offer = q.offer(
-            id,
-            out.clone(),
-            self.limits.max_inflight as usize,
-            self.limits.max_queued as usize,
-        );
+        let window = actor_window(q, &self.limits);
+        let offer = q.offer(id, out.clone(), window, self.limits.max_queued as usize);
         match offer {
             ActorOffer::Dropped => {
                 self.counters.dropped += 1;
@@ -1440,3 +1448,12 @@ fn outbound_packet(out: Outbound) -> ServerPacket {
 #[cfg(test)]
 #[path = "core_tests.rs"]
 mod tests;
+
+/// The in-flight window of an actor subscriber: what it asked for (1 to
+/// [`super::ACTOR_WINDOW_MAX`]) or the broker's `max_inflight`.
+fn actor_window(q: &ActorQueue, limits: &BrokerLimits) -> usize {
+    match q.window {
+        Some(w) => w.clamp(1, super::ACTOR_WINDOW_MAX) as usize,
+        None => limits.max_inflight as usize,
+    }
+}

@@ -808,3 +808,32 @@ fn mqtt5_no_local_retain_handling_and_receive_maximum() {
     sub5(&mut c, 2, "r", qos(0), 1);
     assert!(sent5(&c.take_actions(), 2).is_empty());
 }
+
+#[test]
+fn an_actor_subscriber_gets_the_window_it_asks_for_up_to_the_bound() {
+    let mut c = core();
+    let max = c.limits().max_inflight as usize;
+    c.actor_subscribe("n/c", &["w/#".into()], qos(1));
+    for i in 0..(3 * max) {
+        actor_publish(&mut c, "n/p", &format!("w/{i}"), 1);
+    }
+    assert_eq!(notices(&c.take_actions()).len(), max, "the broker's window");
+    // A larger window sends what was queued behind the old one.
+    c.set_actor_window("n/c", Some(2 * max as u32));
+    assert_eq!(notices(&c.take_actions()).len(), max);
+    // Acknowledging the first half of the window lets as many more out.
+    let ids: Vec<u64> = c
+        .actor_subscriptions()
+        .find(|(a, _)| &***a == "n/c")
+        .map(|(_, q)| q.ids().take(max).collect())
+        .unwrap();
+    c.actor_ack("n/c", &ids);
+    assert_eq!(notices(&c.take_actions()).len(), max);
+    // Beyond the bound, the bound holds.
+    c.set_actor_window("n/c", Some(u32::MAX));
+    let q = c.actor_subscriptions().next().unwrap().1;
+    assert_eq!(
+        super::actor_window(q, c.limits()),
+        crate::broker::ACTOR_WINDOW_MAX as usize
+    );
+}

@@ -22,6 +22,9 @@ pub struct DeclaredSubscription {
     pub qos: u8,
     /// The subscriber's own publishes are not delivered to it.
     pub no_local: bool,
+    /// The in-flight window the subscriber asks for (a collector: a few of its batches), so
+    /// that it holds from the broker's start, before the subscriber subscribes again.
+    pub window: Option<u32>,
 }
 
 /// The actor subscriptions `config` declares on the broker at `broker`.
@@ -42,6 +45,7 @@ pub fn declared_subscriptions(
                         filters: c.source.topics.clone(),
                         qos: c.qos.min(2),
                         no_local: false,
+                        window: Some(crate::collector::actor_window(c.batch_size)),
                     });
                 }
             }
@@ -63,6 +67,7 @@ pub fn declared_subscriptions(
                             filters,
                             qos,
                             no_local: true,
+                            window: None,
                         });
                     }
                 }
@@ -134,6 +139,7 @@ source = { broker = "n1/other", topics = ["d/#"], via = "actor" }
                 filters: vec!["a/#".into(), "b".into()],
                 qos: 1,
                 no_local: false,
+                window: Some(crate::collector::actor_window(5000)),
             }]
         );
         let other: Address = "n1/other".parse().unwrap();

@@ -29,7 +29,8 @@
 //!
 //! Actor subscriptions are reliable at QoS 1 and 2: each notice carries an `id`, stays in the
 //! store until the subscriber sends `ack {ids}`, at most `limits.max_inflight` are unacknowledged
-//! per subscriber (up to `limits.max_queued` more wait; beyond that they are dropped and counted),
+//! per subscriber unless it asked for its own `window` when subscribing (at most
+//! [`ACTOR_WINDOW_MAX`]; a collector asks for a few of its batches) (up to `limits.max_queued` more wait; beyond that they are dropped and counted),
 //! and unacknowledged ones go again, in order and marked `dup`, when the subscriber subscribes
 //! again and after a few seconds. Subscriptions, queues and what is in flight survive the broker
 //! actor's restart. Subscriptions the config implies (collectors with `via = "actor"`,
@@ -92,6 +93,11 @@ pub struct PublishStream {
     pub seq: u64,
 }
 
+/// The largest in-flight window an actor subscriber may ask for in
+/// [`BrokerMessage::Subscribe`]: larger requests get this many. The notices in flight are held in
+/// the broker's memory (and store) until acknowledged.
+pub const ACTOR_WINDOW_MAX: u32 = 65_536;
+
 /// What the broker accepts from other actors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -112,6 +118,12 @@ pub enum BrokerMessage {
         /// Publishes sent by the subscriber itself are not delivered to it.
         #[serde(default)]
         no_local: bool,
+        /// The most QoS 1/2 notices unacknowledged at a time this subscriber wants (at most
+        /// [`ACTOR_WINDOW_MAX`]); `None` for the broker's `limits.max_inflight`. A subscriber
+        /// that acknowledges in batches asks for a few batches, so that the broker keeps sending
+        /// while it commits.
+        #[serde(default)]
+        window: Option<u32>,
     },
     /// Removes the sender's (or `subscriber`'s) subscriptions to `filters`, or all when empty.
     Unsubscribe {

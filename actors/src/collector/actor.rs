@@ -68,8 +68,9 @@ struct Collector {
     checkpoint_at: Instant,
     /// The cluster, this collector's address and its broker, to acknowledge notices.
     actor_source: Option<(colony_cluster::Cluster, Address, Address)>,
-    /// Commit once this many notices wait for acknowledgement: half the broker's in-flight
-    /// window, so that it never stalls waiting for a batch's time bound.
+    /// Commit once this many notices wait for acknowledgement: over MQTT half the broker's
+    /// in-flight window, so that it never stalls waiting for a batch's time bound; by actor a
+    /// batch (the window asked for holds several).
     ack_window: usize,
     seen: HashMap<String, (Option<String>, u64)>,
     devices: HashMap<String, SocketAddr>,
@@ -336,6 +337,13 @@ impl Collector {
     }
 }
 
+/// Notices acknowledged at once by a collector subscribed by actor: a batch, or half the window
+/// when the broker caps it below two batches.
+fn ack_threshold(batch_size: usize) -> usize {
+    let half_window = super::actor_window(batch_size) as usize / 2;
+    batch_size.clamp(1, half_window.max(1))
+}
+
 fn resolve(dir: &std::path::Path, p: PathBuf) -> PathBuf {
     if p.is_absolute() { p } else { dir.join(p) }
 }
@@ -475,16 +483,20 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             CollectorVia::Actor => actor_subscribed = false,
         }
     }
-    let ack_window = settings
-        .source
-        .broker
-        .as_ref()
-        .and_then(|b| match &ctx.config.actor(b)?.settings {
-            ActorSettings::Broker(bs) => Some(usize::from(bs.limits.max_inflight) / 2),
-            _ => None,
-        })
-        .unwrap_or(ACK_WINDOW)
-        .max(1);
+    let ack_window = match settings.source.via {
+        // Whole batches, as the window asked for holds several.
+        CollectorVia::Actor => ack_threshold(settings.batch_size),
+        CollectorVia::Mqtt => settings
+            .source
+            .broker
+            .as_ref()
+            .and_then(|b| match &ctx.config.actor(b)?.settings {
+                ActorSettings::Broker(bs) => Some(usize::from(bs.limits.max_inflight) / 2),
+                _ => None,
+            })
+            .unwrap_or(ACK_WINDOW)
+            .max(1),
+    };
     let actor_source = match (&settings.source.broker, settings.source.via) {
         (Some(b), CollectorVia::Actor) => {
             Some((ctx.cluster.clone(), ctx.address.clone(), b.clone()))
@@ -525,6 +537,11 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     c.settings.format = s.format;
                     c.settings.batch_size = s.batch_size;
                     c.settings.flush_ms = s.flush_ms;
+                    if c.actor_source.is_some() {
+                        // Ask for the window that fits the new batches.
+                        c.ack_window = ack_threshold(s.batch_size);
+                        actor_subscribed = false;
+                    }
                 }
                 ActorEvent::Reconfigure(_) => {}
                 ActorEvent::Message(d) => {
@@ -562,15 +579,22 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             },
             _ = sleep_until(deadline) => {}
             _ = tick.tick() => {
-                // A checkpoint comes due even when readings have stopped.
-                if c.tracker.changed() > 0
-                    && c.checkpoint_at.elapsed() >= CHECKPOINT_EVERY
+                // A checkpoint comes due even when readings have stopped, and notices that were
+                // all duplicates (no batch, no deadline) are acknowledged.
+                if (!c.actor_acks.is_empty()
+                    || (c.tracker.changed() > 0 && c.checkpoint_at.elapsed() >= CHECKPOINT_EVERY))
                     && let Err(e) = c.flush(mqtt_client.as_ref()).await
                 {
                     break Err(e);
                 }
                 if !actor_subscribed && let Some(broker) = &c.settings.source.broker {
-                    let m = BrokerMessage::Subscribe { filters: c.settings.source.topics.clone(), qos: c.settings.qos, subscriber: None, no_local: false };
+                    let m = BrokerMessage::Subscribe {
+                        filters: c.settings.source.topics.clone(),
+                        qos: c.settings.qos,
+                        subscriber: None,
+                        no_local: false,
+                        window: Some(super::actor_window(c.settings.batch_size)),
+                    };
                     let r: Result<Vec<Option<u8>>, CallError> = ctx.cluster.call(broker, Some(&ctx.address), &m, Some(Duration::from_secs(2))).await;
                     match r {
                         Ok(_) => { actor_subscribed = true; info!(%broker, "subscribed as an actor"); }

@@ -33,8 +33,11 @@
 //!
 //! Storage ([`store`]): the `database` file (relative to the actor's data directory) in WAL mode;
 //! a transaction commits `batch_size` readings or whatever waited `flush_ms`, and on shutdown
-//! (over MQTT and by actor at QoS 1 also whenever half the broker's in-flight window waits for
-//! acknowledgement: raise the broker's `limits.max_inflight` for larger batches). `synchronous`
+//! (over MQTT at QoS 1 also whenever half the broker's in-flight window waits for
+//! acknowledgement: raise the broker's `limits.max_inflight` for larger batches). By actor, the
+//! collector asks the broker for a window of [`WINDOW_BATCHES`] batches ([`actor_window`]), so
+//! the broker keeps sending while a batch commits, and acknowledges each committed batch in one
+//! `ack` (also when the broker caps the window: then at half of it). `synchronous`
 //! (`normal` by default, or `full`) says whether a commit, and so an acknowledgement, survives
 //! only the process dying or also an OS crash or power cut.
 //! Tables: `readings` (source, epoch, seq, topic, value = the value named `value` or the first,
@@ -56,6 +59,18 @@
 //! commit fails the actor (its supervisor restarts it; nothing unacknowledged was acknowledged).
 
 mod actor;
+
+/// Batches of readings a collector subscribed by actor asks the broker to have in flight.
+pub const WINDOW_BATCHES: usize = 4;
+
+/// The in-flight window a collector subscribed by actor asks its broker for: [`WINDOW_BATCHES`]
+/// batches of `batch_size`, at most the broker's [`crate::broker::ACTOR_WINDOW_MAX`].
+pub fn actor_window(batch_size: usize) -> u32 {
+    let w = batch_size.max(1).saturating_mul(WINDOW_BATCHES);
+    u32::try_from(w)
+        .unwrap_or(u32::MAX)
+        .min(crate::broker::ACTOR_WINDOW_MAX)
+}
 pub mod batch;
 pub mod sequence;
 pub mod store;
