@@ -247,3 +247,28 @@ impl ActorContext {
         }
     }
 }
+
+/// How long a start waits for an address still held by the actor's previous instance.
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Binds with `bind`, retrying for up to 2 s while the address is in use: a killed or
+/// restarting actor's previous instance may still be letting go of it (its tasks are cancelled
+/// asynchronously). Anyone else still holding it after that gets the error.
+pub async fn bind_retrying<T, F, Fut>(mut bind: F) -> std::io::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + BIND_RETRY;
+    loop {
+        match bind().await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}

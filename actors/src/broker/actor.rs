@@ -276,7 +276,7 @@ async fn bind(
         ),
         None => None,
     };
-    let sock = TcpListener::bind(l.bind)
+    let sock = crate::host::bind_retrying(|| TcpListener::bind(l.bind))
         .await
         .map_err(|e| ActorFailure::new(format!("cannot listen on {}: {e}", l.bind)))?;
     Ok((sock, tls))

@@ -435,7 +435,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     }
     let udp = match settings.source.udp {
         Some(addr) => Some(
-            UdpSocket::bind(addr)
+            crate::host::bind_retrying(|| UdpSocket::bind(addr))
                 .await
                 .map_err(|e| fail(format!("cannot bind UDP {addr}: {e}")))?,
         ),
