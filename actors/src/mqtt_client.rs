@@ -76,33 +76,14 @@ impl MqttTarget {
 
     /// A broker by URL; `ca` (PEM) is what an `mqtts://` broker's certificate must chain to.
     pub fn url(url: &str, ca: Option<&Path>) -> Result<MqttTarget, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else {
-            return Err(format!("'{url}' must start with mqtt:// or mqtts://"));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("'{url}': the port is not a number"))?,
-            ),
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("'{url}' names no host"));
-        }
+        let (tls, host, port) = parse_url(url)?;
         let tls = if tls {
             Some(Arc::new(client_tls(ca)?))
         } else {
             None
         };
         Ok(MqttTarget {
-            host: host.to_owned(),
+            host,
             port,
             tls,
             credentials: None,
@@ -124,6 +105,32 @@ impl MqttTarget {
         }
         o
     }
+}
+
+/// Splits `mqtt://host[:port]` or `mqtts://host[:port]` (an IPv6 host in brackets) into whether
+/// it is TLS, the host and the port (1883, or 8883 for TLS, when absent).
+pub fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!("'{url}' must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("'{url}': the port is not a number"))?,
+        ),
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("'{url}' names no host"));
+    }
+    Ok((tls, host.to_owned(), port))
 }
 
 fn plain_listener(b: &BrokerSettings) -> Option<std::net::SocketAddr> {

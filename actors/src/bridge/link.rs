@@ -83,26 +83,7 @@ pub(super) struct LinkConfig {
 
 /// Parses `mqtt://host[:port]` or `mqtts://host[:port]`.
 pub(super) fn target(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Target, String> {
-    let (secure, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("mqtt://") {
-        (false, r)
-    } else {
-        return Err(format!("'{url}' must start with mqtt:// or mqtts://"));
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| format!("'{url}': the port is not a number"))?,
-        ),
-        _ => (rest, if secure { 8883 } else { 1883 }),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(format!("'{url}' names no host"));
-    }
+    let (secure, host, port) = crate::mqtt_client::parse_url(url)?;
     let tls = if secure {
         Some(
             tls.cloned()
@@ -113,7 +94,7 @@ pub(super) fn target(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Resu
     };
     Ok(Target {
         url: url.to_owned(),
-        host: host.to_owned(),
+        host,
         port,
         tls,
     })
