@@ -83,8 +83,7 @@ pub fn make_certs(dir: &Path) {
     }
 }
 
-/// A running `mosquitto_sub -d -v`; its `topic payload` lines arrive on a channel. Killed on
-/// drop.
+/// A running `mosquitto_sub -d -v`; its payload lines arrive on a channel. Killed on drop.
 pub struct Sub {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -94,8 +93,15 @@ pub struct Sub {
 impl Sub {
     /// Starts `mosquitto_sub -d -v -h 127.0.0.1 -p PORT ARGS` and waits for its SUBACK.
     pub fn start(dir: &Path, port: u16, args: &[&str]) -> Sub {
+        let sub = Sub::spawn(dir, port, args);
+        sub.wait_ready();
+        sub
+    }
+
+    /// Starts `mosquitto_sub -d -v -h 127.0.0.1 -p PORT ARGS` without waiting for anything.
+    pub fn spawn(dir: &Path, port: u16, args: &[&str]) -> Sub {
         let port = port.to_string();
-        // stdbuf: mosquitto_sub's lines are otherwise block-buffered into the pipe.
+        // stdbuf: mosquitto_sub's debug lines are otherwise block-buffered into the pipe.
         let mut child = Command::new("stdbuf")
             .args([
                 "-oL",
@@ -115,8 +121,8 @@ impl Sub {
             .expect("run mosquitto_sub");
         let (tx, lines) = mpsc::channel();
         let (dtx, debug) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = child.stderr.take().expect("stderr");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
         let dtx2 = dtx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -135,30 +141,42 @@ impl Sub {
                 let _ = dtx2.send(line);
             }
         });
-        let sub = Sub {
+        Sub {
             child,
             lines,
             debug,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        }
+    }
+
+    /// Waits for the SUBACK (or a refusal); returns the debug lines seen.
+    pub fn wait_for_debug(&self, what: &str, limit: Duration) -> Option<String> {
+        let deadline = Instant::now() + limit;
         let mut seen = String::new();
-        loop {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("mosquitto_sub got no SUBACK:\n{seen}"));
-            match sub.debug.recv_timeout(left) {
-                Ok(l) if l.contains("SUBACK") => break,
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.debug.recv_timeout(left) {
                 Ok(l) => {
                     seen.push_str(&l);
                     seen.push('\n');
+                    if l.contains(what) {
+                        return Some(seen);
+                    }
                 }
-                Err(_) => panic!("mosquitto_sub got no SUBACK:\n{seen}"),
+                Err(_) => break,
             }
         }
-        sub
+        None
     }
 
-    /// Lines (`topic payload`) until `n` have come or `limit` passes.
+    /// Panics unless its SUBACK comes within 10 s.
+    pub fn wait_ready(&self) {
+        assert!(
+            self.wait_for_debug("SUBACK", Duration::from_secs(10))
+                .is_some(),
+            "mosquitto_sub got no SUBACK"
+        );
+    }
+
+    /// The next `n` payload lines (`topic payload`), waiting at most `limit` in all.
     pub fn take(&self, n: usize, limit: Duration) -> Vec<String> {
         let deadline = Instant::now() + limit;
         let mut got = Vec::new();

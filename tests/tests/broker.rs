@@ -3,12 +3,11 @@
 //!
 //! Needs `mosquitto-clients`, `python3-paho-mqtt` and `openssl` (installed by `.ci/test`).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
+use colony_tests::mqtt::{Sub, make_certs};
 use colony_tests::*;
 
 // argon2id hashes of "alice-pw" and "bob-pw" (made with `colony passwd`).
@@ -21,79 +20,6 @@ struct Broker {
     tcp: u16,
     tls: u16,
     mtls: u16,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A test CA, a server certificate for 127.0.0.1 and a client certificate.
-fn make_certs(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=mqtt-test-ca",
-    ]);
-    openssl(dir, &ca);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
-        let key = format!("{name}.key");
-        let csr = format!("{name}.csr");
-        let pem = format!("{name}.pem");
-        let subj = format!("/CN={name}");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        openssl(dir, &req);
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                ext,
-            ],
-        );
-    }
 }
 
 fn start() -> Broker {
@@ -190,120 +116,6 @@ impl Broker {
         let sub = Sub::spawn(self.dir(), port, args);
         sub.wait_ready();
         sub
-    }
-}
-
-/// A running `mosquitto_sub -d -v`; its payload lines arrive on a channel. Killed on drop.
-struct Sub {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    debug: mpsc::Receiver<String>,
-}
-
-impl Sub {
-    fn spawn(dir: &Path, port: u16, args: &[&str]) -> Sub {
-        let port = port.to_string();
-        // stdbuf: mosquitto_sub's debug lines are otherwise block-buffered into the pipe.
-        let mut child = Command::new("stdbuf")
-            .args([
-                "-oL",
-                "mosquitto_sub",
-                "-d",
-                "-v",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-            ])
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run mosquitto_sub");
-        let (tx, lines) = mpsc::channel();
-        let (dtx, debug) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let dtx2 = dtx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("Client ")
-                    || line.starts_with("All subscription")
-                    || line.starts_with("Subscribed (mid")
-                {
-                    let _ = dtx.send(line);
-                } else {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = dtx2.send(line);
-            }
-        });
-        Sub {
-            child,
-            lines,
-            debug,
-        }
-    }
-
-    /// Waits for the SUBACK (or a refusal); returns the debug lines seen.
-    fn wait_for_debug(&self, what: &str, limit: Duration) -> Option<String> {
-        let deadline = Instant::now() + limit;
-        let mut seen = String::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.debug.recv_timeout(left) {
-                Ok(l) => {
-                    seen.push_str(&l);
-                    seen.push('\n');
-                    if l.contains(what) {
-                        return Some(seen);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        None
-    }
-
-    fn wait_ready(&self) {
-        assert!(
-            self.wait_for_debug("SUBACK", Duration::from_secs(10))
-                .is_some(),
-            "mosquitto_sub got no SUBACK"
-        );
-    }
-
-    /// The next `n` payload lines (`topic payload`), waiting at most `limit` in all.
-    fn take(&self, n: usize, limit: Duration) -> Vec<String> {
-        let deadline = Instant::now() + limit;
-        let mut got = Vec::new();
-        while got.len() < n {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            match self.lines.recv_timeout(left) {
-                Ok(l) => got.push(l),
-                Err(_) => break,
-            }
-        }
-        got
-    }
-
-    /// Whatever arrives within `wait`.
-    fn quiet(&self, wait: Duration) -> Vec<String> {
-        std::thread::sleep(wait);
-        self.lines.try_iter().collect()
-    }
-}
-
-impl Drop for Sub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
