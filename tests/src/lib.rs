@@ -301,3 +301,31 @@ pub fn healthy(status: &serde_json::Value) -> bool {
                 .is_some_and(|a| a.iter().all(|a| a["state"] == "running"))
     })
 }
+
+/// Runs `sqlite3 -json FILE SQL` (the CLI a user queries a collector's file with) and parses the
+/// rows.
+pub fn sqlite(db: &Path, sql: &str) -> Vec<serde_json::Value> {
+    let out = Command::new("sqlite3")
+        .arg("-json")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("run sqlite3");
+    assert!(
+        out.status.success(),
+        "sqlite3 {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("sqlite3 JSON")
+}
+
+/// The first column of the first row `sqlite3` returns for `sql`, as a number (-1 if none).
+pub fn count(db: &Path, sql: &str) -> i64 {
+    sqlite(db, sql)
+        .first()
+        .and_then(|r| r.as_object()?.values().next()?.as_i64())
+        .unwrap_or(-1)
+}

@@ -9,32 +9,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use colony_tests::*;
 
-/// Runs `sqlite3 -json FILE SQL` and parses the rows.
-fn sqlite(db: &Path, sql: &str) -> Vec<serde_json::Value> {
-    let out = Command::new("sqlite3")
-        .arg("-json")
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("run sqlite3");
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Vec::new();
-    }
-    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("sqlite3 JSON")
-}
-
-fn count(db: &Path, sql: &str) -> i64 {
-    sqlite(db, sql)
-        .first()
-        .and_then(|r| r.as_object()?.values().next()?.as_i64())
-        .unwrap_or(-1)
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -555,75 +529,6 @@ source = {{ broker = "core/broker", topics = ["sensors/#"], via = "actor" }}
     );
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-}
-
-/// A test CA (`mqtt-ca.pem`) and a server certificate for 127.0.0.1 (`mqtt-server.pem`/`.key`).
-fn make_server_cert(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "mqtt-ca.key",
-        "-out",
-        "mqtt-ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=sensor-test-ca",
-    ]);
-    openssl(dir, &ca);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let mut req = vec!["req"];
-    req.extend(ec);
-    req.extend([
-        "-keyout",
-        "mqtt-server.key",
-        "-out",
-        "mqtt-server.csr",
-        "-subj",
-        "/CN=broker",
-    ]);
-    openssl(dir, &req);
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "mqtt-server.csr",
-            "-CA",
-            "mqtt-ca.pem",
-            "-CAkey",
-            "mqtt-ca.key",
-            "-CAcreateserial",
-            "-out",
-            "mqtt-server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
-    );
-}
-
 fn password_hash(password: &str) -> String {
     let out = Command::new(colony_bin())
         .args(["passwd", "--password", password])
@@ -646,7 +551,7 @@ name = "broker"
 node = "core"
 kind = "broker"
 listen = "127.0.0.1:{tcp}"
-listeners = [ {{ bind = "127.0.0.1:{tls}", tls = {{ cert = "mqtt-server.pem", key = "mqtt-server.key" }} }} ]
+listeners = [ {{ bind = "127.0.0.1:{tls}", tls = {{ cert = "server.pem", key = "server.key" }} }} ]
 users = [ {{ name = "sensor", password_hash = "{hash}" }} ]
 
 [[actor]]
@@ -663,7 +568,7 @@ name = "cbor"
 node = "core"
 kind = "sensor_group"
 url = "mqtts://127.0.0.1:{tls}"
-ca = "mqtt-ca.pem"
+ca = "ca.pem"
 username = "sensor"
 password = "s3cret"
 qos = 1
@@ -691,7 +596,7 @@ name = "gas"
 node = "core"
 kind = "sensor_group"
 url = "mqtts://127.0.0.1:{tls}"
-ca = "mqtt-ca.pem"
+ca = "ca.pem"
 username = "sensor"
 password = "s3cret"
 qos = 1
@@ -705,7 +610,7 @@ name = "intruder"
 node = "core"
 kind = "sensor_group"
 url = "mqtts://127.0.0.1:{tls}"
-ca = "mqtt-ca.pem"
+ca = "ca.pem"
 username = "sensor"
 password = "wrong"
 count = 1
@@ -713,7 +618,7 @@ interval_ms = 200
 topic = "intruder/{{id}}"
 "#
         ),
-        make_server_cert,
+        colony_tests::mqtt::make_certs,
     );
     for group in ["cbor", "tpl", "gas"] {
         let n = if group == "cbor" { 3 } else { 2 };

@@ -9,32 +9,6 @@ use std::time::Duration;
 
 use colony_tests::*;
 
-/// Runs `sqlite3 -json FILE SQL` and parses the rows.
-fn sqlite(db: &Path, sql: &str) -> Vec<serde_json::Value> {
-    let out = Command::new("sqlite3")
-        .arg("-json")
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("run sqlite3");
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Vec::new();
-    }
-    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("sqlite3 JSON")
-}
-
-fn count(db: &Path, sql: &str) -> i64 {
-    sqlite(db, sql)
-        .first()
-        .and_then(|r| r.as_object()?.values().next()?.as_i64())
-        .unwrap_or(-1)
-}
-
 struct Cluster {
     work: Workdir,
     node: NodeProc,
