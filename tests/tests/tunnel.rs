@@ -661,6 +661,12 @@ fn routers_restore_forwarding_and_remove_nat_when_they_stop_and_report_every_int
         lab.active().as_deref() == Some("ra/tun")
     });
     assert!(ok, "{:?}", lab.endpoint());
+    // The restarted router's first packet may find its NAT still being installed: wait for one
+    // answer, then nothing may be lost.
+    let answered = wait_for(Duration::from_secs(10), || {
+        ping(&lab, &["-c", "1", "-W", "1", SERVER_V4]).contains(" 0% packet loss")
+    });
+    assert!(answered, "no answer through the restarted router");
     let out = ping(&lab, &["-c", "5", "-i", "0.05", "-W", "1", SERVER_V4]);
     assert!(out.contains(" 0% packet loss"), "{out}");
 }
