@@ -739,7 +739,7 @@ fn link_config(
                 _ => None,
             };
             Some(Arc::new(
-                link::tls_config(
+                crate::mqtt_client::tls_config(
                     &ca,
                     client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
                 )

@@ -39,7 +39,7 @@ use super::packet::{
 use super::retained::{RetainChange, RetainedStore};
 pub use super::session::Subscriber;
 use super::session::{Ack, AckOutcome, InFlight, Message, Offer, OutState, Outbound, Session};
-use super::topic::{SubOptions, SubscriptionTrie, is_valid_topic_name, parse_filter};
+use super::topic::{ParsedFilter, SubOptions, SubscriptionTrie, is_valid_topic_name, parse_filter};
 
 /// A connection's id, unique for the life of the broker actor.
 pub type ConnId = u64;
@@ -724,19 +724,7 @@ impl BrokerCore {
                 out.push(None);
                 continue;
             };
-            self.trie
-                .insert(f.filter, f.group, Subscriber::Actor(address.clone()), opts);
-            self.actor_subs
-                .entry(address.clone())
-                .or_default()
-                .filters
-                .insert(raw.clone(), opts);
-            self.store.push(StoreOp::PutActorSubscription {
-                address: address.to_string(),
-                filter: raw.clone(),
-                qos: opts.qos,
-                no_local: opts.no_local,
-            });
+            self.add_actor_filter(&address, raw, f, opts);
             out.push(Some(opts.qos));
             fresh.push(raw.clone());
         }
@@ -745,6 +733,30 @@ impl BrokerCore {
             self.send_retained(&Subscriber::Actor(address.clone()), &raw, opts.qos);
         }
         out
+    }
+
+    /// Subscribes the actor at `address` to one parsed filter (`raw` as written): in the trie, in
+    /// its subscription list, and in the store.
+    fn add_actor_filter(
+        &mut self,
+        address: &Arc<str>,
+        raw: &str,
+        f: ParsedFilter<'_>,
+        opts: SubOptions,
+    ) {
+        self.trie
+            .insert(f.filter, f.group, Subscriber::Actor(address.clone()), opts);
+        self.actor_subs
+            .entry(address.clone())
+            .or_default()
+            .filters
+            .insert(raw.to_owned(), opts);
+        self.store.push(StoreOp::PutActorSubscription {
+            address: address.to_string(),
+            filter: raw.to_owned(),
+            qos: opts.qos,
+            no_local: opts.no_local,
+        });
     }
 
     /// Makes sure `address` is subscribed to `filters` with `opts` (a declared subscription):
@@ -771,19 +783,7 @@ impl BrokerCore {
         let address: Arc<str> = address.into();
         for raw in &missing {
             let Some(f) = parse_filter(raw) else { continue };
-            self.trie
-                .insert(f.filter, f.group, Subscriber::Actor(address.clone()), opts);
-            self.actor_subs
-                .entry(address.clone())
-                .or_default()
-                .filters
-                .insert(raw.clone(), opts);
-            self.store.push(StoreOp::PutActorSubscription {
-                address: address.to_string(),
-                filter: raw.clone(),
-                qos: opts.qos,
-                no_local: opts.no_local,
-            });
+            self.add_actor_filter(&address, raw, f, opts);
         }
         for raw in missing {
             self.send_retained(&Subscriber::Actor(address.clone()), &raw, opts.qos);
