@@ -329,3 +329,26 @@ pub fn count(db: &Path, sql: &str) -> i64 {
         .and_then(|r| r.as_object()?.values().next()?.as_i64())
         .unwrap_or(-1)
 }
+
+/// Asserts that a collector's file holds `sources` sources whose readings are exactly
+/// 1..=max(seq), each once; returns how many readings there are.
+pub fn assert_exactly_once(db: &Path, sources: i64) -> i64 {
+    let rows = sqlite(
+        db,
+        "select source, count(*) as n, count(distinct seq) as d, min(seq) as lo, max(seq) as hi \
+         from readings group by source",
+    );
+    assert_eq!(rows.len() as i64, sources, "sources: {rows:?}");
+    let mut total = 0;
+    for r in &rows {
+        let (n, d, lo, hi) = (
+            r["n"].as_i64().unwrap(),
+            r["d"].as_i64().unwrap(),
+            r["lo"].as_i64().unwrap(),
+            r["hi"].as_i64().unwrap(),
+        );
+        assert!(n == d && lo == 1 && hi == n, "not exactly once: {r}");
+        total += n;
+    }
+    total
+}

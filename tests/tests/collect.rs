@@ -430,28 +430,6 @@ limits = {{ max_queued = 200000, max_inflight = 256 }}
     )
 }
 
-/// Every source's readings are exactly 1..=max(seq), each once; returns the total.
-fn assert_exactly_once(db: &Path, sources: i64) -> i64 {
-    let rows = sqlite(
-        db,
-        "select source, count(*) as n, count(distinct seq) as d, min(seq) as lo, max(seq) as hi \
-         from readings group by source",
-    );
-    assert_eq!(rows.len() as i64, sources, "sources: {rows:?}");
-    let mut total = 0;
-    for r in &rows {
-        let (n, d, lo, hi) = (
-            r["n"].as_i64().unwrap(),
-            r["d"].as_i64().unwrap(),
-            r["lo"].as_i64().unwrap(),
-            r["hi"].as_i64().unwrap(),
-        );
-        assert!(n == d && lo == 1 && hi == n, "not exactly once: {r}");
-        total += n;
-    }
-    total
-}
-
 #[test]
 fn via_actor_readings_sent_before_the_collector_runs_are_stored_exactly_once() {
     let mqtt = free_tcp_port();
