@@ -198,10 +198,17 @@ struct Stream {
     hops: usize,
 }
 
-/// Estimates what `config` moves.
+/// Estimates what `config` moves, sizing host readings by this machine's metrics.
 pub fn estimate(config: &ClusterConfig) -> Plan {
+    estimate_with(config, &sensor_group::host_reading_sample())
+}
+
+/// Estimates what `config` moves, a host sensor's reading carrying `host_values` (pure: the
+/// same inputs give the same plan).
+pub fn estimate_with(config: &ClusterConfig, host_values: &BTreeMap<String, f64>) -> Plan {
     let mut p = Planner {
         config,
+        host_values,
         flows: Vec::new(),
         notes: Vec::new(),
         stored: BTreeMap::new(),
@@ -214,6 +221,7 @@ pub fn estimate(config: &ClusterConfig) -> Plan {
 
 struct Planner<'a> {
     config: &'a ClusterConfig,
+    host_values: &'a BTreeMap<String, f64>,
     flows: Vec<Flow>,
     notes: Vec<String>,
     stored: BTreeMap<String, f64>,
@@ -281,7 +289,8 @@ impl Planner<'_> {
         let group = address.actor();
         let rate = f64::from(s.count) * 1000.0 / s.interval_ms.max(1) as f64;
         let topic = sensor_group::simulated_topic(s, node, group, 1);
-        let payload = sensor_group::simulated_payload(s, node, group, 1, 1, now_ms(), false).len();
+        let payload =
+            sensor_group::simulated_payload(s, node, group, 1, 1, SAMPLE_TS_MS, false).len();
         let (to, to_node, transport) = match (&s.broker, &s.url) {
             (Some(b), _) => (b.to_string(), Some(b.node().to_owned()), Transport::Mqtt),
             (None, Some(url)) => (
@@ -333,7 +342,7 @@ impl Planner<'_> {
             s.ping.len() + s.tcp.len() + s.dns.len()
         };
         let values = if s.source == SensorSource::Host {
-            sensor_group::host_reading_sample()
+            self.host_values.clone()
         } else {
             // A ping result: min, avg, max, jitter, loss; TCP and DNS results carry fewer.
             [
@@ -349,7 +358,7 @@ impl Planner<'_> {
         };
         let sample = Reading {
             values,
-            ..Reading::single(address.to_string(), 1, now_ms(), 0.0)
+            ..Reading::single(address.to_string(), 1, SAMPLE_TS_MS, 0.0)
         };
         let payload = reading::encode(&sample, ReadingFormat::Cbor, 0).len();
         let rate = per_round as f64 * 1000.0 / s.interval_ms.max(1) as f64;
@@ -665,12 +674,9 @@ pub fn mqtt_publish_size(topic: &str, payload: usize, qos: u8) -> usize {
     1 + length_bytes + remaining
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// The send time written into sample payloads: a present-day Unix time in milliseconds, as
+/// wide as the real ones.
+const SAMPLE_TS_MS: u64 = 1_800_000_000_000;
 
 #[cfg(test)]
 mod tests {
@@ -850,8 +856,12 @@ source = { broker = "cloud/broker", topics = ["site-a/#"], via = "actor" }
 
     #[test]
     fn host_sensors_report_by_message() {
-        let plan = estimate(&config(
-            r#"
+        // A host reading as this module sizes it: overall and per-core CPU, memory, load, disks and
+        // interfaces.
+        let host: BTreeMap<String, f64> = (0..24).map(|i| (format!("metric.{i}"), 1.5)).collect();
+        let plan = estimate_with(
+            &config(
+                r#"
 [[actor]]
 name = "host"
 node = "site"
@@ -866,7 +876,9 @@ node = "core"
 kind = "collector"
 database = "r.sqlite"
 "#,
-        ));
+            ),
+            &host,
+        );
         let f = &plan.flows[0];
         assert_eq!(f.transport, Transport::Cluster);
         assert_eq!(f.messages_per_sec, 0.5);

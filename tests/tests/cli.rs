@@ -172,3 +172,59 @@ fn json_logs_are_one_object_per_line_with_the_node() {
         .expect("node up line");
     assert_eq!(node_up["span"]["node"], "solo", "{node_up}");
 }
+
+#[test]
+fn plan_estimates_an_example_and_answers_bad_input_clearly() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let out = colony(&examples, &["plan", "gas-detection.toml"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    for section in ["FLOWS", "NODES", "CLUSTER LINKS", "COLLECTORS", "OVERHEADS"] {
+        assert!(stdout.contains(section), "{section}: {stdout}");
+    }
+    // Site A's readings cross both bridges to cloud 1.
+    assert!(stdout.contains("relay/to-cloud-1"), "{stdout}");
+
+    let out = colony(&examples, &["plan", "no-such.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("cannot read the config"),
+        "{:?}",
+        text(&out)
+    );
+
+    let state = tempfile::tempdir().unwrap();
+    let state_arg = state.path().to_str().unwrap();
+    let out = colony(
+        &examples,
+        &[
+            "plan",
+            "demo.toml",
+            "--measure",
+            "--node",
+            "core",
+            "--state-dir",
+            state_arg,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("is the node running?"),
+        "{:?}",
+        text(&out)
+    );
+
+    let out = colony(
+        &examples,
+        &["plan", "demo.toml", "--measure", "--node", "moon"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("no node named 'moon'"),
+        "{:?}",
+        text(&out)
+    );
+
+    let out = colony(&examples, &["plan", "demo.toml", "--seconds", "0"]);
+    assert!(!out.status.success());
+}
