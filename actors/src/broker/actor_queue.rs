@@ -6,7 +6,9 @@
 //! unacknowledged at a time (or the window the subscriber asked for); beyond that up to `max_queued` wait, and past that they are dropped
 //! (and counted by the caller). What is in flight is sent again, in order and marked `dup`, when
 //! the actor subscribes again (it restarted) and when it has gone unacknowledged for
-//! `redeliver_ticks` ticks of the broker's clock. Nothing here touches a clock or the disk; the
+//! `redeliver_ticks` ticks of the broker's clock, then twice as long, four times, up to
+//! [`MAX_BACKOFF`] times (a stopped actor's mailbox keeps what was sent; each copy is work
+//! for it when it comes back). Nothing here touches a clock or the disk; the
 //! core turns changes into store operations.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -17,6 +19,9 @@ use super::topic::SubOptions;
 /// While a subscriber acknowledges, a notice goes again only after this many times the usual
 /// redelivery time.
 pub const PROGRESS_FACTOR: u32 = 10;
+/// A notice sent again by the clock waits twice as long before the next time, up to this many
+/// times the usual redelivery time.
+pub const MAX_BACKOFF: u32 = 16;
 
 /// A notice waiting for its acknowledgement, or queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +34,8 @@ pub struct Pending {
     pub dup: bool,
     /// Ticks since it was last sent.
     pub age: u32,
+    /// Times the clock sent it again since the subscriber last subscribed.
+    pub resends: u32,
 }
 
 /// What happened to a notice offered to the queue.
@@ -66,6 +73,7 @@ impl ActorQueue {
                 message,
                 dup: true,
                 age: 0,
+                resends: 0,
             }));
     }
 
@@ -92,6 +100,7 @@ impl ActorQueue {
             message,
             dup: false,
             age: 0,
+            resends: 0,
         };
         if self.queue.is_empty() && self.inflight.len() < max_inflight.max(1) {
             self.inflight.push_back(p);
@@ -137,6 +146,7 @@ impl ActorQueue {
         for p in &mut self.inflight {
             p.dup = true;
             p.age = 0;
+            p.resends = 0;
         }
         self.inflight.iter().cloned().collect()
     }
@@ -155,9 +165,11 @@ impl ActorQueue {
         let mut out = Vec::new();
         for p in &mut self.inflight {
             p.age += 1;
-            if p.age >= limit {
+            let backoff = 1u32 << p.resends.min(MAX_BACKOFF.trailing_zeros());
+            if p.age >= limit.saturating_mul(backoff) {
                 p.age = 0;
                 p.dup = true;
+                p.resends += 1;
                 out.push(p.clone());
             }
         }
@@ -204,6 +216,18 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!((again[0].id, again[0].dup), (2, true));
         assert!(q.tick(3).is_empty(), "the age restarts after a resend");
+    }
+
+    #[test]
+    fn an_unanswered_notice_goes_again_less_and_less_often() {
+        let mut q = ActorQueue::default();
+        q.offer(1, msg(1), 10, 10);
+        let sent_at: Vec<u32> = (1..=200).filter(|_| !q.tick(2).is_empty()).collect();
+        assert_eq!(sent_at, [2, 6, 14, 30, 62, 94, 126, 158, 190]);
+        // A subscriber that comes back starts from the usual time again.
+        q.resend_all();
+        assert!(q.tick(2).is_empty());
+        assert_eq!(q.tick(2).len(), 1);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use tracing::{debug, info, warn};
 
 use super::batch::Batcher;
 use super::sequence::SequenceTracker;
-use super::store::{CSV_HEADER, Commit, ExportFilter, Reject, Store, StoredReading, unix_ms};
+use super::store::{
+    CSV_HEADER, Commit, ExportFilter, Reject, Store, StoreError, StoredReading, unix_ms,
+};
 use super::{CollectorMessage, CollectorQuery, ExportPageReply};
 use crate::broker::BrokerMessage;
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
@@ -54,11 +56,27 @@ struct Counters {
     commands: u64,
 }
 
+/// A batch being committed on a blocking thread, and the acknowledgements waiting for it.
+struct Committing {
+    task: tokio::task::JoinHandle<(Store, Result<u64, StoreError>)>,
+    acks: Vec<Publish>,
+    actor_acks: Vec<u64>,
+}
+
+/// The store, or the commit that has it.
+enum StoreSlot {
+    Ready(Store),
+    Committing(Committing),
+    /// A commit's thread panicked with the store.
+    Lost,
+}
+
 struct Collector {
     settings: CollectorSettings,
     db_path: PathBuf,
     data_dir: PathBuf,
-    store: Store,
+    /// Commits run on a blocking thread while the next batch is decoded; at most one at a time.
+    store: StoreSlot,
     tracker: SequenceTracker,
     batch: Batcher<Item>,
     acks: Vec<Publish>,
@@ -161,61 +179,135 @@ impl Collector {
     /// acknowledges the publishes it holds.
     async fn flush(&mut self, mqtt: Option<&AsyncClient>) -> Result<(), ActorFailure> {
         let checkpoint =
-            self.tracker.changed() > 0 && self.checkpoint_at.elapsed() >= CHECKPOINT_EVERY;
+            self.checkpoint_pending() && self.checkpoint_at.elapsed() >= CHECKPOINT_EVERY;
         self.commit(mqtt, checkpoint).await
     }
 
     /// Commits the batch and a checkpoint of the sequence tracker (before a query or an
     /// export, which read it, and at shutdown).
     async fn flush_all(&mut self, mqtt: Option<&AsyncClient>) -> Result<(), ActorFailure> {
-        let checkpoint = self.tracker.changed() > 0;
-        self.commit(mqtt, checkpoint).await
+        let checkpoint = self.checkpoint_pending();
+        self.commit(mqtt, checkpoint).await?;
+        self.settle(mqtt).await?;
+        // The store's own pending sources are known only now.
+        if self.checkpoint_pending() {
+            self.commit(mqtt, true).await?;
+            self.settle(mqtt).await?;
+        }
+        Ok(())
     }
 
+    /// Sequence state or sources' newest readings not yet checkpointed (the latter known only
+    /// while no commit runs).
+    fn checkpoint_pending(&self) -> bool {
+        self.tracker.changed() > 0
+            || matches!(&self.store, StoreSlot::Ready(s) if s.pending_sources() > 0)
+    }
+
+    /// The store, once no commit runs ([`Collector::settle`]).
+    fn store(&self) -> Result<&Store, String> {
+        match &self.store {
+            StoreSlot::Ready(s) => Ok(s),
+            _ => Err("the database is busy committing".to_owned()),
+        }
+    }
+
+    /// Waits for the running commit, if any, then acknowledges what it held.
+    async fn settle(&mut self, mqtt: Option<&AsyncClient>) -> Result<(), ActorFailure> {
+        let StoreSlot::Committing(running) = &mut self.store else {
+            return Ok(());
+        };
+        let done = (&mut running.task).await;
+        self.finish(done, mqtt).await
+    }
+
+    /// Takes back the store from a finished commit and acknowledges what the commit held.
+    async fn finish(
+        &mut self,
+        done: Result<(Store, Result<u64, StoreError>), tokio::task::JoinError>,
+        mqtt: Option<&AsyncClient>,
+    ) -> Result<(), ActorFailure> {
+        let StoreSlot::Committing(running) = std::mem::replace(&mut self.store, StoreSlot::Lost)
+        else {
+            return Ok(());
+        };
+        let (store, result) = done.map_err(|e| fail(format!("commit: {e}")))?;
+        self.store = StoreSlot::Ready(store);
+        self.n.stored += result.map_err(fail)?;
+        self.n.commits += 1;
+        self.acknowledge(mqtt, running.acks, running.actor_acks)
+            .await;
+        Ok(())
+    }
+
+    /// Starts committing the batch (after the commit before it, if one runs); what it holds is
+    /// acknowledged once it has committed.
     async fn commit(
         &mut self,
         mqtt: Option<&AsyncClient>,
         checkpoint: bool,
     ) -> Result<(), ActorFailure> {
-        if !self.batch.is_empty() || !self.seen.is_empty() || checkpoint {
-            let mut c = Commit::default();
-            for item in self.batch.take() {
-                match item {
-                    Item::Reading(r) => c.readings.push(r),
-                    Item::Reject(r) => c.rejects.push(r),
-                }
-            }
-            if checkpoint {
-                c.sources = self.tracker.take_changed();
-                c.checkpoint = true;
-                self.checkpoint_at = Instant::now();
-            }
-            c.seen = self
-                .seen
-                .drain()
-                .map(|(s, (addr, at))| (s, addr, at))
-                .collect();
-            let inserted = self.store.commit(&c).map_err(fail)?;
-            self.n.stored += inserted;
-            self.n.duplicates += c.readings.len() as u64 - inserted;
-            self.n.commits += 1;
+        self.settle(mqtt).await?;
+        let acks = std::mem::take(&mut self.acks);
+        let actor_acks = std::mem::take(&mut self.actor_acks);
+        if self.batch.is_empty() && self.seen.is_empty() && !checkpoint {
+            // Nothing to write (all were duplicates): acknowledge at once.
+            self.acknowledge(mqtt, acks, actor_acks).await;
+            return Ok(());
         }
+        let mut c = Commit::default();
+        for item in self.batch.take() {
+            match item {
+                Item::Reading(r) => c.readings.push(r),
+                Item::Reject(r) => c.rejects.push(r),
+            }
+        }
+        if checkpoint {
+            c.sources = self.tracker.take_changed();
+            c.checkpoint = true;
+            self.checkpoint_at = Instant::now();
+        }
+        c.seen = self
+            .seen
+            .drain()
+            .map(|(s, (addr, at))| (s, addr, at))
+            .collect();
+        let StoreSlot::Ready(mut store) = std::mem::replace(&mut self.store, StoreSlot::Lost)
+        else {
+            return Err(fail("the database was lost by a failed commit"));
+        };
+        let task = tokio::task::spawn_blocking(move || {
+            let result = store.commit(&c);
+            (store, result)
+        });
+        self.store = StoreSlot::Committing(Committing {
+            task,
+            acks,
+            actor_acks,
+        });
+        Ok(())
+    }
+
+    /// Acknowledges publishes (over MQTT) and notices (by actor) whose readings are stored.
+    async fn acknowledge(
+        &mut self,
+        mqtt: Option<&AsyncClient>,
+        acks: Vec<Publish>,
+        actor_acks: Vec<u64>,
+    ) {
         if let Some(client) = mqtt {
-            for p in self.acks.drain(..) {
-                if client.try_ack(&p).is_err() && client.ack(&p).await.is_err() {
+            for p in &acks {
+                if client.try_ack(p).is_err() && client.ack(p).await.is_err() {
                     // The session is gone; the broker will redeliver, the tracker drops it.
                     break;
                 }
             }
-        } else {
-            self.acks.clear();
         }
-        if !self.actor_acks.is_empty()
+        if !actor_acks.is_empty()
             && let Some((cluster, me, broker)) = &self.actor_source
         {
-            let ids = std::mem::take(&mut self.actor_acks);
             let ack = BrokerMessage::Ack {
-                ids,
+                ids: actor_acks,
                 subscriber: None,
             };
             if let Err(e) = cluster.send(broker, Some(me), &ack).await {
@@ -223,7 +315,6 @@ impl Collector {
                 debug!(%broker, "ack not delivered: {e}");
             }
         }
-        Ok(())
     }
 
     fn detail(&self, broker_connected: Option<bool>, udp: Option<SocketAddr>) -> serde_json::Value {
@@ -263,15 +354,17 @@ impl Collector {
         Ok(match q {
             CollectorQuery::Latest { source, limit } => {
                 json!(
-                    self.store
+                    self.store()?
                         .latest(source.as_deref(), limit.unwrap_or(10).min(10_000))
                         .map_err(e)?
                 )
             }
-            CollectorQuery::LatestPerSource {} => json!(self.store.latest_per_source().map_err(e)?),
+            CollectorQuery::LatestPerSource {} => {
+                json!(self.store()?.latest_per_source().map_err(e)?)
+            }
             CollectorQuery::Counts { source } => {
-                let per_source = self.store.counts(source.as_deref()).map_err(e)?;
-                let (readings, rejects) = self.store.totals().map_err(e)?;
+                let per_source = self.store()?.counts(source.as_deref()).map_err(e)?;
+                let (readings, rejects) = self.store()?.totals().map_err(e)?;
                 let gaps: u64 = per_source.iter().map(|c| c.gaps).sum();
                 let duplicates: u64 = per_source.iter().map(|c| c.duplicates).sum();
                 json!({
@@ -280,10 +373,10 @@ impl Collector {
                 })
             }
             CollectorQuery::Gaps { source } => {
-                json!(self.store.gaps(source.as_deref()).map_err(e)?)
+                json!(self.store()?.gaps(source.as_deref()).map_err(e)?)
             }
             CollectorQuery::Rejects { limit } => json!(
-                self.store
+                self.store()?
                     .rejects(limit.unwrap_or(10).min(10_000))
                     .map_err(e)?
             ),
@@ -300,7 +393,7 @@ impl Collector {
             None => self.data_dir.join(format!("export-{}.csv", unix_ms())),
         };
         let rows = self
-            .store
+            .store()?
             .export_csv(&path, filter)
             .map_err(|e| format!("export to {}: {e}", path.display()))?;
         Ok(json!({ "path": path, "rows": rows }))
@@ -317,13 +410,13 @@ impl Collector {
         let e = |e: super::store::StoreError| e.to_string();
         let upto_id = match upto_id {
             Some(id) => id,
-            None => self.store.max_id().map_err(e)?,
+            None => self.store()?.max_id().map_err(e)?,
         };
         let max_rows = max_rows
             .unwrap_or(EXPORT_PAGE_ROWS)
             .clamp(1, EXPORT_PAGE_ROWS);
         let page = self
-            .store
+            .store()?
             .export_page(filter, after_id.unwrap_or(0), upto_id, max_rows, max_bytes)
             .map_err(e)?;
         Ok(ExportPageReply {
@@ -399,6 +492,16 @@ async fn recv_mqtt(rx: &mut Option<mpsc::Receiver<Publish>>) -> Option<Publish> 
     }
 }
 
+/// Waits for the running commit; never, when none runs.
+async fn committed(
+    slot: &mut StoreSlot,
+) -> Result<(Store, Result<u64, StoreError>), tokio::task::JoinError> {
+    match slot {
+        StoreSlot::Committing(running) => (&mut running.task).await,
+        _ => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -412,8 +515,14 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         return Err(fail("collector started with another kind's settings"));
     };
     let db_path = resolve(&ctx.data_dir, settings.database.clone());
-    let store = Store::open_with(&db_path, settings.synchronous)
-        .map_err(|e| fail(format!("{}: {e}", db_path.display())))?;
+    // Off the async threads: the open may wait for a commit the previous run left going.
+    let mut store = tokio::task::spawn_blocking({
+        let (path, sync) = (db_path.clone(), settings.synchronous);
+        move || Store::open_with(&path, sync)
+    })
+    .await
+    .map_err(fail)?
+    .map_err(|e| fail(format!("{}: {e}", db_path.display())))?;
     let mut tracker = SequenceTracker::new();
     let mut devices = HashMap::new();
     for row in store.load_sources().map_err(fail)? {
@@ -511,7 +620,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         settings,
         db_path,
         data_dir: ctx.data_dir.clone(),
-        store,
+        store: StoreSlot::Ready(store),
         tracker,
         acks: Vec::new(),
         actor_acks: Vec::new(),
@@ -577,12 +686,17 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 }
                 None => break Err(fail("the MQTT session ended")),
             },
+            done = committed(&mut c.store) => {
+                if let Err(e) = c.finish(done, mqtt_client.as_ref()).await {
+                    break Err(e);
+                }
+            }
             _ = sleep_until(deadline) => {}
             _ = tick.tick() => {
                 // A checkpoint comes due even when readings have stopped, and notices that were
                 // all duplicates (no batch, no deadline) are acknowledged.
                 if (!c.actor_acks.is_empty()
-                    || (c.tracker.changed() > 0 && c.checkpoint_at.elapsed() >= CHECKPOINT_EVERY))
+                    || (c.checkpoint_pending() && c.checkpoint_at.elapsed() >= CHECKPOINT_EVERY))
                     && let Err(e) = c.flush(mqtt_client.as_ref()).await
                 {
                     break Err(e);
@@ -693,6 +807,7 @@ async fn handle(
             if after_id.is_none() {
                 c.flush(mqtt).await?;
             }
+            c.settle(mqtt).await?;
             let filter = ExportFilter {
                 source,
                 from_ms,

@@ -11,7 +11,7 @@
 //!   (on disk, and from before the collector first starts: the subscription is declared by the
 //!   config) until the collector acknowledges it after the transaction holding it has committed.
 //!   A redelivered notice (`dup`) whose reading was already stored is dropped by the sequence
-//!   tracker and the unique index, and acknowledged again.
+//!   tracker, and acknowledged again.
 //!
 //!   **Readings published before the first connect.** Over MQTT (`via = "mqtt"`, the default)
 //!   the broker queues QoS 1 readings for the collector only once its persistent session exists,
@@ -44,8 +44,10 @@
 //! `values` = JSON of all values, sensor_type, ip, mac, sent_ms = the sensor's timestamp,
 //! received_ms, flags = `requested`, `first`, `gap`, `late`, `reset`), `rejects` (received_ms,
 //! origin, reason, payload) and `sources` (the [`sequence`] tracker's state per source, with the
-//! last address). A reading is unique per (source, epoch, seq); duplicates are counted, not
-//! stored. Query it with `sqlite3 FILE 'select source, count(*) from readings group by 1'`.
+//! last address, counters and the id of its newest reading). A reading is stored once per
+//! (source, epoch, seq); duplicates are counted, not stored. `readings` is indexed only by id,
+//! so that writes append (see [`store`]). Query it with
+//! `sqlite3 FILE 'select source, count(*) from readings group by 1'`.
 //!
 //! Messages ([`CollectorMessage`]): `query` (`latest`, `latest_per_source`, `counts`, `gaps`,
 //! `rejects`), `export` (CSV to a file on the collector's node; replies with the file's path),

@@ -12,15 +12,25 @@
 //! CREATE TABLE readings (id INTEGER PRIMARY KEY, source TEXT NOT NULL, epoch INTEGER NOT NULL,
 //!     seq INTEGER, topic TEXT NOT NULL, value REAL, "values" TEXT NOT NULL, sensor_type TEXT,
 //!     ip TEXT, mac TEXT, sent_ms INTEGER, received_ms INTEGER NOT NULL, flags TEXT NOT NULL);
-//! CREATE UNIQUE INDEX readings_source_seq ON readings (source, epoch, seq);
 //! CREATE TABLE rejects (id INTEGER PRIMARY KEY, received_ms INTEGER NOT NULL,
 //!     origin TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB NOT NULL);
 //! CREATE TABLE sources (source TEXT PRIMARY KEY, epoch INTEGER NOT NULL, highest INTEGER NOT NULL,
 //!     highest_ts INTEGER, missing TEXT NOT NULL, received INTEGER NOT NULL, lost INTEGER NOT NULL,
 //!     duplicates INTEGER NOT NULL, reordered INTEGER NOT NULL, resets INTEGER NOT NULL,
-//!     last_seen_ms INTEGER, last_addr TEXT);
+//!     last_seen_ms INTEGER, last_addr TEXT, last_id INTEGER);
 //! CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 //! ```
+//!
+//! `readings` has no index besides its id, so that every insert appends: an index by source
+//! puts each source's rows in its own place, and a batch from thousands of sources then
+//! rewrites a page of it per source (about 4 KiB written per reading, which capped ingest
+//! near 130,000 readings/s; without it, several times that). A reading is stored once per
+//! (source, epoch, seq) because the sequence tracker, which is exact across restarts (below),
+//! drops duplicates before they reach the store. Per-source questions go to `sources`:
+//! `received - duplicates` is what was stored of a source's numbered readings, and `last_id`
+//! is the id of its newest reading. Someone who queries one source's history often with
+//! `sqlite3` can add `CREATE INDEX readings_source ON readings (source)` to the file; the
+//! collector works the same with it, only slower to write.
 //!
 //! The `sources` rows are a checkpoint of the sequence tracker, written with a batch (at most
 //! once a second while readings flow, and on every query and shutdown) together with
@@ -31,6 +41,7 @@
 //! little low after a crash.) Writing every source with every batch would double the rows
 //! written per reading.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -57,7 +68,7 @@ CREATE TABLE IF NOT EXISTS readings (
     received_ms INTEGER NOT NULL,
     flags TEXT NOT NULL DEFAULT ''
 );
-CREATE UNIQUE INDEX IF NOT EXISTS readings_source_seq ON readings (source, epoch, seq);
+DROP INDEX IF EXISTS readings_source_seq;
 CREATE TABLE IF NOT EXISTS rejects (
     id INTEGER PRIMARY KEY,
     received_ms INTEGER NOT NULL,
@@ -77,7 +88,8 @@ CREATE TABLE IF NOT EXISTS sources (
     reordered INTEGER NOT NULL,
     resets INTEGER NOT NULL,
     last_seen_ms INTEGER,
-    last_addr TEXT
+    last_addr TEXT,
+    last_id INTEGER
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -94,6 +106,13 @@ pub enum StoreError {
     /// A file could not be written.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Another store (a collector's earlier run still finishing a commit, or another collector
+    /// given the same file) holds the file.
+    #[error("{0} is in use by another collector")]
+    InUse(String),
+    /// An earlier commit failed, so the ids this store hands out may be wrong.
+    #[error("an earlier commit failed; the database must be reopened")]
+    Broken,
 }
 
 /// A reading ready to store.
@@ -175,6 +194,14 @@ pub struct SourceCounts {
 /// The collector's database.
 pub struct Store {
     conn: Connection,
+    /// Holds an exclusive lock on the file while this store is open.
+    _lock: std::fs::File,
+    /// The id the next reading gets.
+    next_id: i64,
+    /// Sources' newest reading ids not yet written to `sources` (at the next checkpoint).
+    last_ids: HashMap<String, i64>,
+    /// A commit failed: ids handed out may not be stored, so this store must be reopened.
+    broken: bool,
 }
 
 fn now_ms() -> u64 {
@@ -198,6 +225,7 @@ impl Store {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
+        let lock = lock_exclusive(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         let sync = match synchronous {
@@ -205,16 +233,32 @@ impl Store {
             CollectorSync::Full => "FULL",
         };
         conn.pragma_update(None, "synchronous", sync)?;
-        // Each source appends at its own place in the unique index: keep those pages cached,
-        // and checkpoint the WAL less often so that a hot page is written back once, not once
-        // per thousand pages of log. The log is truncated back after each checkpoint.
+        // A large cache for the pages queries read, and a WAL checkpointed less often so that a
+        // page written by several commits goes back to the file once. The log is truncated
+        // back after each checkpoint.
         conn.pragma_update(None, "cache_size", -65_536)?;
         conn.pragma_update(None, "wal_autocheckpoint", 8_192)?;
         conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn })
+        // Files written before `last_id` existed get it (their latest readings are found by
+        // the replay after the checkpoint, or by the next checkpoint).
+        let has_last_id = conn
+            .prepare("SELECT 1 FROM pragma_table_info('sources') WHERE name = 'last_id'")?
+            .exists([])?;
+        if !has_last_id {
+            conn.execute_batch("ALTER TABLE sources ADD COLUMN last_id INTEGER")?;
+        }
+        let mut store = Store {
+            conn,
+            _lock: lock,
+            next_id: 0,
+            last_ids: HashMap::new(),
+            broken: false,
+        };
+        store.next_id = store.max_id()? + 1;
+        Ok(store)
     }
 
     /// Every stored source with its sequence state.
@@ -248,7 +292,10 @@ impl Store {
 
     /// The readings stored after the last checkpoint of the sequence tracker, oldest first:
     /// (source, sequence number, sent time). Readings without a sequence number are left out.
-    pub fn readings_after_checkpoint(&self) -> Result<Vec<(String, u64, Option<u64>)>, StoreError> {
+    /// Their ids become the sources' newest, written with the next checkpoint.
+    pub fn readings_after_checkpoint(
+        &mut self,
+    ) -> Result<Vec<(String, u64, Option<u64>)>, StoreError> {
         let upto: i64 = self
             .conn
             .query_row(
@@ -258,40 +305,67 @@ impl Store {
             )
             .optional()?
             .unwrap_or(0);
-        let mut stmt = self.conn.prepare(
-            "SELECT source, seq, sent_ms FROM readings WHERE id > ?1 AND seq IS NOT NULL ORDER BY id",
-        )?;
-        let rows = stmt.query_map(params![upto], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, source, seq, sent_ms FROM readings WHERE id > ?1 ORDER BY id")?;
+        let mut rows = stmt.query(params![upto])?;
+        let mut replay = Vec::new();
+        while let Some(r) = rows.next()? {
+            let id: i64 = r.get(0)?;
+            let source: String = r.get(1)?;
+            let seq: Option<i64> = r.get(2)?;
+            let sent: Option<i64> = r.get(3)?;
+            self.last_ids.insert(source.clone(), id);
+            if let Some(seq) = seq {
+                replay.push((source, seq as u64, sent.map(|v| v as u64)));
+            }
+        }
+        Ok(replay)
     }
 
-    /// Writes a batch in one transaction; returns how many readings were new (a reading
-    /// already stored under the same source, epoch and number is skipped).
+    /// Sources whose newest reading id waits for the next checkpoint.
+    pub fn pending_sources(&self) -> usize {
+        self.last_ids.len()
+    }
+
+    /// Writes a batch in one transaction; returns the readings stored. Each gets the next id,
+    /// so they are stored in the order given; duplicates must have been dropped before (the
+    /// sequence tracker does it). After an error the store must be reopened.
     pub fn commit(&mut self, c: &Commit) -> Result<u64, StoreError> {
+        if self.broken {
+            return Err(StoreError::Broken);
+        }
+        self.broken = true;
+        let first_id = self.next_id;
+        for (k, r) in c.readings.iter().enumerate() {
+            let id = first_id + k as i64;
+            match self.last_ids.get_mut(&r.reading.source) {
+                Some(last) => *last = id,
+                None => {
+                    self.last_ids.insert(r.reading.source.clone(), id);
+                }
+            }
+        }
         let tx = self.conn.transaction()?;
-        let mut inserted = 0;
         {
             // Many rows per statement: a statement's fixed cost is paid once per chunk.
             let mut chunks = c.readings.chunks_exact(ROWS_PER_INSERT);
+            let mut id = first_id;
             if chunks.len() > 0 {
                 let mut ins = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
                 for chunk in &mut chunks {
                     for (k, r) in chunk.iter().enumerate() {
-                        bind_reading(&mut ins, k * READING_COLUMNS, r)?;
+                        bind_reading(&mut ins, k * READING_COLUMNS, id, r)?;
+                        id += 1;
                     }
-                    inserted += ins.raw_execute()? as u64;
+                    ins.raw_execute()?;
                 }
             }
             let mut one = tx.prepare_cached(&insert_sql(1))?;
             for r in chunks.remainder() {
-                bind_reading(&mut one, 0, r)?;
-                inserted += one.raw_execute()? as u64;
+                bind_reading(&mut one, 0, id, r)?;
+                id += 1;
+                one.raw_execute()?;
             }
             let mut rej = tx.prepare_cached(
                 "INSERT INTO rejects (received_ms, origin, reason, payload) VALUES (?1, ?2, ?3, ?4)",
@@ -337,9 +411,24 @@ impl Store {
             for (name, addr, at) in &c.seen {
                 seen.execute(params![name, i(*at), addr])?;
             }
+            if c.checkpoint {
+                let mut last = tx.prepare_cached(
+                    "INSERT INTO sources (source, epoch, highest, missing, received, lost, \
+                     duplicates, reordered, resets, last_id) VALUES (?1, 0, 0, '[]', 0, 0, 0, 0, 0, ?2) \
+                     ON CONFLICT (source) DO UPDATE SET last_id = ?2",
+                )?;
+                for (name, id) in &self.last_ids {
+                    last.execute(params![name, id])?;
+                }
+            }
         }
         tx.commit()?;
-        Ok(inserted)
+        if c.checkpoint {
+            self.last_ids.clear();
+        }
+        self.next_id = first_id + c.readings.len() as i64;
+        self.broken = false;
+        Ok(c.readings.len() as u64)
     }
 
     /// The latest `limit` readings, of `source` or of all sources, newest first.
@@ -362,7 +451,7 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT source, epoch, seq, topic, value, \"values\", sensor_type, ip, mac, sent_ms, \
              received_ms, flags FROM readings WHERE id IN \
-             (SELECT max(id) FROM readings GROUP BY source) ORDER BY source",
+             (SELECT last_id FROM sources WHERE last_id IS NOT NULL) ORDER BY source",
         )?;
         let rows = stmt.query_map([], row_json)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -371,7 +460,7 @@ impl Store {
     /// Readings stored, rejects, and figures per source (`source` only, when given).
     pub fn counts(&self, source: Option<&str>) -> Result<Vec<SourceCounts>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT s.source, (SELECT count(*) FROM readings r WHERE r.source = s.source), \
+            "SELECT s.source, s.received - s.duplicates, \
              s.received, s.lost, s.missing, s.duplicates, s.reordered, s.resets, s.highest \
              FROM sources s WHERE ?1 IS NULL OR s.source = ?1 ORDER BY s.source",
         )?;
@@ -541,27 +630,58 @@ impl Store {
     }
 }
 
+/// How long [`Store::open`] waits for another store of the same file to close.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens `path` (creating it empty, which SQLite takes as a new database) and takes an
+/// exclusive lock on it, waiting up to [`LOCK_WAIT`]: one store per file, so that a restarted
+/// collector reads the file only once the commit its previous run left going has ended.
+fn lock_exclusive(path: &Path) -> Result<std::fs::File, StoreError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::InUse(path.display().to_string()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+    }
+}
+
 /// Columns of `readings` an insert binds.
-const READING_COLUMNS: usize = 12;
-/// Readings per multi-row INSERT (12 columns each: 768 parameters, well below SQLite's limit).
+const READING_COLUMNS: usize = 13;
+/// Readings per multi-row INSERT (13 columns each: 832 parameters, well below SQLite's limit).
 const ROWS_PER_INSERT: usize = 64;
 
-/// `INSERT OR IGNORE INTO readings … VALUES (…), (…)` for `rows` rows.
+/// `INSERT INTO readings … VALUES (…), (…)` for `rows` rows.
 fn insert_sql(rows: usize) -> String {
     let one = format!("({})", ["?"; READING_COLUMNS].join(","));
     format!(
-        "INSERT OR IGNORE INTO readings (source, epoch, seq, topic, value, \"values\", \
+        "INSERT INTO readings (id, source, epoch, seq, topic, value, \"values\", \
          sensor_type, ip, mac, sent_ms, received_ms, flags) VALUES {}",
         vec![one; rows].join(",")
     )
 }
 
-/// Binds one reading's columns at parameters `base + 1 ..= base + 12`.
+/// Binds one reading's columns, its id first, at parameters `base + 1 ..= base + 13`.
 fn bind_reading(
     stmt: &mut rusqlite::CachedStatement<'_>,
     base: usize,
+    id: i64,
     r: &StoredReading,
 ) -> rusqlite::Result<()> {
+    stmt.raw_bind_parameter(base + 1, id)?;
+    let base = base + 1;
     let rd = &r.reading;
     let value = rd
         .values
@@ -697,7 +817,7 @@ mod tests {
         }
         drop(store);
 
-        let store = Store::open(&path).unwrap();
+        let mut store = Store::open(&path).unwrap();
         let mut restored = SequenceTracker::new();
         for row in store.load_sources().unwrap() {
             restored.restore(row.source, row.state);
@@ -716,21 +836,91 @@ mod tests {
     }
 
     #[test]
-    fn many_rows_per_statement_skip_only_what_is_stored() {
+    fn many_rows_per_statement_keep_their_order_and_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("c.sqlite")).unwrap();
+        let path = dir.path().join("c.sqlite");
+        let mut store = Store::open(&path).unwrap();
         let batch = |seqs: std::ops::RangeInclusive<u64>| Commit {
             readings: seqs.map(|seq| stored("a", seq)).collect(),
             ..Commit::default()
         };
+        // Two full chunks and a remainder.
         assert_eq!(store.commit(&batch(1..=150)).unwrap(), 150);
-        // Two full chunks and a remainder, half of it already stored.
-        assert_eq!(store.commit(&batch(76..=225)).unwrap(), 75);
+        drop(store);
+        // Ids go on where the file ends.
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(store.commit(&batch(151..=225)).unwrap(), 75);
         assert_eq!(store.totals().unwrap(), (225, 0));
+        let ordered: bool = store
+            .conn
+            .query_row(
+                "SELECT count(*) = 225 FROM readings WHERE id = seq",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(ordered);
         let rows = store.latest(Some("a"), 1).unwrap();
         assert_eq!(rows[0]["seq"], 225);
         assert_eq!(rows[0]["values"]["value"], 112.5);
         assert_eq!(rows[0]["sent_ms"], 1225);
+    }
+
+    #[test]
+    fn the_old_unique_index_is_dropped_and_last_id_added() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE sources (source TEXT PRIMARY KEY, epoch INTEGER NOT NULL, \
+                 highest INTEGER NOT NULL, highest_ts INTEGER, missing TEXT NOT NULL, \
+                 received INTEGER NOT NULL, lost INTEGER NOT NULL, duplicates INTEGER NOT NULL, \
+                 reordered INTEGER NOT NULL, resets INTEGER NOT NULL, last_seen_ms INTEGER, \
+                 last_addr TEXT);
+                 CREATE TABLE readings (id INTEGER PRIMARY KEY, source TEXT NOT NULL, \
+                 epoch INTEGER NOT NULL DEFAULT 0, seq INTEGER, topic TEXT NOT NULL, value REAL, \
+                 \"values\" TEXT NOT NULL, sensor_type TEXT, ip TEXT, mac TEXT, sent_ms INTEGER, \
+                 received_ms INTEGER NOT NULL, flags TEXT NOT NULL DEFAULT '');
+                 CREATE UNIQUE INDEX readings_source_seq ON readings (source, epoch, seq);",
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(&path).unwrap();
+        let mut tracker = SequenceTracker::new();
+        tracker.observe("a", 1, None);
+        let c = Commit {
+            readings: vec![stored("a", 1)],
+            sources: tracker.take_changed(),
+            checkpoint: true,
+            ..Commit::default()
+        };
+        store.commit(&c).unwrap();
+        let indexes: i64 = store
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'readings'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 0);
+        assert_eq!(store.latest_per_source().unwrap()[0]["seq"], 1);
+    }
+
+    #[test]
+    fn one_store_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sqlite");
+        let first = Store::open(&path).unwrap();
+        let opener = std::thread::spawn({
+            let path = path.clone();
+            move || Store::open(&path).map(|_| ())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!opener.is_finished(), "the second open waits");
+        drop(first);
+        opener.join().unwrap().unwrap();
     }
 
     #[test]
@@ -795,9 +985,15 @@ mod tests {
         c.checkpoint = true;
         c.seen.push(("a".into(), Some("127.0.0.1:9".into()), 7));
         assert_eq!(store.commit(&c).unwrap(), 4);
-        // The same readings again are skipped, not duplicated.
-        assert_eq!(store.commit(&c).unwrap(), 0);
-        assert_eq!(store.totals().unwrap(), (4, 2));
+        // A checkpoint without readings or rejects.
+        tracker.observe("a", 4, None);
+        let again = Commit {
+            sources: tracker.take_changed(),
+            checkpoint: true,
+            ..Commit::default()
+        };
+        assert_eq!(store.commit(&again).unwrap(), 0);
+        assert_eq!(store.totals().unwrap(), (4, 1));
 
         let counts = store.counts(Some("a")).unwrap();
         assert_eq!(counts[0].stored, 3);
@@ -806,9 +1002,11 @@ mod tests {
             store.gaps(None).unwrap()[0]["missing"],
             serde_json::json!([3])
         );
+        assert_eq!(counts[0].duplicates, 1);
         let latest = store.latest_per_source().unwrap();
         assert_eq!(latest.len(), 2);
         assert_eq!(latest[0]["seq"], 4);
+        assert_eq!(latest[1]["source"], "b");
         assert_eq!(
             store.last_addr("a").unwrap().as_deref(),
             Some("127.0.0.1:9")
