@@ -140,12 +140,14 @@ pub enum StoreOp {
         /// The message.
         message: Message,
     },
-    /// An actor acknowledged a notice.
-    DeleteActorMessage {
+    /// An actor acknowledged the notices with ids `first..=last` (every one of them).
+    DeleteActorMessages {
         /// Actor address.
         address: String,
-        /// The notice's id.
-        id: u64,
+        /// The first id.
+        first: u64,
+        /// The last id.
+        last: u64,
     },
     /// An actor has no subscriptions left: its queue goes.
     DeleteActorQueue {
@@ -840,13 +842,31 @@ impl BrokerCore {
             return;
         };
         let address: Arc<str> = address.into();
+        // Runs of consecutive ids (a subscriber acknowledges a batch at once) go in one delete.
+        let mut run: Option<(u64, u64)> = None;
         for &id in ids {
-            if q.ack(id) {
-                self.store.push(StoreOp::DeleteActorMessage {
-                    address: address.to_string(),
-                    id,
-                });
+            if !q.ack(id) {
+                continue;
             }
+            run = match run {
+                Some((first, last)) if id == last + 1 => Some((first, id)),
+                Some((first, last)) => {
+                    self.store.push(StoreOp::DeleteActorMessages {
+                        address: address.to_string(),
+                        first,
+                        last,
+                    });
+                    Some((id, id))
+                }
+                None => Some((id, id)),
+            };
+        }
+        if let Some((first, last)) = run {
+            self.store.push(StoreOp::DeleteActorMessages {
+                address: address.to_string(),
+                first,
+                last,
+            });
         }
         self.pump_actor(&address);
     }

@@ -408,7 +408,8 @@ fn actor_notices_at_qos1_are_kept_until_acked_windowed_and_redelivered() {
     assert_eq!(n.len(), 1);
     assert_eq!((n[0].1.as_str(), n[0].3), ("s/2", false));
     assert!(c.take_store_ops().iter().any(
-        |o| matches!(o, StoreOp::DeleteActorMessage { address, id } if address == "n/c" && *id == id0)
+        |o| matches!(o, StoreOp::DeleteActorMessages { address, first, last }
+            if address == "n/c" && (*first, *last) == (id0, id0))
     ));
     // Unacked for the redelivery timeout: sent again, marked dup, in order.
     for _ in 0..ACTOR_REDELIVER_TICKS - 1 {

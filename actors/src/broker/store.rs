@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS actor_messages (
     retain INTEGER NOT NULL,
     hops TEXT NOT NULL,
     PRIMARY KEY (address, id)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
     id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL
@@ -172,6 +172,27 @@ impl BrokerStore {
             if !has {
                 db.execute_batch(alter)?;
             }
+        }
+        // Actor notices are kept in their key's order, with no rowid beside it: a notice is
+        // written once and deleted once, in id order, and acknowledged ranges go in one delete.
+        let sql: String = db.query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'actor_messages'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !sql.contains("WITHOUT ROWID") {
+            db.execute_batch(
+                "BEGIN;
+                 ALTER TABLE actor_messages RENAME TO actor_messages_rowid;
+                 CREATE TABLE actor_messages (address TEXT NOT NULL, id INTEGER NOT NULL, \
+                     topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, \
+                     retain INTEGER NOT NULL, hops TEXT NOT NULL, PRIMARY KEY (address, id)) \
+                     WITHOUT ROWID;
+                 INSERT INTO actor_messages SELECT address, id, topic, payload, qos, retain, hops \
+                     FROM actor_messages_rowid;
+                 DROP TABLE actor_messages_rowid;
+                 COMMIT;",
+            )?;
         }
         let checkpoints = crate::checkpoint::Checkpointer::start(&db, path, "broker-checkpoint")?;
         Ok(BrokerStore {
@@ -445,9 +466,15 @@ impl BrokerStore {
                         hops,
                     ])?;
                 }
-                StoreOp::DeleteActorMessage { address, id } => {
-                    tx.prepare_cached("DELETE FROM actor_messages WHERE address = ?1 AND id = ?2")?
-                        .execute(params![address, *id as i64])?;
+                StoreOp::DeleteActorMessages {
+                    address,
+                    first,
+                    last,
+                } => {
+                    tx.prepare_cached(
+                        "DELETE FROM actor_messages WHERE address = ?1 AND id BETWEEN ?2 AND ?3",
+                    )?
+                    .execute(params![address, *first as i64, *last as i64])?;
                 }
                 StoreOp::DeleteActorQueue { address } => {
                     tx.execute(
@@ -484,6 +511,37 @@ mod tests {
 
     fn msg(topic: &str) -> Message {
         Message::new(topic, Bytes::from_static(b"p"), 1, false)
+    }
+
+    #[test]
+    fn actor_notices_of_a_file_from_before_move_to_a_table_without_rowid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.sqlite");
+        {
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(
+                "CREATE TABLE actor_messages (address TEXT NOT NULL, id INTEGER NOT NULL, \
+                 topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, \
+                 retain INTEGER NOT NULL, hops TEXT NOT NULL, PRIMARY KEY (address, id));
+                 INSERT INTO actor_messages VALUES ('n/c', 7, 't', x'01', 1, 0, '[]');",
+            )
+            .unwrap();
+        }
+        let s = BrokerStore::open(&path).unwrap();
+        let sql: String =
+            s.db.query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'actor_messages'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+        let r = s.load().unwrap();
+        assert_eq!(r.actor_messages.len(), 1);
+        assert_eq!(
+            (r.actor_messages[0].1, &r.actor_messages[0].2.topic[..]),
+            (7, "t")
+        );
     }
 
     #[test]
@@ -543,9 +601,15 @@ mod tests {
                 id: 4,
                 message: msg("x/2"),
             },
-            StoreOp::DeleteActorMessage {
+            StoreOp::PutActorMessage {
                 address: "n/c".into(),
-                id: 4,
+                id: 5,
+                message: msg("x/3"),
+            },
+            StoreOp::DeleteActorMessages {
+                address: "n/c".into(),
+                first: 4,
+                last: 5,
             },
             StoreOp::PutStream {
                 id: "s".into(),
