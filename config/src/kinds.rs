@@ -761,9 +761,10 @@ pub struct CollectorSource {
     /// A UDP address devices send readings to.
     #[serde(default)]
     pub udp: Option<SocketAddr>,
-    /// How readings come from `broker`: as an MQTT client with a persistent session that
-    /// acknowledges only committed readings (`mqtt`, the default), or as an actor subscriber
-    /// (`actor`: no acknowledgement, so at most once).
+    /// How readings come from `broker`: as an actor subscriber (`actor`, the default; the
+    /// subscription is declared by the config, and QoS 1 notices are acknowledged once
+    /// committed), or as an MQTT client with a persistent session that acknowledges only
+    /// committed readings (`mqtt`).
     #[serde(default)]
     pub via: CollectorVia,
 }
@@ -773,9 +774,10 @@ pub struct CollectorSource {
 #[serde(rename_all = "snake_case")]
 pub enum CollectorVia {
     /// An MQTT session on the broker's plain TCP listener.
-    #[default]
     Mqtt,
-    /// The broker's actor subscriptions, by address.
+    /// The broker's actor subscriptions, by address (the default: declared by the config, so
+    /// nothing published before the collector first runs is lost, and faster).
+    #[default]
     Actor,
 }
 

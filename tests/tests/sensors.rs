@@ -338,7 +338,8 @@ fn start_with_sensors(mqtt: u16, sensors: &str) -> Cluster {
     c
 }
 
-const COLLECT: &str = r#"source = { broker = "core/broker", topics = ["sensors/#"] }"#;
+const COLLECT: &str =
+    r#"source = { broker = "core/broker", topics = ["sensors/#"], via = "mqtt" }"#;
 
 fn requested_sources(c: &Cluster) -> Vec<String> {
     sqlite(

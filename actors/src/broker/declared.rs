@@ -120,7 +120,7 @@ name = "by-mqtt"
 node = "n1"
 kind = "collector"
 database = "b.sqlite"
-source = { broker = "n1/broker", topics = ["c/#"] }
+source = { broker = "n1/broker", topics = ["c/#"], via = "mqtt" }
 
 [[actor]]
 name = "elsewhere"

@@ -2,24 +2,24 @@
 //! checks them, tracks each source's sequence numbers and stores them in SQLite.
 //!
 //! Sources, any combination:
-//! - `source = { broker = "node/broker", topics = ["outTopic/#"] }`: by default the collector is an
-//!   MQTT client of that broker's plain TCP listener with a persistent session (clean session
-//!   off, client id `colony-collector-NODE-NAME`) and acknowledges a QoS 1 publish only after the
-//!   transaction holding it has committed; the broker redelivers whatever was not acknowledged
-//!   when the collector died, and the sequence tracker drops what was already stored. With
-//!   `via = "actor"` it subscribes by address instead; at QoS 1 the broker keeps each notice
-//!   (on disk, and from before the collector first starts: the subscription is declared by the
-//!   config) until the collector acknowledges it after the transaction holding it has committed.
-//!   A redelivered notice (`dup`) whose reading was already stored is dropped by the sequence
-//!   tracker, and acknowledged again.
+//! - `source = { broker = "node/broker", topics = ["outTopic/#"] }`: by default (`via = "actor"`)
+//!   the collector subscribes by address; at QoS 1 the broker keeps each notice (on disk, and
+//!   from before the collector first starts: the subscription is declared by the config) until
+//!   the collector acknowledges it after the transaction holding it has committed. With
+//!   `via = "mqtt"` it is instead an MQTT client of that broker's plain TCP listener with a
+//!   persistent session (clean session off, client id `colony-collector-NODE-NAME`) and
+//!   acknowledges a QoS 1 publish only after the transaction holding it has committed; the
+//!   broker redelivers whatever was not acknowledged when the collector died. Either way a
+//!   redelivered reading that was already stored is dropped by the sequence tracker, and
+//!   acknowledged again.
 //!
-//!   **Readings published before the first connect.** Over MQTT (`via = "mqtt"`, the default)
-//!   the broker queues QoS 1 readings for the collector only once its persistent session exists,
-//!   that is from the collector's first successful subscribe on: whatever is published before
-//!   that (a collector added after its sensors, or started late) is not delivered to it. With
-//!   `via = "actor"` the broker declares the subscription itself when it starts, so nothing
-//!   published after the broker's start is lost. Exactly-once storage relies on sequence
-//!   numbers: a redelivered reading that carries none is stored again.
+//!   **Readings published before the first connect.** Over MQTT the broker queues QoS 1
+//!   readings for the collector only once its persistent session exists, that is from the
+//!   collector's first successful subscribe on: whatever is published before that (a collector
+//!   added after its sensors, or started late) is not delivered to it. By actor the broker
+//!   declares the subscription itself when it starts, so nothing published after the broker's
+//!   start is lost. Exactly-once storage relies on sequence numbers: a redelivered reading
+//!   that carries none is stored again.
 //! - `source = { udp = "0.0.0.0:6001" }`: each datagram is one reading. The collector remembers
 //!   each device's last address (in memory and in the `sources` table) so that a `command`
 //!   message can send it a datagram.
