@@ -53,6 +53,8 @@ struct Counters {
     rejected: u64,
     duplicates: u64,
     commits: u64,
+    /// When the last commit finished, Unix ms.
+    last_commit_ms: Option<u64>,
     commands: u64,
 }
 
@@ -235,6 +237,7 @@ impl Collector {
         self.store = StoreSlot::Ready(store);
         self.n.stored += result.map_err(fail)?;
         self.n.commits += 1;
+        self.n.last_commit_ms = Some(unix_ms());
         self.acknowledge(mqtt, running.acks, running.actor_acks)
             .await;
         Ok(())
@@ -342,6 +345,7 @@ impl Collector {
             "sources": self.tracker.len(),
             "pending": self.batch.len(),
             "commits": self.n.commits,
+            "last_commit_ms": self.n.last_commit_ms,
             "commands_sent": self.n.commands,
             "udp": udp,
             "broker_connected": broker_connected,
