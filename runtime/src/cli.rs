@@ -86,9 +86,9 @@ pub struct UpArgs {
     pub timeout: u64,
 }
 
-/// `colony ctl`.
-#[derive(Debug, Args)]
-pub struct CtlArgs {
+/// Which node's control socket a command talks to: `--socket`, or `--config` with `--node`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ControlSocketArgs {
     /// The node's control socket.
     #[arg(long, conflicts_with_all = ["config", "node"])]
     pub socket: Option<PathBuf>,
@@ -101,6 +101,14 @@ pub struct CtlArgs {
     /// The state directory the node was started with, if not the config's.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+}
+
+/// `colony ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The node to talk to.
+    #[command(flatten)]
+    pub target: ControlSocketArgs,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,

@@ -29,18 +29,6 @@ use colony_tests::*;
 
 const SENSORS: u32 = 10_000;
 
-/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    ticks / 100.0
-}
-
 fn call(work: &Workdir, address: &str, message: &str) -> serde_json::Value {
     let out = work.ctl("hub", &["call", address, message, "--json"]);
     serde_json::from_slice(&out.stdout).unwrap_or_default()

@@ -7,7 +7,7 @@
 use std::fmt::Write;
 use std::time::{Duration, Instant};
 
-use colony_tests::{Workdir, free_udp_port, healthy, wait_for};
+use colony_tests::{Workdir, assert_success, free_udp_port, healthy, wait_for};
 
 const ACTORS_PER_NODE: usize = 33;
 
@@ -48,11 +48,7 @@ fn timed(work: &Workdir, args: &[&str]) -> Duration {
     let t = Instant::now();
     let out = work.ctl("n0", args);
     let elapsed = t.elapsed();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("ctl {args:?}"));
     elapsed
 }
 

@@ -15,6 +15,40 @@ pub mod mqtt;
 pub mod netns;
 pub mod up;
 
+/// Asserts that a finished command succeeded; if not, the panic shows `what`, the exit status
+/// and the command's standard error.
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// CPU seconds (user + system) process `pid` has used, from /proc/PID/stat.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    ticks / clock_ticks()
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 when it cannot be asked).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 /// The `colony` binary of this build.
 pub fn colony_bin() -> PathBuf {
     // Test executables live in target/<profile>/deps; the binary in target/<profile>.
@@ -133,11 +167,7 @@ impl Workdir {
         let mut all = args.to_vec();
         all.push("--json");
         let out = self.ctl(node, &all);
-        assert!(
-            out.status.success(),
-            "ctl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, &format!("ctl {args:?}"));
         serde_json::from_slice(&out.stdout).expect("ctl printed JSON")
     }
 
@@ -311,11 +341,7 @@ pub fn sqlite(db: &Path, sql: &str) -> Vec<serde_json::Value> {
         .arg(sql)
         .output()
         .expect("run sqlite3");
-    assert!(
-        out.status.success(),
-        "sqlite3 {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("sqlite3 {sql}"));
     if out.stdout.iter().all(u8::is_ascii_whitespace) {
         return Vec::new();
     }

@@ -8,17 +8,15 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::assert_success;
+
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
         .output()
         .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("openssl {args:?}"));
 }
 
 /// Writes a test CA (`ca.pem`), a server certificate for 127.0.0.1/localhost (`server.pem`,
@@ -224,11 +222,7 @@ pub fn publish(dir: &Path, port: u16, secs: u32, args: &[&str]) -> Output {
         .current_dir(dir)
         .output()
         .expect("run mosquitto_pub");
-    assert!(
-        out.status.success(),
-        "mosquitto_pub {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("mosquitto_pub {args:?}"));
     out
 }
 

@@ -6,6 +6,8 @@
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::assert_success;
+
 /// Runs `ip ARGS`, which must succeed.
 pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -134,11 +136,7 @@ impl EchoCounter {
             "add rule inet colonytest input icmpv6 type echo-request counter",
         ] {
             let out = ns.exec(name, "nft", &cmd.split(' ').collect::<Vec<_>>());
-            assert!(
-                out.status.success(),
-                "nft {cmd}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, &format!("nft {cmd}"));
         }
         EchoCounter {
             name: name.to_owned(),

@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{colony_bin, send_signal};
+use crate::{assert_success, colony_bin, send_signal};
 
 /// A running `colony up`, its output, and the node pids it announced. Dropping it SIGKILLs `up`
 /// and every node it started that is still alive, and shows the output if the test failed.
@@ -135,11 +135,7 @@ impl Up {
             .current_dir(self.path())
             .output()
             .expect("run colony ctl");
-        assert!(
-            out.status.success(),
-            "ctl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, &format!("ctl {args:?}"));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }

@@ -29,8 +29,16 @@ fn broker(node: &str, port: u16) -> String {
     )
 }
 
-fn header() -> String {
-    "[cluster]\nname = \"br\"\n\n[supervision]\nbackoff_ms = 10\n\n".to_owned()
+/// The cluster table, then a node with a broker (on the given MQTT port) for each entry.
+fn cluster(sites: &[(&str, u16)]) -> String {
+    let mut text = "[cluster]\nname = \"br\"\n\n[supervision]\nbackoff_ms = 10\n\n".to_owned();
+    for (name, _) in sites {
+        text += &node(name);
+    }
+    for (name, port) in sites {
+        text += &broker(name, *port);
+    }
+    text
 }
 
 /// Starts every node of `w` and waits until all are healthy.
@@ -84,7 +92,7 @@ fn pub1(dir: &Path, port: u16, topic: &str, payload: &str) {
 fn two_nodes_out_in_both_and_prefixes_deliver_what_they_should_and_nothing_else() {
     let (p1, p2) = (free_tcp_port(), free_tcp_port());
     let config = format!(
-        r##"{}{}{}{}{}
+        r##"{}
 [[actor]]
 name = "bridge"
 node = "site"
@@ -99,11 +107,7 @@ topics = [
   {{ pattern = "cmd/#", direction = "in", qos = 0, local_prefix = "ctl/", remote_prefix = "sites/s1/" }},
 ]
 "##,
-        header(),
-        node("site"),
-        node("cloud"),
-        broker("site", p1),
-        broker("cloud", p2)
+        cluster(&[("site", p1), ("cloud", p2)]),
     );
     let w = Workdir::new(&config);
     let _nodes = start_all(&w, &["site", "cloud"]);
@@ -179,11 +183,7 @@ topics = [
     let new_config = w.path().join("reloaded.toml");
     std::fs::write(&new_config, reloaded).unwrap();
     let out = w.ctl("site", &["reload", new_config.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ctl");
     let restarts = actor(&w.status("site").unwrap(), "site/bridge").unwrap()["restarts"].clone();
     let ok = wait_for(SECS, || {
         pub1(d, p1, "new/z", "10");
@@ -209,13 +209,8 @@ topics = [
 fn an_intermediate_broker_splits_topics_between_two_remotes() {
     let ports: Vec<u16> = (0..4).map(|_| free_tcp_port()).collect();
     let names = ["site", "mid", "r1", "r2"];
-    let mut config = header();
-    for n in names {
-        config += &node(n);
-    }
-    for (n, p) in names.iter().zip(&ports) {
-        config += &broker(n, *p);
-    }
+    let sites: Vec<(&str, u16)> = names.into_iter().zip(ports.iter().copied()).collect();
+    let mut config = cluster(&sites);
     config += r##"
 [[actor]]
 name = "up"
@@ -273,13 +268,8 @@ topics = [ { pattern = "temp/#", direction = "out", qos = 1 } ]
 fn a_ring_of_both_direction_bridges_does_not_loop() {
     let ports: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect();
     let names = ["a", "b", "c"];
-    let mut config = header();
-    for n in names {
-        config += &node(n);
-    }
-    for (n, p) in names.iter().zip(&ports) {
-        config += &broker(n, *p);
-    }
+    let sites: Vec<(&str, u16)> = names.into_iter().zip(ports.iter().copied()).collect();
+    let mut config = cluster(&sites);
     for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
         config += &format!(
             "[[actor]]\nname = \"to-{to}\"\nnode = \"{from}\"\nkind = \"bridge\"\n\
@@ -312,7 +302,7 @@ const MQ_PASS: &str = "bridge-secret";
 fn colony_and_a_real_mosquitto_bridge_both_ways_over_tls_with_a_password() {
     let (p1, mp, mt) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
     let config = format!(
-        r##"{}{}{}
+        r##"{}
 [[actor]]
 name = "bridge"
 node = "site"
@@ -332,9 +322,7 @@ topics = [
   {{ pattern = "#", direction = "out", qos = 0, local_prefix = "q0/", remote_prefix = "site/q0/" }},
 ]
 "##,
-        header(),
-        node("site"),
-        broker("site", p1),
+        cluster(&[("site", p1)]),
     );
     let w = Workdir::new(&config);
     make_certs(w.path());
@@ -425,20 +413,12 @@ fn publish_lines(dir: &Path, port: u16, topic: &str, file: &Path, auth: &[&str])
         .stdin(std::fs::File::open(file).unwrap())
         .output()
         .expect("mosquitto_pub");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "mosquitto_pub");
 }
 
 fn kill_actor(w: &Workdir, node: &str, address: &str) {
     let out = w.ctl(node, &["kill", address]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ctl");
 }
 
 fn wait_spooled(w: &Workdir, node: &str, address: &str, at_least: u64) {
@@ -459,7 +439,7 @@ fn wait_spooled(w: &Workdir, node: &str, address: &str, at_least: u64) {
 fn ten_thousand_messages_survive_a_remote_outage_a_bridge_kill_and_a_node_restart() {
     let (p1, p2) = (free_tcp_port(), free_tcp_port());
     let config = format!(
-        r##"{}{}{}{}{}
+        r##"{}
 [[actor]]
 name = "bridge"
 node = "site"
@@ -475,11 +455,7 @@ kind = "collector"
 database = "readings.sqlite"
 source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
 "##,
-        header(),
-        node("site"),
-        node("cloud"),
-        broker("site", p1),
-        broker("cloud", p2),
+        cluster(&[("site", p1), ("cloud", p2)]),
     );
     let w = Workdir::new(&config);
     let mut nodes = start_all(&w, &["site", "cloud"]);
@@ -549,7 +525,7 @@ source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
 fn ten_thousand_messages_come_in_from_a_colony_remote_across_a_local_outage_and_a_bridge_kill() {
     let (p1, p2) = (free_tcp_port(), free_tcp_port());
     let config = format!(
-        r##"{}{}{}{}{}
+        r##"{}
 [[actor]]
 name = "bridge"
 node = "site"
@@ -565,11 +541,7 @@ kind = "collector"
 database = "commands.sqlite"
 source = {{ broker = "site/broker", topics = ["cmd/#"] }}
 "##,
-        header(),
-        node("site"),
-        node("cloud"),
-        broker("site", p1),
-        broker("cloud", p2),
+        cluster(&[("site", p1), ("cloud", p2)]),
     );
     let w = Workdir::new(&config);
     let mut nodes = start_all(&w, &["site", "cloud"]);
@@ -636,7 +608,7 @@ source = {{ broker = "site/broker", topics = ["cmd/#"] }}
 fn ten_thousand_messages_reach_mosquitto_after_it_was_stopped_and_the_bridge_killed() {
     let (p1, mp) = (free_tcp_port(), free_tcp_port());
     let config = format!(
-        r##"{}{}{}
+        r##"{}
 [[actor]]
 name = "bridge"
 node = "site"
@@ -648,9 +620,7 @@ password = "{MQ_PASS}"
 reconnect_max_ms = 1000
 topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
 "##,
-        header(),
-        node("site"),
-        broker("site", p1),
+        cluster(&[("site", p1)]),
     );
     let w = Workdir::new(&config);
     let mut m = Mosquitto::start(
@@ -721,7 +691,7 @@ topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
 fn an_external_bridge_fails_over_and_goes_back_to_the_primary() {
     let (p1, primary, secondary) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
     let config = format!(
-        r##"{}{}{}
+        r##"{}
 [[actor]]
 name = "bridge"
 node = "site"
@@ -736,9 +706,7 @@ reconnect_max_ms = 500
 primary_retry_secs = 1
 topics = [ {{ pattern = "up/#", direction = "out", qos = 1 }} ]
 "##,
-        header(),
-        node("site"),
-        broker("site", p1),
+        cluster(&[("site", p1)]),
     );
     let w = Workdir::new(&config);
     let setup = |name, port| MosquittoSetup {
@@ -782,7 +750,7 @@ topics = [ {{ pattern = "up/#", direction = "out", qos = 1 }} ]
 fn a_full_spool_drops_the_oldest_and_counts_them() {
     let (p1, p2) = (free_tcp_port(), free_tcp_port());
     let config = format!(
-        r##"{}{}{}{}{}
+        r##"{}
 [[actor]]
 name = "bridge"
 node = "site"
@@ -799,11 +767,7 @@ kind = "collector"
 database = "readings.sqlite"
 source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
 "##,
-        header(),
-        node("site"),
-        node("cloud"),
-        broker("site", p1),
-        broker("cloud", p2),
+        cluster(&[("site", p1), ("cloud", p2)]),
     );
     let w = Workdir::new(&config);
     // Only the site runs: the far side is unreachable from the start.
@@ -848,7 +812,7 @@ source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
 #[test]
 fn hops_travel_through_mosquitto_so_a_mixed_ring_does_not_loop() {
     let (pa, pb, mp) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
-    let mut config = header() + &node("a") + &node("b") + &broker("a", pa) + &broker("b", pb);
+    let mut config = cluster(&[("a", pa), ("b", pb)]);
     for (n, remote) in [
         ("a", format!("mqtt://127.0.0.1:{mp}")),
         ("b", format!("mqtt://127.0.0.1:{mp}")),
@@ -917,7 +881,7 @@ fn assert_no_loop(subs: &[Sub], line: &str) {
 fn mosquitto_keeps_the_bridge_session_while_the_bridge_is_stopped() {
     let (p1, mp) = (free_tcp_port(), free_tcp_port());
     let config = format!(
-        r##"{}{}{}
+        r##"{}
 [[actor]]
 name = "bridge"
 node = "site"
@@ -926,9 +890,7 @@ local = "site/broker"
 remote = "mqtt://127.0.0.1:{mp}"
 topics = [ {{ pattern = "down/#", direction = "in", qos = 1 }} ]
 "##,
-        header(),
-        node("site"),
-        broker("site", p1),
+        cluster(&[("site", p1)]),
     );
     let w = Workdir::new(&config);
     let _m = Mosquitto::start(
@@ -945,20 +907,12 @@ topics = [ {{ pattern = "down/#", direction = "in", qos = 1 }} ]
     wait_connected(&w, "site", "site/bridge");
     let sub = Sub::start(w.path(), p1, &["-q", "1", "-t", "down/#"]);
     let out = w.ctl("site", &["stop", "site/bridge"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ctl");
     // While the bridge is away, Mosquitto queues for its persistent session.
     let d = w.path();
     publish_lines(d, mp, "down/cmd", &readings(d, "a.txt", 1, 200), &[]);
     let out = w.ctl("site", &["start", "site/bridge"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ctl");
     let mut got = sub.take(200, Duration::from_secs(30));
     got.extend(sub.quiet(Duration::from_secs(1)));
     let seqs: Vec<u64> = got

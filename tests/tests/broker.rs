@@ -104,11 +104,7 @@ impl Broker {
 
     fn publish_ok(&self, args: &[&str]) {
         let out = self.publish(args);
-        assert!(
-            out.status.success(),
-            "mosquitto_pub {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, &format!("mosquitto_pub {args:?}"));
     }
 
     /// A `mosquitto_sub` on `port` that has its SUBACK.
@@ -437,11 +433,7 @@ fn killed_broker_restarts_with_sessions_and_retained_intact() {
     live.wait_ready();
 
     let out = b.work.ctl("n1", &["kill", "n1/broker"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ctl");
     assert!(
         wait_for(Duration::from_secs(20), || {
             b.work.status("n1").is_some_and(|s| {
@@ -481,11 +473,7 @@ fn actors_publish_by_message_and_malformed_clients_are_cut_off_alone() {
             r#"{"publish": {"topic": "public/from-actor", "payload": "hello", "qos": 1}}"#,
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ctl");
     assert_eq!(s.take(1, SECS), ["public/from-actor hello"]);
     // Garbage, then a CONNECT that is not first, on raw sockets: each is dropped alone.
     use std::io::{Read, Write};
@@ -571,11 +559,7 @@ fn publish_readings(dir: &Path, port: u16, seqs: std::ops::RangeInclusive<u32>) 
             .current_dir(dir)
             .output()
             .expect("run mosquitto_pub");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, "mosquitto_pub");
     }
 }
 

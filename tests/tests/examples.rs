@@ -95,11 +95,7 @@ fn load_test_connects_ten_thousand_sensors_and_stores_their_readings() {
         .output()
         .expect("colony plan");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("{text}\n"));
     assert!(text.contains("ESTIMATED vs MEASURED"), "{text}");
     let stored = text
         .lines()
@@ -197,11 +193,7 @@ fn routing_example_carries_pings_through_its_tunnels() {
         state: tempfile::tempdir().expect("tempdir"),
     };
     let out = lab.run(&["up"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "routing-lab.sh up");
     let ping = |args: &[&str]| {
         Command::new("ip")
             .args(["netns", "exec", "colony-e", "ping", "-c", "1", "-W", "1"])
@@ -268,11 +260,7 @@ fn mosquitto_pub(port: u16, topic: &str, message: &str) {
         .args(["-t", topic, "-m", message])
         .output()
         .expect("run mosquitto_pub (Debian's mosquitto-clients)");
-    assert!(
-        out.status.success(),
-        "mosquitto_pub: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "mosquitto_pub");
 }
 
 #[test]

@@ -109,11 +109,7 @@ fn a_reload_starts_stops_changes_and_restarts_exactly_what_changed() {
 
     // The dry run shows the plan and changes nothing.
     let out = reload(&r, &changed(p), &["--dry-run", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "reload --dry-run");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let alpha = report["nodes"]
         .as_array()
@@ -141,11 +137,7 @@ fn a_reload_starts_stops_changes_and_restarts_exactly_what_changed() {
     // Applied: the human output names each step per node.
     let out = reload(&r, &changed(p), &[]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("{text}\n"));
     for word in [
         "alpha",
         "applied",
@@ -277,28 +269,16 @@ fn messages_keep_flowing_to_untouched_actors_during_a_reload() {
                 ])
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, "ctl send");
             sent += 1;
         }
         sent
     });
     for _ in 0..3 {
         let out = reload(&r, &changed(p), &[]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, "reload");
         let out = reload(&r, &base(p), &[]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, "reload");
     }
     let sent = sender.join().unwrap();
     let all_in = wait_for(Duration::from_secs(5), || {
@@ -333,11 +313,7 @@ fn reconfigure_changes_one_actor_and_is_remembered() {
             r#"{"anti_flap_threshold": 0.4}"#,
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ctl");
     let s = r.work.status("alpha").unwrap();
     let tuned = actor(&s, "alpha/tuned").unwrap();
     assert_eq!(tuned["settings"]["anti_flap_threshold"], 0.4);
@@ -365,11 +341,7 @@ fn reconfigure_changes_one_actor_and_is_remembered() {
         "alpha",
         &["reconfigure", "alpha/tuned", r#"{"restart": "transient"}"#],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ctl");
     assert!(wait_for(Duration::from_secs(5), || r
         .work
         .status("alpha")

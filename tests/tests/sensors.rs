@@ -398,11 +398,7 @@ fn read_now_and_interval_commands_reach_exactly_the_addressed_sensor() {
         ])
         .output()
         .expect("mosquitto_pub");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "mosquitto_pub");
     let ok = wait_for(Duration::from_secs(5), || requested_sources(&c).len() == 2);
     assert!(ok, "{:?}", requested_sources(&c));
     assert_eq!(

@@ -116,16 +116,7 @@ impl Lane {
         while self.up && !self.qos0.is_empty() && self.tx.capacity() > 0 {
             let n = self.qos0.len().min(DRAIN);
             let items: Vec<Forward> = self.qos0.drain(..n).collect();
-            let ok = match &self.tx {
-                LaneTx::Colony(tx) => tx.try_send((self.epoch, items)).is_ok(),
-                LaneTx::Mqtt(tx) => tx
-                    .try_send(ToLink::Batch {
-                        epoch: self.epoch,
-                        items,
-                    })
-                    .is_ok(),
-            };
-            if !ok {
+            if !self.hand_over(items) {
                 // The lane's task is gone (the actor is stopping).
                 self.qos0.clear();
                 return sent;
@@ -133,6 +124,20 @@ impl Lane {
             sent += n;
         }
         sent
+    }
+
+    /// Puts `items` in the lane's queue (which must have room); false when the lane's task is
+    /// gone.
+    fn hand_over(&self, items: Vec<Forward>) -> bool {
+        match &self.tx {
+            LaneTx::Colony(tx) => tx.try_send((self.epoch, items)).is_ok(),
+            LaneTx::Mqtt(tx) => tx
+                .try_send(ToLink::Batch {
+                    epoch: self.epoch,
+                    items,
+                })
+                .is_ok(),
+        }
     }
 
     /// Hands the next spooled messages to the lane while it has room.
@@ -150,16 +155,7 @@ impl Lane {
             self.cursor = last.seq;
             self.outstanding += batch.len();
             let items: Vec<Forward> = batch.into_iter().map(forward).collect();
-            let sent = match &self.tx {
-                LaneTx::Colony(tx) => tx.try_send((self.epoch, items)).is_ok(),
-                LaneTx::Mqtt(tx) => tx
-                    .try_send(ToLink::Batch {
-                        epoch: self.epoch,
-                        items,
-                    })
-                    .is_ok(),
-            };
-            if !sent {
+            if !self.hand_over(items) {
                 // The lane's task is gone (the actor is stopping): nothing more to hand over.
                 self.up = false;
                 return Ok(());

@@ -783,27 +783,15 @@ async fn handle(
                 Err(e) => d.reject(CallError::Rejected(e)),
             }
         }
-        CollectorMessage::Export {
-            path,
-            source,
-            from_ms,
-            to_ms,
-        } => {
+        CollectorMessage::Export { path, filter } => {
             c.flush_all(mqtt).await?;
-            let filter = ExportFilter {
-                source,
-                from_ms,
-                to_ms,
-            };
             match c.export(path, &filter) {
                 Ok(v) => d.reply(&v),
                 Err(e) => d.reject(CallError::Rejected(e)),
             }
         }
         CollectorMessage::ExportPage {
-            source,
-            from_ms,
-            to_ms,
+            filter,
             after_id,
             upto_id,
             max_rows,
@@ -812,11 +800,6 @@ async fn handle(
                 c.flush(mqtt).await?;
             }
             c.settle(mqtt).await?;
-            let filter = ExportFilter {
-                source,
-                from_ms,
-                to_ms,
-            };
             // Room for the reply's framing and the other fields within one cluster frame.
             let max_bytes = (ctx.config.cluster.max_frame_bytes as usize / 2).max(512);
             match c.export_page(&filter, after_id, upto_id, max_rows, max_bytes) {

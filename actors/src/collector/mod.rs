@@ -82,6 +82,7 @@ pub use actor::run;
 use serde::{Deserialize, Serialize};
 
 use crate::reading::Reading;
+use store::ExportFilter;
 
 /// What the collector accepts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,28 +121,16 @@ pub enum CollectorMessage {
         /// The file (relative to the actor's data directory); `export-<ms>.csv` when absent.
         #[serde(default)]
         path: Option<String>,
-        /// Only this source.
-        #[serde(default)]
-        source: Option<String>,
-        /// Only readings received at or after this time, Unix ms.
-        #[serde(default)]
-        from_ms: Option<u64>,
-        /// Only readings received before this time, Unix ms.
-        #[serde(default)]
-        to_ms: Option<u64>,
+        /// Which readings: `source`, `from_ms`, `to_ms`.
+        #[serde(flatten)]
+        filter: ExportFilter,
     },
     /// One page of readings as CSV, for a client that writes the file itself (`colony export`);
     /// replies with an [`ExportPageReply`]. Pages are bounded by the cluster's frame size.
     ExportPage {
-        /// Only this source.
-        #[serde(default)]
-        source: Option<String>,
-        /// Only readings received at or after this time, Unix ms.
-        #[serde(default)]
-        from_ms: Option<u64>,
-        /// Only readings received before this time, Unix ms.
-        #[serde(default)]
-        to_ms: Option<u64>,
+        /// Which readings: `source`, `from_ms`, `to_ms`.
+        #[serde(flatten)]
+        filter: ExportFilter,
         /// Rows after this id (0 or absent: from the start).
         #[serde(default)]
         after_id: Option<i64>,
@@ -216,4 +205,34 @@ pub enum CollectorQuery {
         #[serde(default)]
         limit: Option<u32>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_page_request_decodes_from_json_and_through_the_cluster_encoding() {
+        let json: CollectorMessage = serde_json::from_str(
+            r#"{"export_page": {"source": "dev-7", "from_ms": 5, "after_id": 9}}"#,
+        )
+        .unwrap();
+        let expected = CollectorMessage::ExportPage {
+            filter: ExportFilter {
+                source: Some("dev-7".into()),
+                from_ms: Some(5),
+                to_ms: None,
+            },
+            after_id: Some(9),
+            upto_id: None,
+            max_rows: None,
+        };
+        assert_eq!(json, expected);
+        let body = colony_cluster::encode_body(&expected).unwrap();
+        let back: CollectorMessage = colony_cluster::decode_body(&body).unwrap();
+        assert_eq!(back, expected);
+        // Bad input is an error, not a guess.
+        let bad = serde_json::from_str::<CollectorMessage>(r#"{"export_page": {"from_ms": "x"}}"#);
+        assert!(bad.is_err());
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use colony_config::FileChecks;
 
-use crate::cli::{CtlArgs, CtlCommand};
+use crate::cli::{ControlSocketArgs, CtlArgs, CtlCommand};
 use crate::control::client;
 use crate::control::protocol::{ClusterStatus, Request};
 use crate::reload::node::{ConfigSource, NodeReport, Outcome, ReloadReport};
@@ -26,7 +26,7 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs `colony ctl`.
 pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
-    let socket = socket_path(&args)?;
+    let socket = args.target.path()?;
     let (request, timeout) = to_request(&args.command)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -48,40 +48,27 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The control socket to talk to: `--socket`, or the config's socket for `--node`.
-fn socket_path(args: &CtlArgs) -> anyhow::Result<PathBuf> {
-    resolve_socket(
-        args.socket.as_deref(),
-        args.config.as_deref(),
-        args.node.as_deref(),
-        args.state_dir.as_deref(),
-    )
-}
-
-/// The control socket: `socket`, or the one the config at `config` gives `node`.
-pub(crate) fn resolve_socket(
-    socket: Option<&std::path::Path>,
-    config: Option<&std::path::Path>,
-    node: Option<&str>,
-    state_dir: Option<&std::path::Path>,
-) -> anyhow::Result<PathBuf> {
-    if let Some(socket) = socket {
-        return Ok(socket.to_path_buf());
+impl ControlSocketArgs {
+    /// The control socket: `--socket`, or the one the config gives `--node`.
+    pub(crate) fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        let (Some(path), Some(node)) = (self.config.as_deref(), self.node.as_deref()) else {
+            bail!("give the node's control socket with --socket, or --config and --node");
+        };
+        let config = crate::config_load::load(path, self.state_dir.as_deref(), FileChecks::Skip)
+            .map_err(|e| anyhow!("{e}"))?;
+        let node_config = config.node(node).ok_or_else(|| {
+            let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+            anyhow!(
+                "{}: no node named '{node}' in the config (its nodes: {})",
+                path.display(),
+                names.join(", ")
+            )
+        })?;
+        Ok(config.control_socket(node_config))
     }
-    let (Some(path), Some(node)) = (config, node) else {
-        bail!("give the node's control socket with --socket, or --config and --node");
-    };
-    let config =
-        crate::config_load::load(path, state_dir, FileChecks::Skip).map_err(|e| anyhow!("{e}"))?;
-    let node_config = config.node(node).ok_or_else(|| {
-        let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
-        anyhow!(
-            "{}: no node named '{node}' in the config (its nodes: {})",
-            path.display(),
-            names.join(", ")
-        )
-    })?;
-    Ok(config.control_socket(node_config))
 }
 
 /// The protocol request for a command, and how long to wait for its answer.
@@ -210,14 +197,16 @@ fn pretty(value: &serde_json::Value) -> String {
 mod tests {
     use super::*;
 
-    fn args(socket: Option<&str>, config: Option<PathBuf>, node: Option<&str>) -> CtlArgs {
-        CtlArgs {
+    fn args(
+        socket: Option<&str>,
+        config: Option<PathBuf>,
+        node: Option<&str>,
+    ) -> ControlSocketArgs {
+        ControlSocketArgs {
             socket: socket.map(PathBuf::from),
             config,
             node: node.map(str::to_owned),
             state_dir: None,
-            json: false,
-            command: CtlCommand::Status,
         }
     }
 
@@ -235,26 +224,30 @@ mod tests {
     #[test]
     fn the_socket_comes_from_the_flag_or_the_config() {
         assert_eq!(
-            socket_path(&args(Some("/x/control.sock"), None, None)).unwrap(),
+            args(Some("/x/control.sock"), None, None).path().unwrap(),
             PathBuf::from("/x/control.sock")
         );
 
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path());
-        let core = socket_path(&args(None, Some(config.clone()), Some("core"))).unwrap();
+        let core = args(None, Some(config.clone()), Some("core"))
+            .path()
+            .unwrap();
         assert!(
             core.ends_with(".colony/demo/core/control.sock"),
             "{}",
             core.display()
         );
         assert!(core.starts_with(dir.path()), "{}", core.display());
-        let edge = socket_path(&args(None, Some(config.clone()), Some("edge"))).unwrap();
+        let edge = args(None, Some(config.clone()), Some("edge"))
+            .path()
+            .unwrap();
         assert_eq!(edge, PathBuf::from("/run/edge.sock"));
 
         let mut with_state = args(None, Some(config.clone()), Some("core"));
         with_state.state_dir = Some(dir.path().join("elsewhere"));
         assert_eq!(
-            socket_path(&with_state).unwrap(),
+            with_state.path().unwrap(),
             dir.path().join("elsewhere/core/control.sock")
         );
     }
@@ -263,7 +256,8 @@ mod tests {
     fn socket_resolution_errors_are_clear() {
         let dir = tempfile::tempdir().unwrap();
         let config = write_config(dir.path());
-        let err = socket_path(&args(None, Some(config), Some("nowhere")))
+        let err = args(None, Some(config), Some("nowhere"))
+            .path()
             .unwrap_err()
             .to_string();
         assert!(
@@ -271,18 +265,13 @@ mod tests {
             "{err}"
         );
 
-        let err = socket_path(&args(
-            None,
-            Some(dir.path().join("missing.toml")),
-            Some("core"),
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("missing.toml"), "{err}");
-
-        let err = socket_path(&args(None, None, None))
+        let err = args(None, Some(dir.path().join("missing.toml")), Some("core"))
+            .path()
             .unwrap_err()
             .to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+
+        let err = args(None, None, None).path().unwrap_err().to_string();
         assert!(err.contains("--socket"), "{err}");
     }
 

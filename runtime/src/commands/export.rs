@@ -15,7 +15,7 @@ use anyhow::{Context, anyhow, bail};
 use colony_actors::collector::ExportPageReply;
 use colony_config::Address;
 
-use super::ctl::resolve_socket;
+use crate::cli::ControlSocketArgs;
 use crate::control::client;
 use crate::control::protocol::Request;
 
@@ -24,18 +24,9 @@ use crate::control::protocol::Request;
 pub struct ExportArgs {
     /// The collector, `node/actor`.
     pub address: String,
-    /// A node's control socket (any node of the cluster).
-    #[arg(long, conflicts_with_all = ["config", "node"])]
-    pub socket: Option<PathBuf>,
-    /// The cluster config (with --node, to find that node's socket).
-    #[arg(long, requires = "node")]
-    pub config: Option<PathBuf>,
-    /// The node whose control socket to use (with --config); any node will do.
-    #[arg(long, requires = "config")]
-    pub node: Option<String>,
-    /// The state directory the node was started with, if not the config's.
-    #[arg(long)]
-    pub state_dir: Option<PathBuf>,
+    /// The node to ask (any node of the cluster will do).
+    #[command(flatten)]
+    pub target: ControlSocketArgs,
     /// Write the CSV to this file (stdout when absent or `-`).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
@@ -78,12 +69,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     {
         bail!("--since ({from} ms) must be before --until ({to} ms)");
     }
-    let socket = resolve_socket(
-        args.socket.as_deref(),
-        args.config.as_deref(),
-        args.node.as_deref(),
-        args.state_dir.as_deref(),
-    )?;
+    let socket = args.target.path()?;
     let to_file = args.output.as_deref().filter(|p| *p != Path::new("-"));
     let mut sink = Sink::open(to_file)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
