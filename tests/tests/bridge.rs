@@ -71,6 +71,14 @@ fn wait_connected(w: &Workdir, node: &str, address: &str) {
     );
 }
 
+/// The `count` lines `sub` is expected to receive (waiting up to `wait`), and whatever else
+/// comes in the `quiet` time after them.
+fn receive(sub: &Sub, count: usize, wait: Duration, quiet: Duration) -> Vec<String> {
+    let mut lines = sub.take(count, wait);
+    lines.extend(sub.quiet(quiet));
+    lines
+}
+
 /// Lines per topic/payload, ignoring bridge state notifications.
 fn tally(lines: &[String]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -143,11 +151,9 @@ topics = [
         "sites/s1/gas/1 7",
         "sites/s1/cmd/go 8",
     ]);
-    let mut got1 = s1.take(want1.len(), SECS);
-    let mut got2 = s2.take(want2.len(), SECS);
     // Nothing more comes: no echo, no loop, nothing unbridged.
-    got1.extend(s1.quiet(Duration::from_secs(2)));
-    got2.extend(s2.quiet(Duration::from_secs(1)));
+    let got1 = receive(&s1, want1.len(), SECS, Duration::from_secs(2));
+    let got2 = receive(&s2, want2.len(), SECS, Duration::from_secs(1));
     assert_eq!(tally(&got1), want1, "site subscriber");
     assert_eq!(tally(&got2), want2, "cloud subscriber");
 
@@ -248,10 +254,8 @@ topics = [ { pattern = "temp/#", direction = "out", qos = 1 } ]
         pub1(w.path(), ports[0], &format!("temp/{i}"), "t");
     }
     pub1(w.path(), ports[0], "other/x", "o");
-    let mut g1 = r1.take(5, SECS);
-    let mut g2 = r2.take(5, SECS);
-    g1.extend(r1.quiet(Duration::from_secs(2)));
-    g2.extend(r2.quiet(Duration::from_millis(200)));
+    let g1 = receive(&r1, 5, SECS, Duration::from_secs(2));
+    let g2 = receive(&r2, 5, SECS, Duration::from_millis(200));
     let want1: Vec<String> = (0..5).map(|i| format!("gas/{i} g")).collect();
     let want2: Vec<String> = (0..5).map(|i| format!("temp/{i} t")).collect();
     assert_eq!(
@@ -367,10 +371,8 @@ topics = [
         "sync/y 6",
         "site/q0/t 7",
     ]);
-    let mut got1 = s1.take(want1.len(), SECS);
-    let mut got2 = sm.take(want2.len(), SECS);
-    got1.extend(s1.quiet(Duration::from_secs(2)));
-    got2.extend(sm.quiet(Duration::from_secs(1)));
+    let got1 = receive(&s1, want1.len(), SECS, Duration::from_secs(2));
+    let got2 = receive(&sm, want2.len(), SECS, Duration::from_secs(1));
     assert_eq!(tally(&got1), want1, "colony subscriber");
     assert_eq!(tally(&got2), want2, "mosquitto subscriber");
     let b = detail(&w, "site", "site/bridge");
@@ -913,8 +915,7 @@ topics = [ {{ pattern = "down/#", direction = "in", qos = 1 }} ]
     publish_lines(d, mp, "down/cmd", &readings(d, "a.txt", 1, 200), &[]);
     let out = w.ctl("site", &["start", "site/bridge"]);
     assert_success(&out, "ctl");
-    let mut got = sub.take(200, Duration::from_secs(30));
-    got.extend(sub.quiet(Duration::from_secs(1)));
+    let got = receive(&sub, 200, Duration::from_secs(30), Duration::from_secs(1));
     let seqs: Vec<u64> = got
         .iter()
         .map(|l| {
