@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-const PAYLOAD: usize = 100;
+mod common;
+use common::{PAYLOAD, p50_p99, spawn_poll, stamped_payload, tag, wait_delivered};
 
 fn options(id: String, addr: &str) -> MqttOptions {
     let (host, port) = addr.rsplit_once(':').expect("host:port");
@@ -26,12 +27,6 @@ fn options(id: String, addr: &str) -> MqttOptions {
     o.set_inflight(100);
     o.set_max_packet_size(1 << 20, 1 << 20);
     o
-}
-
-fn tag() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64 % 1_000_000_000)
 }
 
 /// A subscriber on `addr` to `filter`: the delivered counter and latency samples (µs since
@@ -61,10 +56,8 @@ async fn subscriber(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     c.fetch_add(1, Ordering::Relaxed);
-                    if p.payload.len() >= 8 {
-                        let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
-                        let now = epoch.elapsed().as_micros() as u64;
-                        s.lock().unwrap().push(now.saturating_sub(sent));
+                    if let Some(l) = common::latency_of(&p.payload, epoch) {
+                        s.lock().unwrap().push(l);
                     }
                 }
                 Ok(_) => {}
@@ -78,15 +71,8 @@ async fn subscriber(
 
 /// A publisher on `addr`, its event loop polled in the background.
 fn publisher(addr: &str) -> (AsyncClient, tokio::task::JoinHandle<()>) {
-    let (client, mut ev) = AsyncClient::new(options(format!("bb-pub-{}", tag()), addr), 1000);
-    let poll = tokio::spawn(async move {
-        loop {
-            if ev.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    });
-    (client, poll)
+    let (client, ev) = AsyncClient::new(options(format!("bb-pub-{}", tag()), addr), 1000);
+    (client, spawn_poll(ev))
 }
 
 /// Throughput: `total` messages as fast as one publisher can send them; delivered msgs/s and
@@ -109,28 +95,20 @@ async fn throughput(from: &str, to: &str, root: &str, qos: QoS, total: u64) -> (
     count.store(0, Ordering::Relaxed);
     let start = Instant::now();
     for _ in 0..total {
-        let mut payload = vec![b'x'; PAYLOAD];
-        payload[..8].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
+        let payload = stamped_payload(epoch);
         if client.publish(&topic, qos, false, payload).await.is_err() {
             break;
         }
     }
-    let (mut last, mut last_change, mut done_at) = (0, Instant::now(), Instant::now());
-    loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let now = count.load(Ordering::Relaxed);
-        if now != last {
-            last = now;
-            last_change = Instant::now();
-            done_at = last_change;
-        }
-        if now >= total
-            || last_change.elapsed() > Duration::from_secs(3)
-            || start.elapsed() > Duration::from_secs(120)
-        {
-            break;
-        }
-    }
+    let done_at = wait_delivered(
+        &count,
+        total,
+        Duration::from_secs(3),
+        Duration::from_secs(120),
+        start,
+    )
+    .await;
+    let last = count.load(Ordering::Relaxed);
     poll.abort();
     sub.abort();
     let secs = done_at.duration_since(start).as_secs_f64().max(1e-6);
@@ -146,20 +124,13 @@ async fn latency(from: &str, to: &str, root: &str, qos: QoS, rate: u64, secs: u6
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     for _ in 0..rate * secs {
         tick.tick().await;
-        let mut payload = vec![b'x'; PAYLOAD];
-        payload[..8].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
+        let payload = stamped_payload(epoch);
         let _ = client.publish(&topic, qos, false, payload).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     poll.abort();
     sub.abort();
-    let mut v = samples.lock().unwrap().clone();
-    v.sort_unstable();
-    if v.is_empty() {
-        return (0, 0);
-    }
-    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
-    (pct(0.50), pct(0.99))
+    p50_p99(&samples)
 }
 
 #[tokio::main]

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use colony_actors::mqtt_client::MqttTarget;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-const PAYLOAD: usize = 100;
+mod common;
+use common::{PAYLOAD, p50_p99, spawn_poll, stamped_payload, wait_delivered};
 
 fn options(id: String, addr: &MqttTarget) -> MqttOptions {
     let mut o = addr.options(&id, Duration::from_secs(30));
@@ -56,11 +57,9 @@ async fn subscribers(
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         count.fetch_add(1, Ordering::Relaxed);
                         if let Some(l) = &lat
-                            && p.payload.len() >= 8
+                            && let Some(latency) = common::latency_of(&p.payload, epoch)
                         {
-                            let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
-                            let now = epoch.elapsed().as_micros() as u64;
-                            l.lock().unwrap().push(now.saturating_sub(sent));
+                            l.lock().unwrap().push(latency);
                         }
                     }
                     Ok(_) => {}
@@ -83,23 +82,17 @@ async fn throughput(
     qos: QoS,
     total: usize,
 ) -> (f64, u64) {
-    let tag = format!("t{}", rand_tag());
+    let tag = format!("t{}", common::tag());
     let epoch = Instant::now();
     let (count, sub_handles) = subscribers(addr, &tag, subs, "bench/#", qos, None, epoch).await;
     let per = total / pubs;
     let start = Instant::now();
     let mut handles = Vec::new();
     for i in 0..pubs {
-        let (client, mut ev) = AsyncClient::new(options(format!("{tag}-pub-{i}"), addr), 1000);
+        let (client, ev) = AsyncClient::new(options(format!("{tag}-pub-{i}"), addr), 1000);
         let topic = format!("bench/{i}");
         handles.push(tokio::spawn(async move {
-            let poll = tokio::spawn(async move {
-                loop {
-                    if ev.poll().await.is_err() {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            });
+            let poll = spawn_poll(ev);
             for _ in 0..per {
                 if client
                     .publish(topic.as_str(), qos, false, vec![b'x'; PAYLOAD])
@@ -116,25 +109,16 @@ async fn throughput(
         }));
     }
     let expected = (per * pubs * subs) as u64;
-    let mut last = 0;
-    let mut last_change = Instant::now();
-    let mut done_at = Instant::now();
     // Until everything arrived, or nothing new for 2 s (messages were dropped), or 60 s.
-    loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let now = count.load(Ordering::Relaxed);
-        if now != last {
-            last = now;
-            last_change = Instant::now();
-            done_at = last_change;
-        }
-        if now >= expected
-            || last_change.elapsed() > Duration::from_secs(2)
-            || start.elapsed() > Duration::from_secs(60)
-        {
-            break;
-        }
-    }
+    let done_at = wait_delivered(
+        &count,
+        expected,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+        start,
+    )
+    .await;
+    let last = count.load(Ordering::Relaxed);
     let secs = done_at.duration_since(start).as_secs_f64().max(1e-6);
     for h in handles {
         h.abort();
@@ -147,24 +131,17 @@ async fn throughput(
 
 /// Latency at a fixed rate: one publisher, one subscriber, `rate` msg/s for `secs`.
 async fn latency(addr: &MqttTarget, qos: QoS, rate: u64, secs: u64) -> (u64, u64) {
-    let tag = format!("l{}", rand_tag());
+    let tag = format!("l{}", common::tag());
     let epoch = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (_count, sub_handles) =
         subscribers(addr, &tag, 1, "lat/#", qos, Some(samples.clone()), epoch).await;
-    let (client, mut ev) = AsyncClient::new(options(format!("{tag}-pub"), addr), 1000);
-    let poll = tokio::spawn(async move {
-        loop {
-            if ev.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    });
+    let (client, ev) = AsyncClient::new(options(format!("{tag}-pub"), addr), 1000);
+    let poll = spawn_poll(ev);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     for _ in 0..rate * secs {
         tick.tick().await;
-        let mut payload = vec![b'x'; PAYLOAD];
-        payload[..8].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
+        let payload = stamped_payload(epoch);
         let _ = client.publish("lat/x", qos, false, payload).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -172,19 +149,7 @@ async fn latency(addr: &MqttTarget, qos: QoS, rate: u64, secs: u64) -> (u64, u64
     for h in sub_handles {
         h.abort();
     }
-    let mut v = samples.lock().unwrap().clone();
-    v.sort_unstable();
-    if v.is_empty() {
-        return (0, 0);
-    }
-    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
-    (pct(0.50), pct(0.99))
-}
-
-fn rand_tag() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64 % 1_000_000)
+    p50_p99(&samples)
 }
 
 #[tokio::main]
