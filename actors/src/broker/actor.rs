@@ -59,7 +59,9 @@ struct Shell {
     conns: HashMap<u64, mpsc::Sender<Outgoing>>,
     /// Where each connection comes from and since when.
     meta: HashMap<u64, (ConnMeta, Instant)>,
-    notifiers: HashMap<Arc<str>, mpsc::Sender<BrokerNotice>>,
+    /// Per actor subscriber: its outbound queue, and the highest notice id its sending task
+    /// has handed to the cluster.
+    notifiers: HashMap<Arc<str>, (mpsc::Sender<BrokerNotice>, Arc<AtomicU64>)>,
     /// Notices queued for one actor subscriber (a bridge, a collector) while it is busy; past
     /// this QoS 0 ones are dropped and counted, as for a client connection.
     notice_queue: usize,
@@ -105,15 +107,17 @@ impl Shell {
                     id,
                     dup,
                 } => {
-                    let tx = self.notifiers.entry(to.clone()).or_insert_with(|| {
+                    let (tx, _) = self.notifiers.entry(to.clone()).or_insert_with(|| {
                         let (tx, rx) = mpsc::channel(NOTICE_CHANNEL + self.notice_queue);
+                        let handed = Arc::new(AtomicU64::new(0));
                         tasks.spawn(notify_actor(
                             ctx.cluster.clone(),
                             ctx.address.clone(),
                             to.clone(),
                             rx,
+                            handed.clone(),
                         ));
-                        tx
+                        (tx, handed)
                     });
                     // A QoS 0 notice for an actor that reads too slowly is dropped; a QoS 1/2 notice
                     // that does not fit stays unacknowledged and goes again later.
@@ -128,6 +132,13 @@ impl Shell {
         }
         self.core.count_dropped(dropped);
         Ok(())
+    }
+
+    /// Tells the core how far each actor subscriber's notices have left the broker.
+    fn sync_handed(&mut self) {
+        for (to, (_, handed)) in &self.notifiers {
+            self.core.actor_handed(to, handed.load(Ordering::Relaxed));
+        }
     }
 
     fn conn_ended(&mut self, id: u64, how: Ended) {
@@ -191,12 +202,15 @@ impl Shell {
     }
 }
 
-/// Sends notices to one actor subscriber, in order, in batches of what is waiting.
+/// Sends notices to one actor subscriber, in order, in batches of what is waiting, and
+/// records in `handed` the highest id it has handed to the cluster (delivered into a mailbox on
+/// this node, sent on a link, or failed: either way no longer waiting here).
 async fn notify_actor(
     cluster: colony_cluster::Cluster,
     from: Address,
     to: Arc<str>,
     mut rx: mpsc::Receiver<BrokerNotice>,
+    handed: Arc<AtomicU64>,
 ) {
     let Ok(address) = to.parse::<Address>() else {
         warn!(subscriber = %to, "actor subscriber address does not parse");
@@ -204,6 +218,7 @@ async fn notify_actor(
     };
     let mut notices = Vec::with_capacity(NOTICE_BATCH);
     while rx.recv_many(&mut notices, NOTICE_BATCH).await > 0 {
+        let highest = notices.iter().filter_map(BrokerNotice::id).max();
         let bodies: Vec<bytes::Bytes> = notices
             .drain(..)
             .filter_map(|n| colony_cluster::encode_body(&n).ok())
@@ -212,6 +227,9 @@ async fn notify_actor(
         // Undelivered QoS 1/2 notices go again when unacknowledged for a while.
         if let Err(e) = cluster.send_batch(&address, Some(&from), bodies).await {
             debug!(subscriber = %to, "notices not delivered: {e}");
+        }
+        if let Some(id) = highest {
+            handed.fetch_max(id, Ordering::Relaxed);
         }
     }
 }
@@ -377,6 +395,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 ActorEvent::Message(d) => {
                     // Take what else is already in the mailbox, commit once, then reply: a reply
                     // to a QoS 1/2 publish means it is on disk.
+                    shell.sync_handed();
                     let mut replies = Vec::new();
                     handle_message(&mut shell, &ctx, d, &mut replies);
                     let mut stop = false;
@@ -409,6 +428,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             },
             _ = tick.tick() => {
                 ticks += 1;
+                shell.sync_handed();
                 shell.core.tick(unix_now());
                 let now = shell.core.counters();
                 let detail = json!({

@@ -8,8 +8,10 @@
 //! the actor subscribes again (it restarted) and when it has gone unacknowledged for
 //! `redeliver_ticks` ticks of the broker's clock, then twice as long, four times, up to
 //! [`MAX_BACKOFF`] times (a stopped actor's mailbox keeps what was sent; each copy is work
-//! for it when it comes back). Nothing here touches a clock or the disk; the
-//! core turns changes into store operations.
+//! for it when it comes back). Only what has left the broker goes again: a notice still in
+//! the broker's outbound queue to a subscriber that is not taking them (stopped, or slow) is
+//! neither aged nor copied. Nothing here touches a clock or the disk; the core turns changes
+//! into store operations.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -60,6 +62,10 @@ pub struct ActorQueue {
     queue: VecDeque<Pending>,
     /// An acknowledgement came since the last tick.
     progressed: bool,
+    /// The highest id the broker has handed to the cluster for this subscriber. Notices above
+    /// it still wait in the broker's own outbound queue (the subscriber is not taking them), so
+    /// sending them again would only queue a second copy behind the first.
+    handed: u64,
 }
 
 impl ActorQueue {
@@ -141,14 +147,22 @@ impl ActorQueue {
         out
     }
 
-    /// Everything in flight, to send again (in order, marked `dup`).
+    /// The broker has handed notices up to `id` to the cluster (it never goes back).
+    pub fn set_handed(&mut self, id: u64) {
+        self.handed = self.handed.max(id);
+    }
+
+    /// Everything in flight that has left the broker, to send again (in order, marked `dup`).
     pub fn resend_all(&mut self) -> Vec<Pending> {
-        for p in &mut self.inflight {
+        let handed = self.handed;
+        let mut out = Vec::new();
+        for p in self.inflight.iter_mut().filter(|p| p.id <= handed) {
             p.dup = true;
             p.age = 0;
             p.resends = 0;
+            out.push(p.clone());
         }
-        self.inflight.iter().cloned().collect()
+        out
     }
 
     /// One tick of the broker's clock: returns the notices unacknowledged for `redeliver_ticks`
@@ -164,6 +178,10 @@ impl ActorQueue {
         };
         let mut out = Vec::new();
         for p in &mut self.inflight {
+            if p.id > self.handed {
+                // Still in the broker's outbound queue: its clock starts once it has left.
+                continue;
+            }
             p.age += 1;
             let backoff = 1u32 << p.resends.min(MAX_BACKOFF.trailing_zeros());
             if p.age >= limit.saturating_mul(backoff) {
@@ -209,6 +227,7 @@ mod tests {
         let mut q = ActorQueue::default();
         q.offer(1, msg(1), 10, 10);
         q.offer(2, msg(2), 10, 10);
+        q.set_handed(2);
         assert!(q.tick(3).is_empty());
         q.ack(1);
         assert!(q.tick(3).is_empty());
@@ -222,6 +241,7 @@ mod tests {
     fn an_unanswered_notice_goes_again_less_and_less_often() {
         let mut q = ActorQueue::default();
         q.offer(1, msg(1), 10, 10);
+        q.set_handed(1);
         let sent_at: Vec<u32> = (1..=200).filter(|_| !q.tick(2).is_empty()).collect();
         assert_eq!(sent_at, [2, 6, 14, 30, 62, 94, 126, 158, 190]);
         // A subscriber that comes back starts from the usual time again.
@@ -236,6 +256,7 @@ mod tests {
         for id in 1..=3 {
             q.offer(id, msg(id as u8), 10, 10);
         }
+        q.set_handed(3);
         for id in 1..=2 {
             assert!(q.tick(2).is_empty());
             assert!(q.ack(id));
@@ -252,11 +273,31 @@ mod tests {
         let mut q = ActorQueue::default();
         q.offer(1, msg(1), 1, 10);
         q.offer(2, msg(2), 1, 10);
+        q.set_handed(1);
         let again = q.resend_all();
         assert_eq!(
             again.iter().map(|p| (p.id, p.dup)).collect::<Vec<_>>(),
             [(1, true)]
         );
+    }
+
+    #[test]
+    fn what_has_not_left_the_broker_is_neither_aged_nor_sent_again() {
+        let mut q = ActorQueue::default();
+        for id in 1..=3 {
+            q.offer(id, msg(id as u8), 10, 10);
+        }
+        // 1 and 2 went out; 3 waits in the broker's queue to a subscriber that is not taking.
+        q.set_handed(2);
+        q.set_handed(1);
+        assert!(q.tick(2).is_empty());
+        let ids = |v: Vec<Pending>| v.iter().map(|p| p.id).collect::<Vec<_>>();
+        assert_eq!(ids(q.tick(2)), [1, 2]);
+        assert_eq!(ids(q.resend_all()), [1, 2]);
+        // 3 leaves now: its clock starts from zero.
+        q.set_handed(3);
+        assert!(q.tick(2).is_empty());
+        assert_eq!(ids(q.tick(2)), [1, 2, 3]);
     }
 
     #[test]

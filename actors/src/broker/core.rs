@@ -871,6 +871,14 @@ impl BrokerCore {
         self.pump_actor(&address);
     }
 
+    /// The broker has handed notices up to `id` to the cluster for actor `address` (what is
+    /// above still waits in its outbound queue, and is not sent again).
+    pub fn actor_handed(&mut self, address: &str, id: u64) {
+        if let Some(q) = self.actor_subs.get_mut(address) {
+            q.set_handed(id);
+        }
+    }
+
     /// One tick of the broker's clock: notices unacknowledged for too long go out again.
     pub fn actor_tick(&mut self) {
         let mut due = Vec::new();

@@ -411,7 +411,9 @@ fn actor_notices_at_qos1_are_kept_until_acked_windowed_and_redelivered() {
         |o| matches!(o, StoreOp::DeleteActorMessages { address, first, last }
             if address == "n/c" && (*first, *last) == (id0, id0))
     ));
-    // Unacked for the redelivery timeout: sent again, marked dup, in order.
+    // Unacked for the redelivery timeout once handed to the cluster: sent again, marked dup,
+    // in order.
+    c.actor_handed("n/c", u64::MAX);
     for _ in 0..ACTOR_REDELIVER_TICKS - 1 {
         c.actor_tick();
     }

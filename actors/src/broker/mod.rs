@@ -204,6 +204,12 @@ pub enum BrokerNotice {
 }
 
 impl BrokerNotice {
+    /// The id to acknowledge, if any.
+    pub fn id(&self) -> Option<u64> {
+        let BrokerNotice::Publish { id, .. } = self;
+        *id
+    }
+
     /// The notice for `message`, with its id when it must be acknowledged.
     pub fn publish(m: session::Message, id: Option<u64>, dup: bool) -> Self {
         BrokerNotice::Publish {

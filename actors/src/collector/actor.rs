@@ -756,12 +756,12 @@ async fn handle(
     };
     ctx.stats.handled();
     let now = Instant::now();
-    let sender = d
-        .from
-        .as_ref()
-        .map_or_else(|| "actor".to_owned(), Address::to_string);
     match message {
         CollectorMessage::Reading { reading, topic } => {
+            let sender = d
+                .from
+                .as_ref()
+                .map_or_else(|| "actor".to_owned(), Address::to_string);
             let topic = topic.unwrap_or_else(|| format!("actor:{sender}"));
             c.ingest_reading(reading, topic, &sender, None, now);
             d.reply(&());
