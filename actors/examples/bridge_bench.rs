@@ -9,7 +9,9 @@
 //! Each setup is `label=PUBLISH_ADDR,SUBSCRIBE_ADDR,TOPIC_ROOT` (the bridge forwards
 //! `TOPIC_ROOT/#`). `actors/benches/bridge_vs_mosquitto.sh` builds the setups (Colony to Colony
 //! over QUIC, Colony to Mosquitto, Mosquitto to Mosquitto) and runs this. It measures; it does not
-//! pass or fail.
+//! pass or fail. `BRIDGE_BENCH_MESSAGES` sets the messages per throughput run (20,000),
+//! `BRIDGE_BENCH_LATENCY_SECS` the latency run's length (5 s), and `BRIDGE_BENCH_LATENCY_ONLY`
+//! skips the throughput runs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -157,9 +159,17 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
+    let latency_secs: u64 = std::env::var("BRIDGE_BENCH_LATENCY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let throughput_runs = std::env::var_os("BRIDGE_BENCH_LATENCY_ONLY").is_none();
     println!("across one bridge, 1 publisher -> 1 subscriber, 100-byte payloads, {total} messages");
     for (label, from, to, root) in &setups {
-        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce]
+            .into_iter()
+            .filter(|_| throughput_runs)
+        {
             let (rate, lost) = throughput(from, to, root, qos, total).await;
             println!(
                 "{label:<22} QoS {}  {rate:>9.0} msg/s delivered (undelivered {lost})",
@@ -167,7 +177,7 @@ async fn main() {
             );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let (p50, p99) = latency(from, to, root, QoS::AtLeastOnce, 1000, 5).await;
+        let (p50, p99) = latency(from, to, root, QoS::AtLeastOnce, 1000, latency_secs).await;
         println!("{label:<22} QoS 1 at 1000 msg/s: latency p50 {p50} us, p99 {p99} us");
     }
 }
