@@ -29,15 +29,10 @@ use colony_tests::*;
 
 const SENSORS: u32 = 10_000;
 
-fn call(work: &Workdir, address: &str, message: &str) -> serde_json::Value {
-    let out = work.ctl("hub", &["call", address, message, "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
-}
-
 /// Readings stored, and when the collector's last commit finished (Unix ms).
 fn stored(work: &Workdir) -> (u64, u64) {
-    let s = call(work, "hub/collector", r#"{"status": {}}"#);
-    let n = |k: &str| s["reply"][k].as_u64().unwrap_or(0);
+    let s = work.try_call("hub", "hub/collector", r#"{"status": {}}"#);
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
     (n("stored"), n("last_commit_ms"))
 }
 
@@ -49,7 +44,7 @@ fn unix_ms() -> u64 {
 
 /// QoS 1 publishes the broker has taken.
 fn broker_in(work: &Workdir) -> u64 {
-    call(work, "hub/broker", r#"{"status": {}}"#)["reply"]["detail"]["messages_in"]
+    work.try_call("hub", "hub/broker", r#"{"status": {}}"#)["detail"]["messages_in"]
         .as_u64()
         .unwrap_or(0)
 }
@@ -119,8 +114,8 @@ fn run(via: &str, drain: bool, total: u64, batch: usize) -> Figures {
     // The collector's subscription (or MQTT session) exists before anything is published.
     let ready = wait_for(Duration::from_secs(60), || {
         std::thread::sleep(Duration::from_millis(300));
-        let s = call(&work, "hub/collector", r#"{"status": {}}"#);
-        via == "actor" || s["reply"]["broker_connected"] == serde_json::json!(true)
+        let s = work.try_call("hub", "hub/collector", r#"{"status": {}}"#);
+        via == "actor" || s["broker_connected"] == serde_json::json!(true)
     });
     assert!(ready, "the collector did not connect to the broker");
     std::thread::sleep(Duration::from_secs(2));
@@ -174,18 +169,15 @@ fn run(via: &str, drain: bool, total: u64, batch: usize) -> Figures {
     });
     let hub_cpu = cpu_secs(hub.pid()) - cpu0;
     let secs = first_stored.map_or(0.0, |t| last_commit_ms.saturating_sub(t) as f64 / 1000.0);
-    let counts = work.ctl_json(
-        "hub",
-        &["call", "hub/collector", r#"{"query": {"counts": {}}}"#],
-    );
+    let counts = work.call("hub", "hub/collector", r#"{"query": {"counts": {}}}"#);
     let figures = Figures {
         taken,
-        distinct: counts["reply"]["per_source"]
+        distinct: counts["per_source"]
             .as_array()
             .map_or(0, |a| a.iter().filter_map(|s| s["highest"].as_u64()).sum()),
-        stored: counts["reply"]["readings"].as_u64().unwrap_or(0),
-        duplicates: counts["reply"]["duplicates"].as_u64().unwrap_or(0),
-        gaps: counts["reply"]["gaps"].as_u64().unwrap_or(0),
+        stored: counts["readings"].as_u64().unwrap_or(0),
+        duplicates: counts["duplicates"].as_u64().unwrap_or(0),
+        gaps: counts["gaps"].as_u64().unwrap_or(0),
         secs,
         hub_cpu,
         publish_per_sec: taken as f64 / publish_secs,

@@ -171,6 +171,22 @@ impl Workdir {
         serde_json::from_slice(&out.stdout).expect("ctl printed JSON")
     }
 
+    /// `colony ctl call ADDRESS MESSAGE` through `node`, which must succeed: the reply.
+    pub fn call(&self, node: &str, address: &str, message: &str) -> serde_json::Value {
+        self.ctl_json(node, &["call", address, message])["reply"].take()
+    }
+
+    /// The same, for an actor that may be (re)starting: the reply, or null when the call
+    /// fails.
+    pub fn try_call(&self, node: &str, address: &str, message: &str) -> serde_json::Value {
+        let out = self.ctl(node, &["call", address, message, "--json"]);
+        if !out.status.success() {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map_or(serde_json::Value::Null, |mut v| v["reply"].take())
+    }
+
     /// Cluster status as `node` answers it, or `None` if it does not answer.
     pub fn status(&self, node: &str) -> Option<serde_json::Value> {
         let out = self.ctl(node, &["status", "--json"]);

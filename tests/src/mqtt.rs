@@ -206,6 +206,18 @@ impl Drop for Sub {
 
 /// Runs `mosquitto_pub -h 127.0.0.1 -p PORT ARGS`, bounded to `secs` seconds; panics on failure.
 pub fn publish(dir: &Path, port: u16, secs: u32, args: &[&str]) -> Output {
+    mosquitto_pub(dir, port, secs, args, None)
+}
+
+/// Publishes each line of `file` as one message (`mosquitto_pub -l`, the file on its stdin),
+/// bounded to `secs` seconds; panics on failure.
+pub fn publish_lines(dir: &Path, port: u16, secs: u32, args: &[&str], file: &Path) -> Output {
+    let mut all = args.to_vec();
+    all.push("-l");
+    mosquitto_pub(dir, port, secs, &all, Some(file))
+}
+
+fn mosquitto_pub(dir: &Path, port: u16, secs: u32, args: &[&str], stdin: Option<&Path>) -> Output {
     let port = port.to_string();
     let secs = secs.to_string();
     let mut all = vec![
@@ -217,11 +229,12 @@ pub fn publish(dir: &Path, port: u16, secs: u32, args: &[&str]) -> Output {
         &port,
     ];
     all.extend_from_slice(args);
-    let out = Command::new("timeout")
-        .args(&all)
-        .current_dir(dir)
-        .output()
-        .expect("run mosquitto_pub");
+    let mut cmd = Command::new("timeout");
+    cmd.args(&all).current_dir(dir);
+    if let Some(file) = stdin {
+        cmd.stdin(std::fs::File::open(file).expect("open the lines to publish"));
+    }
+    let out = cmd.output().expect("run mosquitto_pub");
     assert_success(&out, &format!("mosquitto_pub {args:?}"));
     out
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use colony_tests::mqtt::{Mosquitto, MosquittoSetup, Sub, make_certs, publish};
+use colony_tests::mqtt::{self, Mosquitto, MosquittoSetup, Sub, make_certs, publish};
 use colony_tests::*;
 
 const SECS: Duration = Duration::from_secs(15);
@@ -395,32 +395,34 @@ fn readings(dir: &Path, name: &str, from: u64, count: u64) -> std::path::PathBuf
 
 /// Publishes the lines of `file` as QoS 1 messages to `topic` at `port`, in order.
 fn publish_lines(dir: &Path, port: u16, topic: &str, file: &Path, auth: &[&str]) {
-    let port = port.to_string();
-    let out = std::process::Command::new("timeout")
-        .args([
-            "60",
-            "mosquitto_pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-l",
-        ])
-        .args(auth)
-        .current_dir(dir)
-        .stdin(std::fs::File::open(file).unwrap())
-        .output()
-        .expect("mosquitto_pub");
-    assert_success(&out, "mosquitto_pub");
+    let mut args = vec!["-q", "1", "-t", topic];
+    args.extend_from_slice(auth);
+    mqtt::publish_lines(dir, port, 60, &args, file);
+}
+
+/// The collector query for its counts.
+const COUNTS: &str = r#"{"query": {"counts": {}}}"#;
+
+/// The collector at `address` has source `s1` up to `highest`, none out of order; returns its
+/// status detail.
+fn assert_all_in_order(w: &Workdir, address: &str, highest: u64) -> serde_json::Value {
+    let node = address.split('/').next().unwrap_or_default();
+    let col = detail(w, node, address);
+    let s1 = &col["per_source"][0];
+    assert_eq!(s1["source"], "s1", "{col}");
+    assert_eq!(s1["highest"], highest, "{col}");
+    assert_eq!(s1["reordered"], 0, "{col}");
+    col
+}
+
+/// The bridge `site/bridge` has nothing left in its spool.
+fn assert_spool_empty(w: &Workdir) {
+    let b = detail(w, "site", "site/bridge");
+    assert_eq!(b["spool_depth"], 0, "{b}");
 }
 
 fn kill_actor(w: &Workdir, node: &str, address: &str) {
-    let out = w.ctl(node, &["kill", address]);
-    assert_success(&out, "ctl");
+    w.ctl_ok(node, &["kill", address]);
 }
 
 fn wait_spooled(w: &Workdir, node: &str, address: &str, at_least: u64) {
@@ -483,13 +485,7 @@ source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
     nodes[0] = w.start_node("site");
     std::thread::sleep(Duration::from_secs(3));
     nodes[1] = w.start_node("cloud");
-    let counts = || {
-        w.ctl_json(
-            "cloud",
-            &["call", "cloud/collector", r#"{"query": {"counts": {}}}"#],
-        )["reply"]
-            .take()
-    };
+    let counts = || w.try_call("cloud", "cloud/collector", COUNTS);
     // Mid-way through the catch-up the site node crashes again, with calls in flight.
     let midway = wait_for(Duration::from_secs(60), || {
         broker_in(&w).is_some_and(|n| n >= 1000)
@@ -513,14 +509,9 @@ source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(broker_in(&w), Some(8000));
     // And the collector stored each once, in order.
-    let col = detail(&w, "cloud", "cloud/collector");
-    let s1 = &col["per_source"][0];
-    assert_eq!(s1["source"], "s1");
-    assert_eq!(s1["reordered"], 0, "{col}");
-    assert_eq!(s1["highest"], 10_000, "{col}");
+    assert_all_in_order(&w, "cloud/collector", 10_000);
     assert_eq!(c["readings"], 10_000, "{c}");
-    let b = detail(&w, "site", "site/bridge");
-    assert_eq!(b["spool_depth"], 0, "{b}");
+    assert_spool_empty(&w);
 }
 
 #[test]
@@ -550,18 +541,7 @@ source = {{ broker = "site/broker", topics = ["cmd/#"] }}
     wait_connected(&w, "site", "site/bridge");
     let d = w.path();
     // The collector's counts; null while the site node is (re)starting.
-    let stored = |w: &Workdir| {
-        let out = w.ctl(
-            "site",
-            &[
-                "call",
-                "site/collector",
-                r#"{"query": {"counts": {}}}"#,
-                "--json",
-            ],
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()["reply"].take()
-    };
+    let stored = |w: &Workdir| w.try_call("site", "site/collector", COUNTS);
     publish_lines(d, p2, "cmd/s1", &readings(d, "a.txt", 1, 2000), &[]);
     let through = wait_for(SECS, || stored(&w)["readings"] == 2000);
     assert!(through, "first part: {}", stored(&w));
@@ -591,19 +571,9 @@ source = {{ broker = "site/broker", topics = ["cmd/#"] }}
     // Each message reached the collector once (a stream's repeats are acknowledged by the local
     // broker, not routed), in order.
     std::thread::sleep(Duration::from_secs(2));
-    let col = detail(&w, "site", "site/collector");
-    let s1 = &col["per_source"][0];
-    assert_eq!(
-        (s1["source"].as_str(), s1["highest"].as_u64()),
-        (Some("s1"), Some(10_000))
-    );
-    assert_eq!(
-        (s1["reordered"].as_u64(), s1["duplicates"].as_u64()),
-        (Some(0), Some(0)),
-        "{col}"
-    );
-    let b = detail(&w, "site", "site/bridge");
-    assert_eq!(b["spool_depth"], 0, "{b}");
+    let col = assert_all_in_order(&w, "site/collector", 10_000);
+    assert_eq!(col["per_source"][0]["duplicates"], 0, "{col}");
+    assert_spool_empty(&w);
 }
 
 #[test]

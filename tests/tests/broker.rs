@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use colony_tests::mqtt::{Sub, make_certs};
+use colony_tests::mqtt::{Sub, make_certs, publish};
 use colony_tests::*;
 
 // argon2id hashes of "alice-pw" and "bob-pw" (made with `colony passwd`).
@@ -103,8 +103,20 @@ impl Broker {
     }
 
     fn publish_ok(&self, args: &[&str]) {
-        let out = self.publish(args);
-        assert_success(&out, &format!("mosquitto_pub {args:?}"));
+        publish(self.dir(), self.tcp, 10, args);
+    }
+
+    /// Kills the broker (`colony ctl kill`) and waits until its supervisor has it running and
+    /// listening again.
+    fn kill_and_wait_back(&self) {
+        self.work.ctl_ok("n1", &["kill", "n1/broker"]);
+        assert!(
+            wait_for(Duration::from_secs(20), || {
+                restarted(&self.work, "n1/broker")
+                    && std::net::TcpStream::connect(("127.0.0.1", self.tcp)).is_ok()
+            }),
+            "broker did not come back"
+        );
     }
 
     /// A `mosquitto_sub` on `port` that has its SUBACK.
@@ -115,10 +127,28 @@ impl Broker {
     }
 }
 
+/// True once the actor at `address` has been restarted and runs (asked of the node the address
+/// names).
+fn restarted(work: &Workdir, address: &str) -> bool {
+    let node = address.split('/').next().unwrap_or_default();
+    work.status(node).is_some_and(|s| {
+        actor(&s, address)
+            .is_some_and(|a| a["restarts"].as_u64() >= Some(1) && a["state"] == "running")
+    })
+}
+
 /// Runs a paho script with Debian's python, bounded to 20 s; returns stdout.
 fn paho(dir: &Path, script: &str) -> String {
+    paho_with(dir, 20, script, &[])
+}
+
+/// Runs a paho script with Debian's python and `args` (its `sys.argv[1:]`), bounded to `secs`
+/// seconds; returns stdout.
+fn paho_with(dir: &Path, secs: u32, script: &str, args: &[&str]) -> String {
+    let secs = secs.to_string();
     let out = Command::new("timeout")
-        .args(["20", "/usr/bin/python3", "-c", script])
+        .args([secs.as_str(), "/usr/bin/python3", "-c", script])
+        .args(args)
         .current_dir(dir)
         .output()
         .expect("run /usr/bin/python3");
@@ -432,17 +462,7 @@ fn killed_broker_restarts_with_sessions_and_retained_intact() {
     );
     live.wait_ready();
 
-    let out = b.work.ctl("n1", &["kill", "n1/broker"]);
-    assert_success(&out, "ctl");
-    assert!(
-        wait_for(Duration::from_secs(20), || {
-            b.work.status("n1").is_some_and(|s| {
-                actor(&s, "n1/broker")
-                    .is_some_and(|a| a["restarts"].as_u64() >= Some(1) && a["state"] == "running")
-            }) && std::net::TcpStream::connect(("127.0.0.1", b.tcp)).is_ok()
-        }),
-        "broker did not come back"
-    );
+    b.kill_and_wait_back();
     let s = Sub::spawn(
         b.dir(),
         b.tcp,
@@ -541,38 +561,20 @@ source = {{ broker = "n1/broker", topics = ["readings/#"], via = "actor" }}
 }
 
 fn publish_readings(dir: &Path, port: u16, seqs: std::ops::RangeInclusive<u32>) {
-    let port = port.to_string();
     for seq in seqs {
         let reading = format!(r#"{{"source": "dev-1", "seq": {seq}, "value": {seq}.5}}"#);
-        let out = Command::new("timeout")
-            .args([
-                "10",
-                "mosquitto_pub",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-q",
-                "1",
-            ])
-            .args(["-t", "readings/dev-1", "-m", &reading])
-            .current_dir(dir)
-            .output()
-            .expect("run mosquitto_pub");
-        assert_success(&out, "mosquitto_pub");
+        publish(
+            dir,
+            port,
+            10,
+            &["-q", "1", "-t", "readings/dev-1", "-m", &reading],
+        );
     }
 }
 
+/// The collector's counts; null while it or its node is (re)starting.
 fn collector_counts(work: &Workdir) -> serde_json::Value {
-    let out = work.ctl(
-        "n2",
-        &["call", "n2/store", r#"{"query": {"counts": {}}}"#, "--json"],
-    );
-    if !out.status.success() {
-        return serde_json::Value::Null;
-    }
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .map_or(serde_json::Value::Null, |mut v| v["reply"].take())
+    work.try_call("n2", "n2/store", r#"{"query": {"counts": {}}}"#)
 }
 
 fn wait_until_stored(work: &Workdir, n: u64, node: &NodeProc) {
@@ -592,8 +594,8 @@ fn actor_subscriber_gets_everything_across_its_absence_and_a_broker_kill() {
     let (work, n1, tcp) = start_with_actor_collector();
     // Published before the collector has ever run: the declared subscription queues them.
     publish_readings(work.path(), tcp, 1..=5);
-    let status = work.ctl_json("n1", &["call", "n1/broker", r#"{"status": {}}"#]);
-    let subs = &status["reply"]["actor_subscriptions"]["n2/store"];
+    let status = work.call("n1", "n1/broker", r#"{"status": {}}"#);
+    let subs = &status["actor_subscriptions"]["n2/store"];
     assert_eq!(subs["filters"]["readings/#"], 1, "{status}");
     let n2 = work.start_node("n2");
     wait_until_stored(&work, 5, &n2);
@@ -608,12 +610,7 @@ fn actor_subscriber_gets_everything_across_its_absence_and_a_broker_kill() {
     work.ctl_ok("n2", &["stop", "n2/store"]);
     publish_readings(work.path(), tcp, 11..=15);
     work.ctl_ok("n1", &["kill", "n1/broker"]);
-    let back = wait_for(Duration::from_secs(20), || {
-        work.status("n1").is_some_and(|s| {
-            actor(&s, "n1/broker")
-                .is_some_and(|a| a["restarts"].as_u64() >= Some(1) && a["state"] == "running")
-        })
-    });
+    let back = wait_for(Duration::from_secs(20), || restarted(&work, "n1/broker"));
     assert!(back, "broker did not come back:\n{}", n1.log_text());
     work.ctl_ok("n2", &["start", "n2/store"]);
     wait_until_stored(&work, 15, &n2);
@@ -626,8 +623,8 @@ fn actor_subscriber_gets_everything_across_its_absence_and_a_broker_kill() {
     assert_eq!(n["gaps"], 0, "{n}");
     // Everything acknowledged: nothing left in flight or queued at the broker.
     let ok = wait_for(Duration::from_secs(15), || {
-        let s = work.ctl_json("n1", &["call", "n1/broker", r#"{"status": {}}"#]);
-        let q = &s["reply"]["actor_subscriptions"]["n2/store"];
+        let s = work.call("n1", "n1/broker", r#"{"status": {}}"#);
+        let q = &s["actor_subscriptions"]["n2/store"];
         q["inflight"] == 0 && q["queued"] == 0
     });
     assert!(ok, "notices left unacknowledged");
@@ -667,10 +664,8 @@ fn actor_publish_streams_are_exactly_once_and_no_local_holds() {
     b.work.ctl_ok("n1", &["call", "n1/broker", sub]);
     b.publish_ok(&["-q", "1", "-t", "public/x", "-m", "for-ghost"]);
     let ok = wait_for(SECS, || {
-        let st = b
-            .work
-            .ctl_json("n1", &["call", "n1/broker", r#"{"status": {}}"#]);
-        st["reply"]["actor_subscriptions"]["n1/ghost"]["inflight"] == 1
+        let st = b.work.call("n1", "n1/broker", r#"{"status": {}}"#);
+        st["actor_subscriptions"]["n1/ghost"]["inflight"] == 1
     });
     assert!(ok);
     b.publish_ok(&["-t", "public/still", "-m", "alive"]);
@@ -688,18 +683,8 @@ fn actor_publish_streams_are_exactly_once_and_no_local_holds() {
 fn mqtt5_features_with_paho() {
     let b = start();
     let script = include_str!("broker_mqtt5.py");
-    let out = Command::new("timeout")
-        .args(["60", "/usr/bin/python3", "-c", script, &b.tcp.to_string()])
-        .current_dir(b.dir())
-        .output()
-        .expect("run /usr/bin/python3");
-    assert!(
-        out.status.success(),
-        "paho script failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("script printed JSON");
+    let out = paho_with(b.dir(), 60, script, &[&b.tcp.to_string()]);
+    let r: serde_json::Value = serde_json::from_str(&out).expect("script printed JSON");
     let j = |v: &str| serde_json::from_str::<serde_json::Value>(v).unwrap();
     assert_eq!(
         r["alias"],
@@ -894,7 +879,7 @@ fn connections_are_children_and_a_stalled_subscriber_drops_qos0_alone() {
     // An operator cuts a client off by id; an unknown id is reported as not connected.
     let cut = |id: &str| {
         let m = format!(r#"{{"disconnect": {{"client_id": "{id}"}}}}"#);
-        b.work.ctl_json("n1", &["call", "n1/broker", &m])["reply"].clone()
+        b.work.call("n1", "n1/broker", &m)
     };
     assert_eq!(cut("watcher"), true);
     assert_eq!(cut("nobody"), false);
@@ -997,16 +982,7 @@ fn mqtt5_session_and_message_properties_survive_a_broker_kill() {
         "message-expiry-interval",
         "600",
     ]);
-    b.work.ctl_ok("n1", &["kill", "n1/broker"]);
-    assert!(
-        wait_for(Duration::from_secs(20), || {
-            b.work.status("n1").is_some_and(|s| {
-                actor(&s, "n1/broker")
-                    .is_some_and(|a| a["restarts"].as_u64() >= Some(1) && a["state"] == "running")
-            }) && std::net::TcpStream::connect(("127.0.0.1", b.tcp)).is_ok()
-        }),
-        "broker did not come back"
-    );
+    b.kill_and_wait_back();
     let s = Sub::spawn(b.dir(), b.tcp, &args);
     let line = s.take(1, SECS);
     assert_eq!(line.len(), 1, "the queued message did not survive");

@@ -97,8 +97,8 @@ source = {{ udp = "127.0.0.1:{udp}" }}
     }
     let stored = |n: i64| {
         wait_for(Duration::from_secs(10), || {
-            let reply = work.ctl_json("edge", &["call", "core/store", r#"{"flush": {}}"#]);
-            reply["reply"]["stored"].as_i64() == Some(n)
+            let reply = work.call("edge", "core/store", r#"{"flush": {}}"#);
+            reply["stored"].as_i64() == Some(n)
         })
     };
     assert!(stored(3), "dev-a readings never stored");
@@ -488,18 +488,15 @@ source = {{ broker = "core/broker", topics = ["sensors/#"], via = "actor" }}
     let sent = c.pause_sensors_and_drain("core/sensors");
     let total = assert_exactly_once(&c.db, 50);
     assert_eq!(total, sent, "every reading sent is stored");
-    let counts = c.work.ctl_json(
-        "core",
-        &["call", "core/store", r#"{"query": {"counts": {}}}"#],
-    );
-    assert_eq!(counts["reply"]["gaps"], 0, "{counts}");
+    let counts = c
+        .work
+        .call("core", "core/store", r#"{"query": {"counts": {}}}"#);
+    assert_eq!(counts["gaps"], 0, "{counts}");
     // The collector's in-flight window is four of its batches (5,000 by default), not the
     // broker's `max_inflight`, also after the broker's restart.
-    let b = c
-        .work
-        .ctl_json("core", &["call", "core/broker", r#"{"status": {}}"#]);
+    let b = c.work.call("core", "core/broker", r#"{"status": {}}"#);
     assert_eq!(
-        b["reply"]["actor_subscriptions"]["core/store"]["window"], 20_000,
+        b["actor_subscriptions"]["core/store"]["window"], 20_000,
         "{b}"
     );
     eprintln!(

@@ -63,7 +63,7 @@ flush_ms = 50
 }
 
 fn call(c: &Cluster, address: &str, message: &str) -> serde_json::Value {
-    c.work.ctl_json("core", &["call", address, message])["reply"].take()
+    c.work.call("core", address, message)
 }
 
 fn counts(c: &Cluster) -> serde_json::Value {

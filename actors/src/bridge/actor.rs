@@ -80,7 +80,7 @@ impl Lane {
         self.up = false;
         self.cursor = 0;
         self.outstanding = 0;
-        self.retry_at = Some(Instant::now() + jitter(self.backoff));
+        self.retry_at = Some(Instant::now() + super::jittered(self.backoff));
         self.backoff = (self.backoff * 2).clamp(min, max);
         dropped
     }
@@ -194,14 +194,6 @@ fn forward(m: Spooled) -> Forward {
         retain: m.retain,
         hops: m.hops,
     }
-}
-
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos() as u64);
-    let half = d.as_millis() as u64 / 2;
-    Duration::from_millis(half + nanos % (half + 1))
 }
 
 /// Which connection to `node` carries messages now: `None` when there is none. On this node

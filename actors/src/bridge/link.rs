@@ -107,15 +107,6 @@ fn qos(q: u8) -> QoS {
     }
 }
 
-/// A delay between `d / 2` and `d`.
-fn jittered(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos() as u64);
-    let half = d.as_millis() as u64 / 2;
-    Duration::from_millis(half + nanos % (half + 1))
-}
-
 fn options(c: &LinkConfig, t: &Target) -> MqttOptions {
     let mut o = MqttOptions::new(c.client_id.clone(), t.host.clone(), t.port);
     o.set_keep_alive(c.keepalive);
@@ -231,7 +222,7 @@ pub(super) async fn run(
                 return;
             }
             drop(client);
-            let wait = jittered(backoff);
+            let wait = super::jittered(backoff);
             backoff = (backoff * 2).min(c.reconnect_max);
             let sleep = tokio::time::sleep(wait);
             tokio::pin!(sleep);
@@ -363,7 +354,7 @@ pub(super) async fn run(
             continue;
         }
         // Try the next address after a short pause (the first retry of the same one is quick).
-        tokio::time::sleep(jittered(c.reconnect_min)).await;
+        tokio::time::sleep(super::jittered(c.reconnect_min)).await;
     }
 }
 

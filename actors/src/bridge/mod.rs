@@ -52,3 +52,9 @@ pub enum BridgeMessage {
 
 /// The MQTT 5 user property that carries a message's hops through an external broker.
 pub const HOPS_PROPERTY: &str = "colony-hops";
+
+/// A reconnect delay between `d / 2` and `d`, so that bridges cut off together do not all
+/// come back at the same instant (both Colony lanes and the external MQTT link use it).
+fn jittered(d: std::time::Duration) -> std::time::Duration {
+    d.mul_f64(rand::random_range(0.5..=1.0))
+}

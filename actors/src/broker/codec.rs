@@ -356,17 +356,7 @@ fn connect_v5(
     will: Option<v5::LastWill>,
     login: Option<v5::Login>,
 ) -> Result<ConnectIn, FrameError> {
-    let props = c.properties.unwrap_or(v5::ConnectProperties {
-        session_expiry_interval: None,
-        receive_maximum: None,
-        max_packet_size: None,
-        topic_alias_max: None,
-        request_response_info: None,
-        request_problem_info: None,
-        user_properties: Vec::new(),
-        authentication_method: None,
-        authentication_data: None,
-    });
+    let props = c.properties.unwrap_or_default();
     let will = match will {
         None => None,
         Some(w) => {
@@ -761,12 +751,7 @@ mod tests {
             session_expiry_interval: Some(300),
             receive_maximum: Some(5),
             max_packet_size: Some(4096),
-            topic_alias_max: None,
-            request_response_info: None,
-            request_problem_info: None,
-            user_properties: Vec::new(),
-            authentication_method: None,
-            authentication_data: None,
+            ..Default::default()
         });
         let mut buf = encode5(&v5::Packet::Connect(c, None, None));
         let mut d = Decoder::new(1 << 20);
