@@ -34,15 +34,13 @@ impl Problems {
         });
     }
 
-    fn range<T: PartialOrd + std::fmt::Display>(
-        &mut self,
-        path: KeyPath,
-        what: &str,
-        v: T,
-        lo: T,
-        hi: T,
-    ) {
+    /// A problem at `path` unless `lo <= v <= hi`; the message names the path's last key.
+    fn range<T: PartialOrd + std::fmt::Display>(&mut self, path: KeyPath, v: T, lo: T, hi: T) {
         if v < lo || v > hi {
+            let what = match path.last() {
+                Some(Seg::Key(k)) => *k,
+                _ => "value",
+            };
             self.add(
                 path,
                 format!("{what} must be between {lo} and {hi}, not {v}"),
@@ -77,28 +75,24 @@ fn cluster_rules(config: &ClusterConfig, p: &mut Problems) {
     }
     p.range(
         key_path!["cluster", "heartbeat_ms"],
-        "heartbeat_ms",
         c.heartbeat_ms,
         10,
         60_000,
     );
     p.range(
         key_path!["cluster", "heartbeat_misses"],
-        "heartbeat_misses",
         c.heartbeat_misses,
         1,
         100,
     );
     p.range(
         key_path!["cluster", "max_frame_bytes"],
-        "max_frame_bytes",
         c.max_frame_bytes,
         1024,
         64 << 20,
     );
     p.range(
         key_path!["cluster", "call_timeout_ms"],
-        "call_timeout_ms",
         c.call_timeout_ms,
         1,
         3_600_000,
@@ -111,17 +105,10 @@ fn supervision_rules(s: &SupervisionSettings, at: KeyPath, p: &mut Problems) {
         path.push(Seg::Key(k));
         path
     };
-    p.range(
-        key("max_restarts"),
-        "max_restarts",
-        s.max_restarts,
-        0,
-        100_000,
-    );
-    p.range(key("within_secs"), "within_secs", s.within_secs, 1, 86_400);
+    p.range(key("max_restarts"), s.max_restarts, 0, 100_000);
+    p.range(key("within_secs"), s.within_secs, 1, 86_400);
     p.range(
         key("backoff_max_ms"),
-        "backoff_max_ms",
         s.backoff_max_ms,
         s.backoff_ms,
         3_600_000,
@@ -246,7 +233,7 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
         ActorSettings::Broker(b) => broker_rules(b, i, p),
         ActorSettings::Bridge(b) => bridge_rules(b, i, p),
         ActorSettings::Tunnel(t) => {
-            p.range(key_path!["actor", i, "mtu"], "mtu", t.mtu, 576, 9000);
+            p.range(key_path!["actor", i, "mtu"], t.mtu, 576, 9000);
             if t.role == TunnelRole::Endpoint && t.peers.len() > 2 {
                 p.add(
                     key_path!["actor", i, "peers"],
@@ -255,21 +242,13 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
             }
             p.range(
                 key_path!["actor", i, "probe_interval_ms"],
-                "probe_interval_ms",
                 t.probe_interval_ms,
                 1,
                 60_000,
             );
-            p.range(
-                key_path!["actor", i, "dead_after"],
-                "dead_after",
-                t.dead_after,
-                1,
-                1000,
-            );
+            p.range(key_path!["actor", i, "dead_after"], t.dead_after, 1, 1000);
             p.range(
                 key_path!["actor", i, "report_interval_secs"],
-                "report_interval_secs",
                 t.report_interval_secs,
                 1,
                 86_400,
@@ -294,15 +273,14 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
             }
         }
         ActorSettings::SensorGroup(s) => {
-            p.range(key_path!["actor", i, "count"], "count", s.count, 1, 100_000);
+            p.range(key_path!["actor", i, "count"], s.count, 1, 100_000);
             p.range(
                 key_path!["actor", i, "interval_ms"],
-                "interval_ms",
                 s.interval_ms,
                 1,
                 86_400_000,
             );
-            p.range(key_path!["actor", i, "qos"], "qos", s.qos, 0, 2);
+            p.range(key_path!["actor", i, "qos"], s.qos, 0, 2);
             if s.source == SensorSource::Simulated && s.broker.is_none() == s.url.is_none() {
                 p.add(
                     key_path!["actor", i],
@@ -319,18 +297,11 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
             }
             p.range(
                 key_path!["actor", i, "ramp_per_sec"],
-                "ramp_per_sec",
                 s.ramp_per_sec,
                 1,
                 1_000_000,
             );
-            p.range(
-                key_path!["actor", i, "ping_count"],
-                "ping_count",
-                s.ping_count,
-                1,
-                1000,
-            );
+            p.range(key_path!["actor", i, "ping_count"], s.ping_count, 1, 1000);
             if s.jitter_ms >= s.interval_ms {
                 p.add(
                     key_path!["actor", i, "jitter_ms"],
@@ -373,7 +344,7 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
                 ("bandwidth", w.bandwidth),
                 ("connections", w.connections),
             ] {
-                p.range(key_path!["actor", i, "weights", key], key, v, 0.0, 1.0);
+                p.range(key_path!["actor", i, "weights", key], v, 0.0, 1.0);
             }
             if w.cpu + w.memory + w.bandwidth + w.connections <= 0.0 {
                 p.add(
@@ -383,21 +354,18 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
             }
             p.range(
                 key_path!["actor", i, "anti_flap_threshold"],
-                "anti_flap_threshold",
                 b.anti_flap_threshold,
                 0.0,
                 1.0,
             );
             p.range(
                 key_path!["actor", i, "anti_flap_hold_secs"],
-                "anti_flap_hold_secs",
                 b.anti_flap_hold_secs,
                 0,
                 86_400,
             );
             p.range(
                 key_path!["actor", i, "report_interval_secs"],
-                "report_interval_secs",
                 b.report_interval_secs,
                 1,
                 3_600,
@@ -410,7 +378,6 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
             }
             p.range(
                 key_path!["actor", i, "max_connections"],
-                "max_connections",
                 b.max_connections,
                 1,
                 u32::MAX,
@@ -431,21 +398,14 @@ fn kind_rules(settings: &ActorSettings, i: usize, p: &mut Problems) {
                     );
                 }
             }
-            p.range(key_path!["actor", i, "qos"], "qos", c.qos, 0, 1);
+            p.range(key_path!["actor", i, "qos"], c.qos, 0, 1);
             p.range(
                 key_path!["actor", i, "batch_size"],
-                "batch_size",
                 c.batch_size,
                 1,
                 1_000_000,
             );
-            p.range(
-                key_path!["actor", i, "flush_ms"],
-                "flush_ms",
-                c.flush_ms,
-                1,
-                60_000,
-            );
+            p.range(key_path!["actor", i, "flush_ms"], c.flush_ms, 1, 60_000);
             if c.database.as_os_str().is_empty() {
                 p.add(
                     key_path!["actor", i, "database"],
@@ -507,13 +467,7 @@ fn bridge_rules(b: &BridgeSettings, i: usize, p: &mut Problems) {
                 );
             }
         }
-        p.range(
-            key_path!["actor", i, "topics", j, "qos"],
-            "qos",
-            rule.qos,
-            0,
-            2,
-        );
+        p.range(key_path!["actor", i, "topics", j, "qos"], rule.qos, 0, 2);
     }
     match &b.remote {
         BridgeRemote::Actor(a) => {
@@ -583,28 +537,24 @@ fn bridge_rules(b: &BridgeSettings, i: usize, p: &mut Problems) {
     }
     p.range(
         key_path!["actor", i, "keepalive_secs"],
-        "keepalive_secs",
         b.keepalive_secs,
         1,
         65_535,
     );
     p.range(
         key_path!["actor", i, "reconnect_min_ms"],
-        "reconnect_min_ms",
         b.reconnect_min_ms,
         1,
         3_600_000,
     );
     p.range(
         key_path!["actor", i, "reconnect_max_ms"],
-        "reconnect_max_ms",
         b.reconnect_max_ms,
         b.reconnect_min_ms.max(1),
         3_600_000,
     );
     p.range(
         key_path!["actor", i, "primary_retry_secs"],
-        "primary_retry_secs",
         b.primary_retry_secs,
         1,
         86_400,
@@ -617,28 +567,24 @@ fn bridge_rules(b: &BridgeSettings, i: usize, p: &mut Problems) {
     }
     p.range(
         key_path!["actor", i, "spool_max_messages"],
-        "spool_max_messages",
         b.spool_max_messages,
         1,
         u64::MAX,
     );
     p.range(
         key_path!["actor", i, "spool_max_bytes"],
-        "spool_max_bytes",
         b.spool_max_bytes,
         1024,
         u64::MAX,
     );
     p.range(
         key_path!["actor", i, "spool_max_age_secs"],
-        "spool_max_age_secs",
         b.spool_max_age_secs,
         1,
         u64::MAX,
     );
     p.range(
         key_path!["actor", i, "max_inflight"],
-        "max_inflight",
         b.max_inflight,
         1,
         u16::MAX,
@@ -694,28 +640,24 @@ fn broker_rules(b: &BrokerSettings, i: usize, p: &mut Problems) {
     let l = &b.limits;
     p.range(
         key_path!["actor", i, "limits", "max_packet_size"],
-        "max_packet_size",
         l.max_packet_size,
         64,
         268_435_455,
     );
     p.range(
         key_path!["actor", i, "limits", "max_inflight"],
-        "max_inflight",
         l.max_inflight,
         1,
         65_535,
     );
     p.range(
         key_path!["actor", i, "limits", "max_queued"],
-        "max_queued",
         l.max_queued,
         0,
         10_000_000,
     );
     p.range(
         key_path!["actor", i, "limits", "max_connections"],
-        "max_connections",
         l.max_connections,
         1,
         1_000_000,
