@@ -155,14 +155,8 @@ async fn main() {
         !setups.is_empty(),
         "usage: bridge_bench label=PUB,SUB,ROOT ..."
     );
-    let total: u64 = std::env::var("BRIDGE_BENCH_MESSAGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let latency_secs: u64 = std::env::var("BRIDGE_BENCH_LATENCY_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let total: u64 = common::env_setting("BRIDGE_BENCH_MESSAGES", 20_000);
+    let latency_secs: u64 = common::env_setting("BRIDGE_BENCH_LATENCY_SECS", 5);
     let throughput_runs = std::env::var_os("BRIDGE_BENCH_LATENCY_ONLY").is_none();
     println!("across one bridge, 1 publisher -> 1 subscriber, 100-byte payloads, {total} messages");
     for (label, from, to, root) in &setups {

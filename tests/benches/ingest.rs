@@ -186,27 +186,11 @@ fn run(via: &str, drain: bool, total: u64, batch: usize) -> Figures {
     figures
 }
 
-fn env_list(name: &str, default: &str) -> Vec<String> {
-    std::env::var(name)
-        .unwrap_or_else(|_| default.to_owned())
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let vias = env_list("INGEST_BENCH_VIA", "actor,mqtt");
-    let modes = env_list("INGEST_BENCH_MODES", "drain,live");
-    let total = env_num("INGEST_BENCH_TOTAL", 1_000_000);
-    let batch = env_num("INGEST_BENCH_BATCH", 5_000) as usize;
+    let vias: Vec<String> = env_list("INGEST_BENCH_VIA", "actor,mqtt");
+    let modes: Vec<String> = env_list("INGEST_BENCH_MODES", "drain,live");
+    let total: u64 = env_setting("INGEST_BENCH_TOTAL", 1_000_000);
+    let batch: usize = env_setting("INGEST_BENCH_BATCH", 5_000);
     println!(
         "collector ingest from the broker: {total} QoS 1 JSON readings from {SENSORS} sensors, \
          batches of {batch}"

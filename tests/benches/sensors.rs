@@ -130,16 +130,8 @@ topic = "bench/{{group}}/{{id}}"
 }
 
 fn main() {
-    let counts: Vec<u32> = std::env::var("SENSOR_BENCH_COUNTS")
-        .ok()
-        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1_000, 5_000, 10_000, 15_000]);
-    let window = Duration::from_secs(
-        std::env::var("SENSOR_BENCH_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(10),
-    );
+    let counts: Vec<u32> = env_list("SENSOR_BENCH_COUNTS", "1000,5000,10000,15000");
+    let window = Duration::from_secs(env_setting("SENSOR_BENCH_SECS", 10));
     println!(
         "sensors per node: N sensors at 1 reading/s (QoS 0, TCP) on node `field`, broker on node `hub`"
     );

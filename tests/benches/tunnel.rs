@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
+use colony_tests::env_setting;
 use colony_tests::netns::{EchoCounter, LabOptions, Netns, SERVER_V4, TunnelLab, ip, ping_gap};
 
 /// Runs iperf3 from `client_ns` to the server in `server_ns`; Gbit/s received.
@@ -81,10 +82,7 @@ fn main() {
     );
     println!("  through the tunnel, redundant: {redundant:.2} Gbit/s");
 
-    let kills: usize = std::env::var("TUNNEL_BENCH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let kills: usize = env_setting("TUNNEL_BENCH_KILLS", 10);
     let mut gaps_ms = Vec::new();
     let mut lost = Vec::new();
     let mut dups_at_server = Vec::new();

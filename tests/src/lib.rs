@@ -49,6 +49,35 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// A bench setting from the environment: `default` when `name` is unset; a value that does
+/// not parse stops the bench with a message naming it (a typo must not measure the default).
+pub fn env_setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            panic!("{name}={v:?} is not a valid {}", std::any::type_name::<T>())
+        }),
+    }
+}
+
+/// A comma-separated bench setting from the environment (each item parsed as by
+/// [`env_setting`]), `default` when `name` is unset.
+pub fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
+    let v = std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().unwrap_or_else(|_| {
+                panic!(
+                    "{name}: {s:?} is not a valid {}",
+                    std::any::type_name::<T>()
+                )
+            })
+        })
+        .collect()
+}
+
 /// The `colony` binary of this build.
 pub fn colony_bin() -> PathBuf {
     // Test executables live in target/<profile>/deps; the binary in target/<profile>.

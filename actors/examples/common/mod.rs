@@ -78,3 +78,16 @@ pub fn p50_p99(samples: &Mutex<Vec<u64>>) -> (u64, u64) {
     let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
     (pct(0.50), pct(0.99))
 }
+
+/// A setting from the environment: `default` when `name` is unset; a value that does not parse
+/// stops the run with a message naming it (a typo must not measure the default). Only
+/// `bridge_bench` has such settings; `mqtt_bench` takes its own as arguments.
+#[allow(dead_code)]
+pub fn env_setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            panic!("{name}={v:?} is not a valid {}", std::any::type_name::<T>())
+        }),
+    }
+}
