@@ -17,20 +17,21 @@ use tracing::{debug, info, warn};
 use super::BridgeMessage;
 use super::link::{self, Forward, FromLink, LinkConfig, ToLink};
 use super::rules::{Rules, Side, may_forward, with_hop};
-use super::spool::{Bounds, Dir, Entry, Spool, Spooled};
+use super::spool::{Bounds, Dir, Entry, NEXT_MAX, Spool, Spooled};
 use crate::broker::{BrokerMessage, BrokerNotice, PublishStream};
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
 
 /// Messages handed to a lane and not yet acknowledged, at most (Colony lanes).
 const COLONY_WINDOW: usize = 512;
-/// Messages read from the spool per batch.
-const BATCH: usize = 256;
 /// Events taken from the mailbox before the spool commits.
 const DRAIN: usize = 1024;
 /// QoS 0 messages waiting for a busy lane, at most, per direction: beyond it the oldest are
 /// dropped (and counted in `dropped_qos0`). A lane is busy when the far broker (or the link to
 /// it) takes messages slower than they come; a burst within this bound is delivered.
 const QOS0_QUEUE: usize = 65_536;
+/// How long delivered messages may stay in the spool when no append comes to remove them in
+/// its transaction (see [`Spool::delivered`]).
+const FLUSH_AFTER: Duration = Duration::from_millis(50);
 /// How long a call to a broker may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -141,13 +142,13 @@ impl Lane {
     }
 
     /// Hands the next spooled messages to the lane while it has room.
-    fn pump(&mut self, spool: &Spool) -> Result<(), ActorFailure> {
+    fn pump(&mut self, spool: &mut Spool) -> Result<(), ActorFailure> {
         while self.up && self.outstanding < self.window {
             if self.tx.capacity() == 0 {
                 // The lane's queue is full; the next pump goes on from the cursor.
                 return Ok(());
             }
-            let want = (self.window - self.outstanding).min(BATCH);
+            let want = (self.window - self.outstanding).min(NEXT_MAX);
             let batch = spool.next(self.dir, self.cursor, want).map_err(fail)?;
             let Some(last) = batch.last() else {
                 return Ok(());
@@ -453,8 +454,6 @@ struct Bridge {
     notification_topic: String,
     local_subscribed: bool,
     remote_subscribed: bool,
-    /// Spool seqs the far sides acknowledged, per direction, not yet removed.
-    delivered: [Vec<u64>; 2],
 }
 
 /// An incoming message, from either side.
@@ -545,13 +544,7 @@ impl Bridge {
                     Dir::Out => self.n.forwarded_out += seqs.len() as u64,
                     Dir::In => self.n.forwarded_in += seqs.len() as u64,
                 }
-                // Removed from the spool together with the others of this round (see `pump`).
-                let done = &mut self.delivered[usize::from(dir == Dir::In)];
-                if done.is_empty() {
-                    *done = seqs;
-                } else {
-                    done.extend(seqs);
-                }
+                self.spool.delivered(dir, seqs);
             }
             FromLink::Down { epoch, reason } => {
                 if epoch == lane.epoch {
@@ -581,20 +574,12 @@ impl Bridge {
         Ok(())
     }
 
-    /// Removes what the far sides acknowledged since the last round (one transaction per
-    /// direction however many acknowledgements came in), then hands waiting QoS 0 messages and
-    /// the next spooled ones to the lanes.
+    /// Hands waiting QoS 0 messages and the next spooled ones to the lanes.
     fn pump(&mut self) -> Result<(), ActorFailure> {
-        for (i, dir) in [(0, Dir::Out), (1, Dir::In)] {
-            if !self.delivered[i].is_empty() {
-                let seqs = std::mem::take(&mut self.delivered[i]);
-                self.spool.remove(dir, &seqs).map_err(fail)?;
-            }
-        }
         self.n.forwarded_out += self.out.flush_qos0() as u64;
         self.n.forwarded_in += self.inn.flush_qos0() as u64;
-        self.out.pump(&self.spool)?;
-        self.inn.pump(&self.spool)
+        self.out.pump(&mut self.spool)?;
+        self.inn.pump(&mut self.spool)
     }
 
     /// Colony lanes: retry a lane that is down once its node is up and its backoff has passed.
@@ -879,7 +864,6 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         notification_topic: expand(&settings.notification_topic, &me),
         local_subscribed: false,
         remote_subscribed: false,
-        delivered: [Vec::new(), Vec::new()],
     };
     if let Remote::Colony(a) = &b.remote {
         b.connected = cluster.is_up(a.node());
@@ -918,6 +902,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     let mut last = (0u64, 0u64);
     let mut ticks = 0u64;
     let mut was_connected = b.connected;
+    let mut flush_at: Option<Instant> = None;
     loop {
         tokio::select! {
             event = ctx.next_event() => {
@@ -1062,6 +1047,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 ctx.stats.set_detail(b.detail(rates));
             }
             _ = sleep_until(b.next_retry()) => b.revive_colony_lanes(),
+            _ = sleep_until(flush_at) => b.spool.flush().map_err(fail)?,
             // QoS 0 messages wait for a busy lane: `pump` below hands them over.
             _ = out_tx.room(), if b.out.qos0_waiting() => {}
             _ = in_tx.room(), if b.inn.qos0_waiting() => {}
@@ -1072,6 +1058,11 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             }
         }
         b.pump()?;
+        flush_at = match flush_at {
+            _ if !b.spool.pending() => None,
+            None => Some(Instant::now() + FLUSH_AFTER),
+            at => at,
+        };
     }
 }
 

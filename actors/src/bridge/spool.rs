@@ -114,8 +114,21 @@ pub struct Spool {
     /// Acknowledgement marks not yet written: (source, id, when). They only shorten how long a
     /// notice is remembered, so they ride along with the next commit instead of one of their own.
     acks: Vec<(String, u64, u64)>,
+    /// The highest seq appended per direction (0 when none ever was).
+    last: [u64; 2],
+    /// Seqs the far side has, per direction, not yet removed (see [`Spool::delivered`]).
+    done: [Vec<u64>; 2],
     _checkpoints: crate::checkpoint::Checkpointer,
 }
+
+macro_rules! next_max {
+    () => {
+        256
+    };
+}
+/// Messages one [`Spool::next`] reads, at most. It is a literal in the statement: SQLite
+/// prepares a statement again each time a bound `LIMIT` changes.
+pub const NEXT_MAX: usize = next_max!();
 
 /// Acknowledgement marks held before they are written in a transaction of their own.
 const ACKS_HELD: usize = 4096;
@@ -168,6 +181,8 @@ impl Spool {
             bounds,
             dirs: [DirCounters::default(); 2],
             acks: Vec::new(),
+            last: [0; 2],
+            done: [Vec::new(), Vec::new()],
             _checkpoints: checkpoints,
         };
         for dir in [Dir::Out, Dir::In] {
@@ -185,6 +200,11 @@ impl Spool {
                 )
                 .optional()?;
             let (dropped_full, dropped_expired) = dropped.unwrap_or_default();
+            s.last[dir.index()] = s.conn.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM spool WHERE dir = ?1",
+                [dir.as_str()],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
             s.dirs[dir.index()] = DirCounters {
                 messages,
                 bytes,
@@ -210,8 +230,12 @@ impl Spool {
     /// appended.
     pub fn append(&mut self, dir: Dir, entries: &[Entry], now_ms: u64) -> Result<u64, SpoolError> {
         let tx = self.conn.transaction()?;
+        let removed = remove_done(&tx, &self.done)?;
+        let mut dirs = self.dirs;
+        subtract(&mut dirs, removed);
         let mut added = 0;
         let mut bytes = 0;
+        let mut last = self.last[dir.index()];
         {
             let mut seen = tx.prepare_cached(
                 "INSERT OR IGNORE INTO seen (source, id, at_ms) VALUES (?1, ?2, ?3)",
@@ -238,12 +262,12 @@ impl Spool {
                     now_ms as i64,
                     n as i64
                 ])?;
+                last = tx.last_insert_rowid() as u64;
                 added += 1;
                 bytes += n;
             }
         }
-        let c = &mut self.dirs[dir.index()];
-        let before = *c;
+        let c = &mut dirs[dir.index()];
         c.messages += added;
         c.bytes += bytes;
         let dropped = trim(&tx, dir, c, self.bounds)?;
@@ -251,22 +275,33 @@ impl Spool {
             c.dropped_full += dropped;
             save_counters(&tx, dir, c)?;
         }
-        match tx.commit() {
-            Ok(()) => Ok(added),
-            Err(e) => {
-                self.dirs[dir.index()] = before;
-                Err(e.into())
-            }
-        }
+        tx.commit()?;
+        self.dirs = dirs;
+        self.done.iter_mut().for_each(Vec::clear);
+        self.last[dir.index()] = last;
+        Ok(added)
     }
 
-    /// Up to `limit` messages of `dir` after `after`, oldest first.
-    pub fn next(&self, dir: Dir, after: u64, limit: usize) -> Result<Vec<Spooled>, SpoolError> {
-        let mut q = self.conn.prepare_cached(
+    /// The highest seq ever appended to `dir`: nothing comes after it.
+    pub fn last(&self, dir: Dir) -> u64 {
+        self.last[dir.index()]
+    }
+
+    /// Up to `limit` (at most [`NEXT_MAX`]) messages of `dir` after `after`, oldest first.
+    /// Messages already delivered are not among them.
+    pub fn next(&mut self, dir: Dir, after: u64, limit: usize) -> Result<Vec<Spooled>, SpoolError> {
+        if after >= self.last(dir) {
+            return Ok(Vec::new());
+        }
+        if self.done[dir.index()].iter().any(|&s| s > after) {
+            self.flush()?;
+        }
+        let mut q = self.conn.prepare_cached(concat!(
             "SELECT seq, topic, payload, qos, retain, hops, at_ms FROM spool
-             WHERE dir = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let rows = q.query_map(params![dir.as_str(), after as i64, limit as i64], |r| {
+             WHERE dir = ?1 AND seq > ?2 ORDER BY seq LIMIT ",
+            next_max!()
+        ))?;
+        let rows = q.query_map(params![dir.as_str(), after as i64], |r| {
             let hops: String = r.get(5)?;
             Ok(Spooled {
                 seq: r.get::<_, i64>(0)? as u64,
@@ -278,41 +313,52 @@ impl Spool {
                 at_ms: r.get::<_, i64>(6)? as u64,
             })
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(rows.take(limit).collect::<Result<_, _>>()?)
     }
 
-    /// Removes delivered messages of `dir`.
-    pub fn remove(&mut self, dir: Dir, seqs: &[u64]) -> Result<(), SpoolError> {
-        if seqs.is_empty() {
+    /// Notes that the far side has the messages `seqs` of `dir`. They are removed in the next
+    /// transaction the spool makes anyway (an append, an expiry) or at a [`Spool::flush`], so a
+    /// steady stream costs one commit per batch, not two. Until then a crash sends them again,
+    /// which the far side's stream or QoS 1 allows.
+    pub fn delivered(&mut self, dir: Dir, seqs: Vec<u64>) {
+        let done = &mut self.done[dir.index()];
+        if done.is_empty() {
+            *done = seqs;
+        } else {
+            done.extend(seqs);
+        }
+    }
+
+    /// True when delivered messages or acknowledgement marks wait for a [`Spool::flush`].
+    pub fn pending(&self) -> bool {
+        self.done.iter().any(|d| !d.is_empty())
+    }
+
+    /// Removes delivered messages now (with the acknowledgement marks held).
+    pub fn flush(&mut self) -> Result<(), SpoolError> {
+        if !self.pending() {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
+        let removed = remove_done(&tx, &self.done)?;
         write_acks(&tx, &self.acks)?;
-        let (mut n, mut bytes) = (0, 0);
-        {
-            let mut del =
-                tx.prepare_cached("DELETE FROM spool WHERE seq = ?1 AND dir = ?2 RETURNING size")?;
-            for s in seqs {
-                let size: Option<i64> = del
-                    .query_row(params![*s as i64, dir.as_str()], |r| r.get(0))
-                    .optional()?;
-                if let Some(size) = size {
-                    n += 1;
-                    bytes += size as u64;
-                }
-            }
-        }
         tx.commit()?;
+        subtract(&mut self.dirs, removed);
+        self.done.iter_mut().for_each(Vec::clear);
         self.acks.clear();
-        let c = &mut self.dirs[dir.index()];
-        c.messages = c.messages.saturating_sub(n);
-        c.bytes = c.bytes.saturating_sub(bytes);
         Ok(())
+    }
+
+    /// Removes delivered messages of `dir` now.
+    pub fn remove(&mut self, dir: Dir, seqs: &[u64]) -> Result<(), SpoolError> {
+        self.delivered(dir, seqs.to_vec());
+        self.flush()
     }
 
     /// Drops messages older than the age bound, and forgets seen notices as old. Returns how
     /// many messages were dropped.
     pub fn expire(&mut self, now_ms: u64) -> Result<u64, SpoolError> {
+        self.flush()?;
         let cutoff = now_ms.saturating_sub(self.bounds.max_age_ms) as i64;
         let tx = self.conn.transaction()?;
         write_acks(&tx, &self.acks)?;
@@ -362,6 +408,38 @@ impl Spool {
             self.acks.clear();
         }
         Ok(())
+    }
+}
+
+/// Deletes the delivered seqs `done` (per direction); returns how many messages and bytes
+/// each direction lost.
+fn remove_done(tx: &Connection, done: &[Vec<u64>; 2]) -> Result<[(u64, u64); 2], rusqlite::Error> {
+    let mut removed = [(0, 0); 2];
+    for (dir, seqs) in [Dir::Out, Dir::In].into_iter().zip(done) {
+        if seqs.is_empty() {
+            continue;
+        }
+        let mut del =
+            tx.prepare_cached("DELETE FROM spool WHERE seq = ?1 AND dir = ?2 RETURNING size")?;
+        let (n, bytes) = &mut removed[dir.index()];
+        for s in seqs {
+            let size: Option<i64> = del
+                .query_row(params![*s as i64, dir.as_str()], |r| r.get(0))
+                .optional()?;
+            if let Some(size) = size {
+                *n += 1;
+                *bytes += size as u64;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Counts out what [`remove_done`] removed.
+fn subtract(dirs: &mut [DirCounters; 2], removed: [(u64, u64); 2]) {
+    for (c, (n, bytes)) in dirs.iter_mut().zip(removed) {
+        c.messages = c.messages.saturating_sub(n);
+        c.bytes = c.bytes.saturating_sub(bytes);
     }
 }
 
@@ -456,7 +534,7 @@ mod tests {
         assert_eq!(got[0].hops, ["n1/broker"]);
         s.remove(Dir::Out, &[got[0].seq, got[1].seq]).unwrap();
         drop(s);
-        let s = Spool::open(&path, bounds()).unwrap();
+        let mut s = Spool::open(&path, bounds()).unwrap();
         assert_eq!(s.counters(Dir::Out).messages, 3);
         assert_eq!(s.counters(Dir::In).messages, 1);
         let rest = s.next(Dir::Out, 0, 100).unwrap();
@@ -466,6 +544,41 @@ mod tests {
         );
         let after = s.next(Dir::Out, rest[0].seq, 100).unwrap();
         assert_eq!(after.len(), 2);
+    }
+
+    #[test]
+    fn delivered_messages_leave_with_the_next_commit_and_are_not_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.sqlite");
+        let mut s = Spool::open(&path, bounds()).unwrap();
+        let entries: Vec<_> = (0..4).map(|i| entry(&format!("t/{i}"), Some(i))).collect();
+        s.append(Dir::Out, &entries, 1).unwrap();
+        let got = s.next(Dir::Out, 0, 10).unwrap();
+        s.delivered(Dir::Out, vec![got[0].seq, got[1].seq]);
+        assert!(s.pending());
+        assert_eq!(s.counters(Dir::Out).messages, 4, "not removed yet");
+        // Read again from the start (a lane that came back): the delivered ones are not there.
+        let again = s.next(Dir::Out, 0, 10).unwrap();
+        assert_eq!(again[0].topic, "t/2");
+        assert!(!s.pending());
+        assert_eq!(s.counters(Dir::Out).messages, 2);
+        // Removed in the transaction of the next append.
+        s.delivered(Dir::Out, vec![again[0].seq]);
+        s.append(Dir::Out, &[entry("t/4", Some(4))], 2).unwrap();
+        assert!(!s.pending());
+        assert_eq!(s.counters(Dir::Out).messages, 2);
+        // Not yet removed when the spool goes away: still there, to be sent again.
+        s.delivered(Dir::Out, vec![again[1].seq]);
+        let last = s.last(Dir::Out);
+        drop(s);
+        let mut s = Spool::open(&path, bounds()).unwrap();
+        assert_eq!(s.last(Dir::Out), last);
+        let left = s.next(Dir::Out, 0, 10).unwrap();
+        assert_eq!(
+            left.iter().map(|m| m.topic.as_str()).collect::<Vec<_>>(),
+            ["t/3", "t/4"]
+        );
+        assert!(s.next(Dir::Out, last, 10).unwrap().is_empty());
     }
 
     #[test]
