@@ -428,6 +428,28 @@ pub struct BridgeSettings {
     /// QoS 1/2 messages sent to an external broker and not yet acknowledged, at most.
     #[serde(default = "default_bridge_inflight")]
     pub max_inflight: u16,
+    /// The MQTT version spoken to an external broker.
+    #[serde(default, skip_serializing_if = "MqttVersion::is_default")]
+    pub mqtt_version: MqttVersion,
+}
+
+/// The MQTT version a bridge speaks to an external broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MqttVersion {
+    /// MQTT 5: no-local subscriptions, and hops carried in a user property.
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1, for brokers without MQTT 5: the bridge recognises its own publishes when
+    /// they come back, but hops cannot travel through such a broker.
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+impl MqttVersion {
+    fn is_default(&self) -> bool {
+        *self == MqttVersion::V5
+    }
 }
 
 fn default_bridge_keepalive() -> u64 {

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use crate::address::{is_valid_actor_name, is_valid_node_name};
 use crate::kinds::{
-    ActorKind, ActorSettings, BridgeRemote, BridgeSettings, BrokerSettings, SensorSource,
-    TunnelRole,
+    ActorKind, ActorSettings, BridgeRemote, BridgeSettings, BrokerSettings, MqttVersion,
+    SensorSource, TunnelRole,
 };
 use crate::model::{ClusterConfig, SupervisionSettings};
 use crate::parse::{KeyPath, Problem, Seg, key_path};
@@ -485,6 +485,7 @@ fn bridge_rules(b: &BridgeSettings, i: usize, p: &mut Problems) {
                 ("cert", b.cert.is_some()),
                 ("key", b.key.is_some()),
                 ("client_id", b.client_id.is_some()),
+                ("mqtt_version", b.mqtt_version != MqttVersion::V5),
             ];
             for (key, set) in external {
                 if set {

@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
-use colony_config::{ClusterConfig, ConfigErrors, FileChecks, kinds::ActorSettings};
+use colony_config::{
+    ClusterConfig, ConfigErrors, FileChecks,
+    kinds::{ActorSettings, MqttVersion},
+};
 
 const VALID: &str = r#"
 [cluster]
@@ -464,7 +467,7 @@ fn bridge_settings_are_checked() {
     // broker to itself.
     let src = valid_with(
         "remote = \"cloud/broker\"",
-        "remote = \"site-a/broker\"\nusername = \"u\"",
+        "remote = \"site-a/broker\"\nusername = \"u\"\nmqtt_version = \"3.1.1\"",
     );
     let messages: Vec<String> = errors(&src).into_iter().map(|e| e.2).collect();
     assert!(
@@ -476,6 +479,24 @@ fn bridge_settings_are_checked() {
         messages
             .iter()
             .any(|m| m.starts_with("`username` is for an external broker"))
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("`mqtt_version` is for an external broker"))
+    );
+
+    // The MQTT version is one the bridge speaks.
+    let src = valid_with(
+        "remote = \"cloud/broker\"",
+        "remote = \"mqtt://127.0.0.1:1883\"\nmqtt_version = \"4\"",
+    );
+    let messages: Vec<String> = errors(&src).into_iter().map(|e| e.2).collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("`5`") && m.contains("`3.1.1`")),
+        "{messages:?}"
     );
 
     // Spool bounds and timers.
@@ -518,6 +539,7 @@ fn bridge_settings_are_checked() {
         .unwrap();
     assert_eq!(bridge.failover, ["mqtt://[::1]:1883"]);
     assert_eq!(bridge.spool_max_messages, 1_000_000);
+    assert_eq!(bridge.mqtt_version, MqttVersion::V5);
     assert_eq!(
         bridge.notification_topic,
         "colony/bridge/{node}/{name}/state"

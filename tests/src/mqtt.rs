@@ -274,7 +274,7 @@ impl Mosquitto {
         let mut conf = format!(
             "per_listener_settings false\nuser root\npersistence true\npersistence_location {}/\n\
              autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 0\n\
-             log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\n\
+             log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
              listener {} 127.0.0.1\n",
             data.display(),
             s.port

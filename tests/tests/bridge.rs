@@ -379,6 +379,79 @@ topics = [
     assert_eq!(b["address"], format!("mqtts://127.0.0.1:{mt}"), "{b}");
 }
 
+#[test]
+fn an_mqtt_3_1_1_bridge_to_mosquitto_forwards_both_ways_and_drops_its_own_echoes() {
+    let (p1, mp) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "mqtt://127.0.0.1:{mp}"
+mqtt_version = "3.1.1"
+client_id = "site-bridge-311"
+username = "{MQ_USER}"
+password = "{MQ_PASS}"
+topics = [
+  {{ pattern = "up/#", direction = "out", qos = 1 }},
+  {{ pattern = "down/#", direction = "in", qos = 1 }},
+  {{ pattern = "sync/#", direction = "both", qos = 1 }},
+]
+"##,
+        cluster(&[("site", p1)]),
+    );
+    let w = Workdir::new(&config);
+    let m = Mosquitto::start(
+        w.path(),
+        &MosquittoSetup {
+            name: "mosq",
+            port: mp,
+            tls_port: None,
+            user: Some((MQ_USER, MQ_PASS)),
+            extra: "",
+        },
+    );
+    let _nodes = start_all(&w, &["site"]);
+    wait_connected(&w, "site", "site/bridge");
+    // Mosquitto names the protocol of each client it accepts: p2 is MQTT 3.1.1.
+    let log = m.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("as site-bridge-311 (p2,")),
+        "{log}"
+    );
+    let auth = ["-u", MQ_USER, "-P", MQ_PASS];
+    let mut args = vec!["-q", "1", "-t", "#"];
+    args.extend(auth);
+    let s1 = Sub::start(w.path(), p1, &["-q", "1", "-t", "#"]);
+    let sm = Sub::start(w.path(), mp, &args);
+    let d = w.path();
+    let mpub = |topic: &str, payload: &str| {
+        let mut a = vec!["-q", "1", "-t", topic, "-m", payload];
+        a.extend(auth);
+        publish(d, mp, 10, &a);
+    };
+    pub1(d, p1, "up/a", "1");
+    mpub("up/b", "2");
+    mpub("down/a", "3");
+    pub1(d, p1, "down/b", "4");
+    pub1(d, p1, "sync/x", "5");
+    mpub("sync/y", "6");
+    // Without no-local, Mosquitto sends `sync/x 5` back to the bridge, which must not publish it
+    // at the site a second time.
+    let want1 = expect(&["up/a 1", "down/a 3", "down/b 4", "sync/x 5", "sync/y 6"]);
+    let want2 = expect(&["up/a 1", "up/b 2", "down/a 3", "sync/x 5", "sync/y 6"]);
+    let got1 = receive(&s1, want1.len(), SECS, Duration::from_secs(2));
+    let got2 = receive(&sm, want2.len(), SECS, Duration::from_secs(1));
+    assert_eq!(tally(&got1), want1, "colony subscriber");
+    assert_eq!(tally(&got2), want2, "mosquitto subscriber");
+    let b = detail(&w, "site", "site/bridge");
+    assert_eq!(b["loops_stopped"], 1, "{b}");
+    assert_eq!(b["forwarded_out"], 2, "{b}");
+    assert_eq!(b["forwarded_in"], 2, "{b}");
+}
+
 /// `count` JSON readings of source `s1` with seq `from..from+count`, one per line.
 fn readings(dir: &Path, name: &str, from: u64, count: u64) -> std::path::PathBuf {
     let mut text = String::new();

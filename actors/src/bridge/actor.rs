@@ -569,6 +569,7 @@ impl Bridge {
                 self.n.dropped_qos0 += count;
                 self.n.forwarded_out = self.n.forwarded_out.saturating_sub(count);
             }
+            FromLink::Echoed { count } => self.n.loops_stopped += count,
             FromLink::Received { .. } => {}
         }
         Ok(())
@@ -746,6 +747,7 @@ fn link_config(
         primary_retry: Duration::from_secs(s.primary_retry_secs),
         max_inflight: s.max_inflight,
         filters: capped(filters),
+        version: s.mqtt_version,
     })
 }
 
@@ -972,7 +974,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 let mut next = Some(ev);
                 while let Some(ev) = next.take() {
                     match ev {
-                        FromLink::Received { epoch, publish } => received.push((epoch, publish)),
+                        FromLink::Received { epoch, message } => received.push((epoch, message)),
                         other => b.lane_event(Dir::Out, other)?,
                     }
                     if received.len() < DRAIN {
@@ -980,21 +982,25 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     }
                 }
                 if !received.is_empty() {
-                    let batch = received.iter().map(|(_, p)| Incoming {
-                        side: Side::Remote,
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.to_vec(),
-                        qos: p.qos as u8,
-                        retain: p.retain,
-                        hops: link::hops_of(p),
-                        notice: None,
+                    let mut tokens = Vec::new();
+                    let batch = received.into_iter().map(|(epoch, m)| {
+                        if m.qos > 0 {
+                            tokens.push((epoch, m.token));
+                        }
+                        Incoming {
+                            side: Side::Remote,
+                            topic: m.topic,
+                            payload: m.payload,
+                            qos: m.qos,
+                            retain: m.retain,
+                            hops: m.hops,
+                            notice: None,
+                        }
                     }).collect();
                     b.take(batch)?;
                     if let Some(tx) = &b.mqtt {
-                        for (epoch, publish) in received {
-                            if publish.qos as u8 > 0 {
-                                let _ = tx.send(ToLink::Ack { epoch, publish }).await;
-                            }
+                        for (epoch, token) in tokens {
+                            let _ = tx.send(ToLink::Ack { epoch, token }).await;
                         }
                     }
                 }

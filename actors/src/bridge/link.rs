@@ -1,23 +1,29 @@
-//! The MQTT 5 client side of a bridge to an external broker: one task that connects (failing
-//! over between addresses and going back to the primary when it answers again), subscribes with
-//! no-local, publishes what the bridge hands it and reports acknowledgements and incoming
-//! publishes back. QoS is capped at 1 on this side: each connection is a fresh client, so a
-//! QoS 2 exchange could not be resumed across a reconnect.
+//! The MQTT client side of a bridge to an external broker: one task that connects (failing
+//! over between addresses and going back to the primary when it answers again), subscribes,
+//! publishes what the bridge hands it and reports acknowledgements and incoming publishes back.
+//! QoS is capped at 1 on this side: each connection is a fresh client, so a QoS 2 exchange could
+//! not be resumed across a reconnect.
+//!
+//! MQTT 5 (the default) subscribes with no-local and carries a message's hops in a user
+//! property. MQTT 3.1.1 has neither, so the link remembers what it published on topics it also
+//! subscribes to (topic and payload, for a minute) and drops such a message when the broker
+//! sends it back; hops end at such a broker.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::QoS;
+use colony_config::kinds::MqttVersion;
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode, Filter, Packet, Publish, PublishProperties, RetainForwardRule,
 };
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::HOPS_PROPERTY;
+use crate::broker::topic::filter_matches;
 
 /// One message for the far side; `seq` 0 for QoS 0 (nothing to report back).
 #[derive(Debug, Clone)]
@@ -35,7 +41,7 @@ pub(super) enum ToLink {
     /// Publish these, in order, if still on connection `epoch`.
     Batch { epoch: u64, items: Vec<Forward> },
     /// Acknowledge an incoming publish (now spooled) if still on connection `epoch`.
-    Ack { epoch: u64, publish: Box<Publish> },
+    Ack { epoch: u64, token: AckToken },
     /// The remote filters changed: unsubscribe `removed`, subscribe `filters`.
     Filters {
         filters: Vec<(String, u8)>,
@@ -54,7 +60,26 @@ pub(super) enum FromLink {
     /// QoS 0 messages dropped because the connection could not take them.
     Dropped { count: u64 },
     /// A publish from the far broker, to spool and then acknowledge.
-    Received { epoch: u64, publish: Box<Publish> },
+    Received { epoch: u64, message: Received },
+    /// Publishes of the bridge's own that the broker sent back (MQTT 3.1.1), dropped.
+    Echoed { count: u64 },
+}
+
+/// A publish from the far broker.
+pub(super) struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    pub hops: Vec<String>,
+    /// What acknowledges it (QoS 1).
+    pub token: AckToken,
+}
+
+/// What acknowledges an incoming publish on the connection it came on.
+pub(super) enum AckToken {
+    V5(Box<Publish>),
+    V311(rumqttc::Publish),
 }
 
 /// One address of the external broker.
@@ -78,6 +103,7 @@ pub(super) struct LinkConfig {
     pub primary_retry: Duration,
     pub max_inflight: u16,
     pub filters: Vec<(String, u8)>,
+    pub version: MqttVersion,
 }
 
 /// Parses `mqtt://host[:port]` or `mqtts://host[:port]`.
@@ -99,66 +125,222 @@ pub(super) fn target(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Resu
     })
 }
 
-fn qos(q: u8) -> QoS {
+/// One connection's client half, whichever MQTT version it speaks.
+enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
+/// One connection's event loop.
+enum Events {
+    V5(Box<rumqttc::v5::EventLoop>),
+    V311(Box<rumqttc::EventLoop>),
+}
+
+/// What a connection reports, whichever MQTT version it speaks.
+enum Event {
+    ConnAck(Result<(), String>),
+    /// A publish left, with this packet id (0 for QoS 0).
+    Sent(u16),
+    PubAck(u16),
+    Publish(Received),
+    Disconnect(String),
+    Other,
+}
+
+/// The largest packet either way.
+const MAX_PACKET: usize = 16 * 1024 * 1024;
+
+fn connect(c: &LinkConfig, t: &Target, capacity: usize) -> (Client, Events) {
+    let transport = t
+        .tls
+        .as_ref()
+        .map(|tls| Transport::tls_with_config(TlsConfiguration::Rustls(tls.clone())));
+    match c.version {
+        MqttVersion::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(c.client_id.clone(), t.host.clone(), t.port);
+            o.set_keep_alive(c.keepalive);
+            o.set_clean_start(false);
+            o.set_session_expiry_interval(Some(c.session_expiry_secs));
+            o.set_manual_acks(true);
+            o.set_outgoing_inflight_upper_limit(c.max_inflight);
+            o.set_receive_maximum(Some(c.max_inflight));
+            o.set_max_packet_size(Some(MAX_PACKET as u32));
+            o.set_connection_timeout(10);
+            if let Some((u, p)) = &c.credentials {
+                o.set_credentials(u.clone(), p.clone());
+            }
+            if let Some(transport) = transport {
+                o.set_transport(transport);
+            }
+            let (client, events) = rumqttc::v5::AsyncClient::new(o, capacity);
+            (Client::V5(client), Events::V5(Box::new(events)))
+        }
+        MqttVersion::V311 => {
+            // The session lives as long as the broker keeps it (3.1.1 has no expiry to ask for).
+            let mut o = rumqttc::MqttOptions::new(c.client_id.clone(), t.host.clone(), t.port);
+            o.set_keep_alive(c.keepalive);
+            o.set_clean_session(false);
+            o.set_manual_acks(true);
+            o.set_inflight(c.max_inflight);
+            o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+            if let Some((u, p)) = &c.credentials {
+                o.set_credentials(u.clone(), p.clone());
+            }
+            if let Some(transport) = transport {
+                o.set_transport(transport);
+            }
+            let (client, events) = rumqttc::AsyncClient::new(o, capacity);
+            (Client::V311(client), Events::V311(Box::new(events)))
+        }
+    }
+}
+
+fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
     if q == 0 {
-        QoS::AtMostOnce
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce
     } else {
-        QoS::AtLeastOnce
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce
     }
 }
 
-fn options(c: &LinkConfig, t: &Target) -> MqttOptions {
-    let mut o = MqttOptions::new(c.client_id.clone(), t.host.clone(), t.port);
-    o.set_keep_alive(c.keepalive);
-    o.set_clean_start(false);
-    o.set_session_expiry_interval(Some(c.session_expiry_secs));
-    o.set_manual_acks(true);
-    o.set_outgoing_inflight_upper_limit(c.max_inflight);
-    o.set_receive_maximum(Some(c.max_inflight));
-    o.set_max_packet_size(Some(16 * 1024 * 1024));
-    o.set_connection_timeout(10);
-    if let Some((u, p)) = &c.credentials {
-        o.set_credentials(u.clone(), p.clone());
-    }
-    if let Some(tls) = &t.tls {
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.clone(),
-        )));
-    }
-    o
-}
-
-fn subscribe(client: &AsyncClient, filters: &[(String, u8)]) {
-    if filters.is_empty() {
-        return;
-    }
-    let filters = filters.iter().map(|(f, q)| Filter {
-        path: f.clone(),
-        qos: qos(*q),
-        nolocal: true,
-        preserve_retain: true,
-        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
-    });
-    if let Err(e) = client.try_subscribe_many(filters) {
-        warn!("cannot subscribe on the remote broker: {e}");
+fn qos311(q: u8) -> rumqttc::QoS {
+    if q == 0 {
+        rumqttc::QoS::AtMostOnce
+    } else {
+        rumqttc::QoS::AtLeastOnce
     }
 }
 
-fn publish(client: &AsyncClient, f: Forward) -> Result<(), String> {
-    let mut props = PublishProperties::default();
-    if !f.hops.is_empty() {
-        props.user_properties.push((
-            HOPS_PROPERTY.to_owned(),
-            serde_json::to_string(&f.hops).unwrap_or_default(),
-        ));
+impl Client {
+    fn subscribe(&self, filters: &[(String, u8)]) {
+        if filters.is_empty() {
+            return;
+        }
+        let result = match self {
+            Client::V5(client) => client
+                .try_subscribe_many(filters.iter().map(|(f, q)| Filter {
+                    path: f.clone(),
+                    qos: qos5(*q),
+                    nolocal: true,
+                    preserve_retain: true,
+                    retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+                }))
+                .map_err(|e| e.to_string()),
+            Client::V311(client) => client
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos311(*q))),
+                )
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = result {
+            warn!("cannot subscribe on the remote broker: {e}");
+        }
     }
-    client
-        .try_publish_with_properties(f.topic, qos(f.qos), f.retain, f.payload, props)
-        .map_err(|e| e.to_string())
+
+    fn unsubscribe(&self, filter: String) {
+        let _ = match self {
+            Client::V5(client) => client.try_unsubscribe(filter).is_ok(),
+            Client::V311(client) => client.try_unsubscribe(filter).is_ok(),
+        };
+    }
+
+    fn publish(&self, f: Forward) -> Result<(), String> {
+        match self {
+            Client::V5(client) => {
+                let mut props = PublishProperties::default();
+                if !f.hops.is_empty() {
+                    props.user_properties.push((
+                        HOPS_PROPERTY.to_owned(),
+                        serde_json::to_string(&f.hops).unwrap_or_default(),
+                    ));
+                }
+                client
+                    .try_publish_with_properties(f.topic, qos5(f.qos), f.retain, f.payload, props)
+                    .map_err(|e| e.to_string())
+            }
+            Client::V311(client) => client
+                .try_publish(f.topic, qos311(f.qos), f.retain, f.payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn ack(&self, token: &AckToken) -> Result<(), String> {
+        match (self, token) {
+            (Client::V5(client), AckToken::V5(p)) => client.try_ack(p).map_err(|e| e.to_string()),
+            (Client::V311(client), AckToken::V311(p)) => {
+                client.try_ack(p).map_err(|e| e.to_string())
+            }
+            // A version switch needs a restart, so a token always fits its connection.
+            _ => Ok(()),
+        }
+    }
+
+    fn disconnect(&self) {
+        let _ = match self {
+            Client::V5(client) => client.try_disconnect().is_ok(),
+            Client::V311(client) => client.try_disconnect().is_ok(),
+        };
+    }
 }
 
-/// Hops carried by an incoming publish.
-pub(super) fn hops_of(p: &Publish) -> Vec<String> {
+impl Events {
+    async fn poll(&mut self) -> Result<Event, String> {
+        match self {
+            Events::V5(events) => {
+                use rumqttc::v5::Event as E5;
+                Ok(match events.poll().await.map_err(|e| e.to_string())? {
+                    E5::Incoming(Packet::ConnAck(ack)) => Event::ConnAck(
+                        (ack.code == ConnectReturnCode::Success)
+                            .then_some(())
+                            .ok_or_else(|| format!("refused: {:?}", ack.code)),
+                    ),
+                    E5::Incoming(Packet::PubAck(a)) => Event::PubAck(a.pkid),
+                    E5::Incoming(Packet::Publish(p)) => Event::Publish(Received {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        qos: p.qos as u8,
+                        retain: p.retain,
+                        hops: hops_of(&p),
+                        token: AckToken::V5(Box::new(p)),
+                    }),
+                    E5::Incoming(Packet::Disconnect(d)) => Event::Disconnect(format!(
+                        "disconnected by the broker: {:?}",
+                        d.reason_code
+                    )),
+                    E5::Outgoing(Outgoing::Publish(pkid)) => Event::Sent(pkid),
+                    _ => Event::Other,
+                })
+            }
+            Events::V311(events) => {
+                use rumqttc::{Event as E4, Packet as P4};
+                Ok(match events.poll().await.map_err(|e| e.to_string())? {
+                    E4::Incoming(P4::ConnAck(ack)) => Event::ConnAck(
+                        (ack.code == rumqttc::ConnectReturnCode::Success)
+                            .then_some(())
+                            .ok_or_else(|| format!("refused: {:?}", ack.code)),
+                    ),
+                    E4::Incoming(P4::PubAck(a)) => Event::PubAck(a.pkid),
+                    E4::Incoming(P4::Publish(p)) => Event::Publish(Received {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        qos: p.qos as u8,
+                        retain: p.retain,
+                        hops: Vec::new(),
+                        token: AckToken::V311(p),
+                    }),
+                    E4::Outgoing(Outgoing::Publish(pkid)) => Event::Sent(pkid),
+                    _ => Event::Other,
+                })
+            }
+        }
+    }
+}
+
+/// Hops carried by an incoming MQTT 5 publish.
+fn hops_of(p: &Publish) -> Vec<String> {
     p.properties
         .as_ref()
         .and_then(|props| {
@@ -169,6 +351,78 @@ pub(super) fn hops_of(p: &Publish) -> Vec<String> {
                 .and_then(|(_, v)| serde_json::from_str(v).ok())
         })
         .unwrap_or_default()
+}
+
+/// How long a publish of the bridge's own is looked for among incoming ones (MQTT 3.1.1).
+const ECHO_TTL: Duration = Duration::from_secs(60);
+/// Publishes remembered for that, at most.
+const ECHO_MAX: usize = 100_000;
+
+/// What the bridge published on topics it also subscribes to, to recognise it when an MQTT
+/// 3.1.1 broker (which has no no-local) sends it back.
+#[derive(Default)]
+struct Echoes {
+    /// (topic, payload hash) → when each copy still expected back was published, oldest first.
+    expected: HashMap<(String, u64), VecDeque<Instant>>,
+    /// Every copy, oldest first, to forget them.
+    order: VecDeque<(Instant, (String, u64))>,
+}
+
+fn echo_key(topic: &str, payload: &[u8]) -> (String, u64) {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    payload.hash(&mut h);
+    (topic.to_owned(), h.finish())
+}
+
+impl Echoes {
+    fn published(&mut self, topic: &str, payload: &[u8], now: Instant) {
+        self.forget(now);
+        if self.order.len() >= ECHO_MAX {
+            self.pop();
+        }
+        let key = echo_key(topic, payload);
+        self.expected.entry(key.clone()).or_default().push_back(now);
+        self.order.push_back((now, key));
+    }
+
+    /// True when `topic` and `payload` are one of the bridge's own publishes coming back.
+    fn is_echo(&mut self, topic: &str, payload: &[u8], now: Instant) -> bool {
+        self.forget(now);
+        let key = echo_key(topic, payload);
+        let Some(times) = self.expected.get_mut(&key) else {
+            return false;
+        };
+        times.pop_front();
+        if times.is_empty() {
+            self.expected.remove(&key);
+        }
+        true
+    }
+
+    fn forget(&mut self, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > ECHO_TTL)
+        {
+            self.pop();
+        }
+    }
+
+    /// Forgets the oldest copy, unless it already came back.
+    fn pop(&mut self) {
+        let Some((at, key)) = self.order.pop_front() else {
+            return;
+        };
+        if let Some(times) = self.expected.get_mut(&key)
+            && times.front() == Some(&at)
+        {
+            times.pop_front();
+            if times.is_empty() {
+                self.expected.remove(&key);
+            }
+        }
+    }
 }
 
 async fn primary_answers(t: &Target) -> bool {
@@ -191,23 +445,20 @@ pub(super) async fn run(
     let mut index = 0;
     let mut epoch = 0u64;
     let mut backoff = c.reconnect_min;
+    // Kept across connections: a persistent session may send an echo after a reconnect.
+    let mut echoes = Echoes::default();
     loop {
         epoch += 1;
         let target = c.targets[index].clone();
         let capacity = 16_384 + c.max_inflight as usize * 4;
-        let (client, mut events) = AsyncClient::new(options(&c, &target), capacity);
+        let (client, mut events) = connect(&c, &target, capacity);
         // Connect.
         let outcome = loop {
             tokio::select! {
                 r = events.poll() => match r {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        if ack.code == ConnectReturnCode::Success {
-                            break Ok(());
-                        }
-                        break Err(format!("refused: {:?}", ack.code));
-                    }
+                    Ok(Event::ConnAck(result)) => break result,
                     Ok(_) => {}
-                    Err(e) => break Err(e.to_string()),
+                    Err(e) => break Err(e),
                 },
                 cmd = rx.recv() => match cmd {
                     None => return,
@@ -241,7 +492,7 @@ pub(super) async fn run(
         }
         backoff = c.reconnect_min;
         info!(remote = %target.url, "bridge connected");
-        subscribe(&client, &c.filters);
+        client.subscribe(&c.filters);
         if tx
             .send(FromLink::Up {
                 epoch,
@@ -262,37 +513,51 @@ pub(super) async fn run(
             tokio::select! {
                 biased;
                 r = events.poll() => match r {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    Ok(Event::Sent(pkid)) => {
                         if let Some(seq) = sent.pop_front()
                             && seq != 0
                         {
                             pkids.insert(pkid, seq);
                         }
                     }
-                    Ok(Event::Incoming(Packet::PubAck(a))) => {
-                        if let Some(seq) = pkids.remove(&a.pkid) {
+                    Ok(Event::PubAck(pkid)) => {
+                        if let Some(seq) = pkids.remove(&pkid) {
                             acked.push(seq);
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(FromLink::Received { epoch, publish: Box::new(p) }).await.is_err() {
+                    Ok(Event::Publish(message)) => {
+                        if c.version == MqttVersion::V311
+                            && echoes.is_echo(&message.topic, &message.payload, Instant::now())
+                        {
+                            if message.qos > 0 && let Err(e) = client.ack(&message.token) {
+                                break format!("cannot queue an acknowledgement: {e}");
+                            }
+                            if tx.send(FromLink::Echoed { count: 1 }).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        if tx.send(FromLink::Received { epoch, message }).await.is_err() {
                             return;
                         }
                     }
-                    Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                        break format!("disconnected by the broker: {:?}", d.reason_code);
-                    }
+                    Ok(Event::Disconnect(reason)) => break reason,
                     Ok(_) => {}
-                    Err(e) => break e.to_string(),
+                    Err(e) => break e,
                 },
                 cmd = rx.recv() => match cmd {
                     None => return,
                     Some(ToLink::Batch { epoch: e, items }) if e == epoch => {
                         let mut failed = None;
                         let mut dropped = 0;
+                        let now = Instant::now();
                         for f in items {
                             let seq = f.seq;
-                            if let Err(e) = publish(&client, f) {
+                            // Without no-local (MQTT 3.1.1) the broker sends this back.
+                            let echo = (c.version == MqttVersion::V311
+                                && c.filters.iter().any(|(filter, _)| filter_matches(filter, &f.topic)))
+                                .then(|| (f.topic.clone(), f.payload.clone()));
+                            if let Err(e) = client.publish(f) {
                                 if seq == 0 {
                                     // QoS 0 faster than the connection takes it: dropped.
                                     dropped += 1;
@@ -300,6 +565,9 @@ pub(super) async fn run(
                                 }
                                 failed = Some(e);
                                 break;
+                            }
+                            if let Some((topic, payload)) = echo {
+                                echoes.published(&topic, &payload, now);
                             }
                             sent.push_back(seq);
                         }
@@ -312,16 +580,16 @@ pub(super) async fn run(
                             break format!("cannot queue a publish: {e}");
                         }
                     }
-                    Some(ToLink::Ack { epoch: e, publish }) if e == epoch => {
-                        if let Err(e) = client.try_ack(&publish) {
+                    Some(ToLink::Ack { epoch: e, token }) if e == epoch => {
+                        if let Err(e) = client.ack(&token) {
                             break format!("cannot queue an acknowledgement: {e}");
                         }
                     }
                     Some(ToLink::Filters { filters, removed }) => {
                         for f in removed {
-                            let _ = client.try_unsubscribe(f);
+                            client.unsubscribe(f);
                         }
-                        subscribe(&client, &filters);
+                        client.subscribe(&filters);
                         c.filters = filters;
                     }
                     Some(_) => {}
@@ -336,7 +604,7 @@ pub(super) async fn run(
                 _ = probe.tick(), if index != 0 => {
                     if primary_answers(&c.targets[0]).await {
                         info!(primary = %c.targets[0].url, "primary broker answers again; going back to it");
-                        let _ = client.try_disconnect();
+                        client.disconnect();
                         index = 0;
                         break "going back to the primary".to_owned();
                     }
@@ -360,4 +628,43 @@ pub(super) async fn run(
 
 fn reason_is_primary_return(current: &Target, c: &LinkConfig) -> bool {
     current.url != c.targets[0].url
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_echo_is_recognised_once_per_publish_and_forgotten_after_a_minute() {
+        let mut e = Echoes::default();
+        let t0 = Instant::now();
+        e.published("sync/x", b"5", t0);
+        e.published("sync/x", b"5", t0 + Duration::from_secs(1));
+        assert!(!e.is_echo("sync/x", b"6", t0), "another payload");
+        assert!(!e.is_echo("sync/y", b"5", t0), "another topic");
+        assert!(e.is_echo("sync/x", b"5", t0 + Duration::from_secs(2)));
+        assert!(e.is_echo("sync/x", b"5", t0 + Duration::from_secs(2)));
+        assert!(
+            !e.is_echo("sync/x", b"5", t0 + Duration::from_secs(2)),
+            "both came back"
+        );
+        e.published("sync/x", b"7", t0 + Duration::from_secs(3));
+        assert!(
+            !e.is_echo("sync/x", b"7", t0 + Duration::from_secs(64)),
+            "forgotten"
+        );
+        assert!(e.order.is_empty() && e.expected.is_empty());
+    }
+
+    #[test]
+    fn echoes_are_bounded_and_the_oldest_go_first() {
+        let mut e = Echoes::default();
+        let t0 = Instant::now();
+        for i in 0..=ECHO_MAX {
+            e.published("t", i.to_string().as_bytes(), t0);
+        }
+        assert_eq!(e.order.len(), ECHO_MAX);
+        assert!(!e.is_echo("t", b"0", t0), "the oldest was forgotten");
+        assert!(e.is_echo("t", ECHO_MAX.to_string().as_bytes(), t0));
+    }
 }

@@ -1,7 +1,7 @@
 //! The bridge: forwards topics between the local Colony broker and a far broker — another
 //! Colony broker by address over the cluster's QUIC (`remote = "cloud/broker"`), or an external
-//! MQTT broker by URL (`remote = "mqtts://host:8883"`) as an MQTT 5 client — without losing
-//! QoS 1/2 messages while the far side is away.
+//! MQTT broker by URL (`remote = "mqtts://host:8883"`) as an MQTT 5 client (or MQTT 3.1.1 with
+//! `mqtt_version = "3.1.1"`) — without losing QoS 1/2 messages while the far side is away.
 //!
 //! Topic rules are Mosquitto's (see [`rules`]). Messages reach the bridge as reliable actor
 //! subscriptions of Colony brokers (acknowledged only once spooled) or as MQTT publishes
@@ -18,6 +18,8 @@
 //! every message carries the brokers it has been in (`hops`; an MQTT 5 user property
 //! `colony-hops` on an external broker), so a message never goes back to a broker it has been in
 //! — bridges in both directions, chains and rings forward each message a bounded number of times.
+//! MQTT 3.1.1 has neither no-local nor properties: there the link recognises its own publishes
+//! coming back (see [`link`]), and hops end at that broker.
 //!
 //! Connection state is published retained on `notification_topic` on the local broker and shown
 //! in status with spool depth and drops, messages forwarded each way per second and reconnects.
