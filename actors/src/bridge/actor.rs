@@ -29,6 +29,8 @@ const DRAIN: usize = 1024;
 /// dropped (and counted in `dropped_qos0`). A lane is busy when the far broker (or the link to
 /// it) takes messages slower than they come; a burst within this bound is delivered.
 const QOS0_QUEUE: usize = 65_536;
+/// Messages kept in memory for a lane, at most (see [`Lane::appended`]).
+const READY_MAX: usize = 4 * COLONY_WINDOW;
 /// How long delivered messages may stay in the spool when no append comes to remove them in
 /// its transaction (see [`Spool::delivered`]).
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
@@ -53,6 +55,11 @@ struct Lane {
     up: bool,
     /// The highest spool seq handed to the lane in this epoch.
     cursor: u64,
+    /// Spooled messages right after `cursor`, in order, kept from their append so that they
+    /// need not be read back (see [`Lane::appended`]).
+    ready: VecDeque<Forward>,
+    /// The highest seq handed or in `ready`: everything up to it is accounted for in memory.
+    known: u64,
     outstanding: usize,
     window: usize,
     retry_at: Option<Instant>,
@@ -79,7 +86,7 @@ impl Lane {
         let dropped = self.qos0.len();
         self.qos0.clear();
         self.up = false;
-        self.cursor = 0;
+        self.rewind();
         self.outstanding = 0;
         self.retry_at = Some(Instant::now() + super::jittered(self.backoff));
         self.backoff = (self.backoff * 2).clamp(min, max);
@@ -89,9 +96,35 @@ impl Lane {
     fn revive(&mut self, epoch: u64) {
         self.epoch = epoch;
         self.up = true;
-        self.cursor = 0;
+        self.rewind();
         self.outstanding = 0;
         self.retry_at = None;
+    }
+
+    /// Reads the spool from its start again (a new connection sends what is not acknowledged).
+    fn rewind(&mut self) {
+        self.cursor = 0;
+        self.forget_ready();
+    }
+
+    /// Drops the messages kept in memory: the next pump reads them from the spool (after the
+    /// spool dropped some, which may be among them).
+    fn forget_ready(&mut self) {
+        self.ready.clear();
+        self.known = self.cursor;
+    }
+
+    /// Messages just appended to the spool, after `before` (the spool's last seq until then).
+    /// When everything up to `before` is already in memory they are kept for the lane, so
+    /// that a lane keeping up never reads back what it was just given; otherwise (a backlog, a
+    /// lane that is down) the spool has them.
+    fn appended(&mut self, before: u64, rows: Vec<Spooled>) {
+        if self.up && self.known == before && self.ready.len() + rows.len() <= READY_MAX {
+            if let Some(last) = rows.last() {
+                self.known = last.seq;
+            }
+            self.ready.extend(rows.into_iter().map(forward));
+        }
     }
 
     /// Queues QoS 0 messages for the lane (dropped when the lane is down, and the oldest
@@ -149,13 +182,19 @@ impl Lane {
                 return Ok(());
             }
             let want = (self.window - self.outstanding).min(NEXT_MAX);
-            let batch = spool.next(self.dir, self.cursor, want).map_err(fail)?;
-            let Some(last) = batch.last() else {
+            let items: Vec<Forward> = if self.ready.is_empty() {
+                let batch = spool.next(self.dir, self.cursor, want).map_err(fail)?;
+                batch.into_iter().map(forward).collect()
+            } else {
+                let n = want.min(self.ready.len());
+                self.ready.drain(..n).collect()
+            };
+            let Some(last) = items.last() else {
                 return Ok(());
             };
             self.cursor = last.seq;
-            self.outstanding += batch.len();
-            let items: Vec<Forward> = batch.into_iter().map(forward).collect();
+            self.known = self.known.max(self.cursor);
+            self.outstanding += items.len();
             if !self.hand_over(items) {
                 // The lane's task is gone (the actor is stopping): nothing more to hand over.
                 self.up = false;
@@ -519,11 +558,17 @@ impl Bridge {
         }
         let t = unix_ms();
         for (i, dir) in [(0, Dir::Out), (1, Dir::In)] {
+            let lane = if i == 0 { &mut self.out } else { &mut self.inn };
             if !spooled[i].is_empty() {
-                self.spool.append(dir, &spooled[i], t).map_err(fail)?;
+                let before = self.spool.last(dir);
+                let appended = self.spool.append(dir, &spooled[i], t).map_err(fail)?;
+                if appended.dropped > 0 {
+                    lane.forget_ready();
+                } else {
+                    lane.appended(before, appended.rows);
+                }
             }
             let items = std::mem::take(&mut now[i]);
-            let lane = if i == 0 { &mut self.out } else { &mut self.inn };
             self.n.dropped_qos0 += lane.queue_qos0(items) as u64;
         }
         Ok(acks)
@@ -804,6 +849,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             epoch: 1,
             up: true,
             cursor: 0,
+            ready: VecDeque::new(),
+            known: 0,
             outstanding: 0,
             window: COLONY_WINDOW,
             retry_at: None,
@@ -833,6 +880,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 epoch: 0,
                 up: false,
                 cursor: 0,
+                ready: VecDeque::new(),
+                known: 0,
                 outstanding: 0,
                 window: settings.max_inflight as usize,
                 retry_at: None,
@@ -1046,6 +1095,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     let dropped = b.spool.expire(unix_ms()).map_err(fail)?;
                     if dropped > 0 {
                         warn!(dropped, "spooled messages older than spool_max_age_secs dropped");
+                        b.out.forget_ready();
+                        b.inn.forget_ready();
                     }
                 }
                 let rates = (b.n.forwarded_out - last.0, b.n.forwarded_in - last.1);

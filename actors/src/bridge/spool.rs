@@ -77,6 +77,16 @@ pub struct Entry {
     pub hops: Vec<String>,
 }
 
+/// What one [`Spool::append`] did.
+#[derive(Debug)]
+pub struct Appended {
+    /// The messages appended, oldest first.
+    pub rows: Vec<Spooled>,
+    /// How many of the oldest messages were dropped to stay within the bounds (some of these
+    /// rows among them, when the bounds are that small).
+    pub dropped: u64,
+}
+
 /// Spool bounds per direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
@@ -226,14 +236,19 @@ impl Spool {
     }
 
     /// Appends `entries` to `dir` in one transaction; an entry whose notice was seen before is
-    /// skipped. Then drops the oldest messages past the size bounds. Returns how many were
-    /// appended.
-    pub fn append(&mut self, dir: Dir, entries: &[Entry], now_ms: u64) -> Result<u64, SpoolError> {
+    /// skipped. Then drops the oldest messages past the size bounds. Returns what was appended,
+    /// as [`Spool::next`] would read it back.
+    pub fn append(
+        &mut self,
+        dir: Dir,
+        entries: &[Entry],
+        now_ms: u64,
+    ) -> Result<Appended, SpoolError> {
         let tx = self.conn.transaction()?;
         let removed = remove_done(&tx, &self.done)?;
         let mut dirs = self.dirs;
         subtract(&mut dirs, removed);
-        let mut added = 0;
+        let mut rows = Vec::new();
         let mut bytes = 0;
         let mut last = self.last[dir.index()];
         {
@@ -263,12 +278,20 @@ impl Spool {
                     n as i64
                 ])?;
                 last = tx.last_insert_rowid() as u64;
-                added += 1;
+                rows.push(Spooled {
+                    seq: last,
+                    topic: e.topic.clone(),
+                    payload: e.payload.clone(),
+                    qos: e.qos,
+                    retain: e.retain,
+                    hops: e.hops.clone(),
+                    at_ms: now_ms,
+                });
                 bytes += n;
             }
         }
         let c = &mut dirs[dir.index()];
-        c.messages += added;
+        c.messages += rows.len() as u64;
         c.bytes += bytes;
         let dropped = trim(&tx, dir, c, self.bounds)?;
         if dropped > 0 {
@@ -279,7 +302,7 @@ impl Spool {
         self.dirs = dirs;
         self.done.iter_mut().for_each(Vec::clear);
         self.last[dir.index()] = last;
-        Ok(added)
+        Ok(Appended { rows, dropped })
     }
 
     /// The highest seq ever appended to `dir`: nothing comes after it.
@@ -510,6 +533,14 @@ mod tests {
         }
     }
 
+    /// Appends one message with notice `id` going out; how many were appended.
+    fn appended(s: &mut Spool, topic: &str, id: u64, now_ms: u64) -> usize {
+        s.append(Dir::Out, &[entry(topic, Some(id))], now_ms)
+            .unwrap()
+            .rows
+            .len()
+    }
+
     fn bounds() -> Bounds {
         Bounds {
             max_messages: 1000,
@@ -524,9 +555,11 @@ mod tests {
         let path = dir.path().join("spool.sqlite");
         let mut s = Spool::open(&path, bounds()).unwrap();
         let entries: Vec<_> = (0..5).map(|i| entry(&format!("t/{i}"), Some(i))).collect();
-        assert_eq!(s.append(Dir::Out, &entries, 1000).unwrap(), 5);
+        let appended = s.append(Dir::Out, &entries, 1000).unwrap();
+        assert_eq!((appended.rows.len(), appended.dropped), (5, 0));
         s.append(Dir::In, &[entry("in/0", None)], 1000).unwrap();
         let got = s.next(Dir::Out, 0, 3).unwrap();
+        assert_eq!(got[..], appended.rows[..3], "as read back");
         assert_eq!(
             got.iter().map(|m| m.topic.as_str()).collect::<Vec<_>>(),
             ["t/0", "t/1", "t/2"]
@@ -585,20 +618,14 @@ mod tests {
     fn a_redelivered_notice_is_spooled_once() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(&dir.path().join("s"), bounds()).unwrap();
-        assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 1).unwrap(), 1);
-        assert_eq!(s.append(Dir::Out, &[entry("a", Some(7))], 2).unwrap(), 0);
+        assert_eq!(appended(&mut s, "a", 7, 1), 1);
+        assert_eq!(appended(&mut s, "a", 7, 2), 0);
         // Acknowledged: a redelivery already on its way is still recognised for a minute.
         s.acked("n1/broker", &[7], 3).unwrap();
         s.expire(30_000).unwrap();
-        assert_eq!(
-            s.append(Dir::Out, &[entry("a", Some(7))], 30_000).unwrap(),
-            0
-        );
+        assert_eq!(appended(&mut s, "a", 7, 30_000), 0);
         s.expire(70_000).unwrap();
-        assert_eq!(
-            s.append(Dir::Out, &[entry("a", Some(7))], 70_000).unwrap(),
-            1
-        );
+        assert_eq!(appended(&mut s, "a", 7, 70_000), 1);
     }
 
     #[test]
@@ -611,7 +638,7 @@ mod tests {
         };
         let mut s = Spool::open(&path, b).unwrap();
         let entries: Vec<_> = (0..5).map(|i| entry(&format!("t/{i}"), None)).collect();
-        s.append(Dir::Out, &entries, 1).unwrap();
+        assert_eq!(s.append(Dir::Out, &entries, 1).unwrap().dropped, 2);
         let c = s.counters(Dir::Out);
         assert_eq!((c.messages, c.dropped_full), (3, 2));
         let left = s.next(Dir::Out, 0, 10).unwrap();
@@ -642,7 +669,10 @@ mod tests {
         assert_eq!(s.next(Dir::In, 0, 10).unwrap()[0].topic, "new");
         // The expired notice is forgotten too: a redelivery would be spooled again.
         assert_eq!(
-            s.append(Dir::In, &[entry("old", Some(1))], 70_000).unwrap(),
+            s.append(Dir::In, &[entry("old", Some(1))], 70_000)
+                .unwrap()
+                .rows
+                .len(),
             1
         );
     }
