@@ -24,7 +24,7 @@ use crate::host::{ActorContext, ActorEvent, ActorFailure};
 /// Messages handed to a lane and not yet acknowledged, at most (Colony lanes).
 const COLONY_WINDOW: usize = 512;
 /// Events taken from the mailbox before the spool commits.
-const DRAIN: usize = 1024;
+pub(super) const DRAIN: usize = 1024;
 /// QoS 0 messages waiting for a busy lane, at most, per direction: beyond it the oldest are
 /// dropped (and counted in `dropped_qos0`). A lane is busy when the far broker (or the link to
 /// it) takes messages slower than they come; a burst within this bound is delivered.
@@ -425,7 +425,7 @@ async fn subscribe(
             qos,
             subscriber: None,
             no_local: true,
-            window: None,
+            window: Some(super::NOTICE_WINDOW),
         };
         match cluster
             .call::<_, Vec<Option<u8>>>(&broker, Some(&me), &m, Some(CALL_TIMEOUT))

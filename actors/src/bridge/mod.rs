@@ -52,6 +52,12 @@ pub enum BridgeMessage {
     Status {},
 }
 
+/// The notices a bridge has unacknowledged on a broker, at most, that it asks for when it
+/// subscribes: a few of its batches (it acknowledges a batch once it is spooled), so that the
+/// broker keeps sending while the spool commits, whatever the broker's `limits.max_inflight`
+/// for clients.
+pub const NOTICE_WINDOW: u32 = 4 * actor::DRAIN as u32;
+
 /// The MQTT 5 user property that carries a message's hops through an external broker.
 pub const HOPS_PROPERTY: &str = "colony-hops";
 

@@ -67,7 +67,7 @@ pub fn declared_subscriptions(
                             filters,
                             qos,
                             no_local: true,
-                            window: None,
+                            window: Some(crate::bridge::NOTICE_WINDOW),
                         });
                     }
                 }
