@@ -551,6 +551,22 @@ impl Cluster {
         out
     }
 
+    /// Which connection carries messages to `peer` now: its state and since when (Unix ms), as
+    /// [`Cluster::link_stats`] tells them; `None` when the peer is down or unknown. Cheap (no
+    /// transport statistics), for a check before and after each batch of messages.
+    pub fn link_generation(&self, peer: &str) -> Option<(LinkState, u64)> {
+        let peers = read(&self.inner.peers);
+        let p = peers.get(peer)?;
+        match &p.link {
+            Some(link) => Some((LinkState::Up, unix_ms(link.since))),
+            None => self
+                .inner
+                .relay
+                .relayed_since(peer)
+                .map(|since| (LinkState::Relayed, since)),
+        }
+    }
+
     /// Handshakes refused from nodes whose name is unknown (foreign CA, garbage).
     pub fn refused_unknown_handshakes(&self) -> u64 {
         self.inner.refused_unknown.load(Ordering::Relaxed)

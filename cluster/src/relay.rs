@@ -221,6 +221,13 @@ impl RelayHub {
         })
     }
 
+    /// Since when (Unix ms) `peer` is reached through a relay, if it is.
+    pub(crate) fn relayed_since(&self, peer: &str) -> Option<u64> {
+        lock(&self.sessions)
+            .get(peer)
+            .map(|(s, _)| unix_ms(s.since))
+    }
+
     pub(crate) fn fill_stats(&self, stats: &mut LinkStats) {
         if let Some((s, relay)) = lock(&self.sessions).get(&stats.peer) {
             stats.state = LinkState::Relayed;

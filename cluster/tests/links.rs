@@ -58,6 +58,10 @@ fn three_nodes_form_a_mesh_and_reach_every_actor() {
     }
     for n in &nodes {
         for l in n.cluster.link_stats() {
+            assert_eq!(
+                n.cluster.link_generation(&l.peer),
+                Some((l.state, l.since_unix_ms))
+            );
             assert_eq!(l.state, LinkState::Up);
             assert!(
                 l.rtt_us > 0 && l.messages_out > 0 && l.bytes_in > 0,
@@ -173,6 +177,11 @@ fn dial_only_nodes_talk_through_a_relay() {
         (l.state, l.via.as_deref()),
         (LinkState::Relayed, Some("hub"))
     );
+    assert_eq!(
+        n1.cluster.link_generation("n2"),
+        Some((LinkState::Relayed, l.since_unix_ms))
+    );
+    assert_eq!(n1.cluster.link_generation("nowhere"), None);
     let l = n1
         .cluster
         .link_stats()

@@ -242,11 +242,7 @@ fn generation(cluster: &Cluster, node: &str) -> Option<(LinkState, u64)> {
     if node == cluster.node_name() {
         return Some((LinkState::Up, 0));
     }
-    cluster
-        .link_stats()
-        .into_iter()
-        .find(|l| l.peer == node && l.state != LinkState::Down)
-        .map(|l| (l.state, l.since_unix_ms))
+    cluster.link_generation(node)
 }
 
 fn publish_message(f: Forward, stream: &str) -> BrokerMessage {
