@@ -442,20 +442,33 @@ fn remove_done(tx: &Connection, done: &[Vec<u64>; 2]) -> Result<[(u64, u64); 2],
         if seqs.is_empty() {
             continue;
         }
-        let mut del =
-            tx.prepare_cached("DELETE FROM spool WHERE seq = ?1 AND dir = ?2 RETURNING size")?;
+        let mut del = tx.prepare_cached(
+            "DELETE FROM spool WHERE seq BETWEEN ?1 AND ?2 AND dir = ?3 RETURNING size",
+        )?;
         let (n, bytes) = &mut removed[dir.index()];
-        for s in seqs {
-            let size: Option<i64> = del
-                .query_row(params![*s as i64, dir.as_str()], |r| r.get(0))
-                .optional()?;
-            if let Some(size) = size {
+        let mut seqs = seqs.clone();
+        seqs.sort_unstable();
+        for (first, last) in runs(&seqs) {
+            let mut rows = del.query(params![first as i64, last as i64, dir.as_str()])?;
+            while let Some(row) = rows.next()? {
                 *n += 1;
-                *bytes += size as u64;
+                *bytes += row.get::<_, i64>(0)? as u64;
             }
         }
     }
     Ok(removed)
+}
+
+/// Runs of consecutive numbers in `sorted` (duplicates allowed), as (first, last).
+fn runs(sorted: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &x in sorted {
+        match out.last_mut() {
+            Some((_, last)) if x <= *last + 1 => *last = (*last).max(x),
+            _ => out.push((x, x)),
+        }
+    }
+    out
 }
 
 /// Counts out what [`remove_done`] removed.
@@ -470,10 +483,23 @@ fn write_acks(tx: &Connection, acks: &[(String, u64, u64)]) -> Result<(), rusqli
     if acks.is_empty() {
         return Ok(());
     }
-    let mut up =
-        tx.prepare_cached("UPDATE seen SET acked_ms = ?3 WHERE source = ?1 AND id = ?2")?;
-    for (source, id, at) in acks {
-        up.execute(params![source, *id as i64, *at as i64])?;
+    let mut up = tx.prepare_cached(
+        "UPDATE seen SET acked_ms = ?4 WHERE source = ?1 AND id BETWEEN ?2 AND ?3",
+    )?;
+    // The marks come per acknowledgement, each a run of ids from one source at one time.
+    let mut i = 0;
+    while i < acks.len() {
+        let (source, _, at) = &acks[i];
+        let j = i + acks[i..]
+            .iter()
+            .take_while(|(s, _, t)| s == source && t == at)
+            .count();
+        let mut ids: Vec<u64> = acks[i..j].iter().map(|(_, id, _)| *id).collect();
+        ids.sort_unstable();
+        for (first, last) in runs(&ids) {
+            up.execute(params![source, first as i64, last as i64, *at as i64])?;
+        }
+        i = j;
     }
     Ok(())
 }
@@ -612,6 +638,12 @@ mod tests {
             ["t/3", "t/4"]
         );
         assert!(s.next(Dir::Out, last, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn runs_of_consecutive_numbers() {
+        assert_eq!(runs(&[]), []);
+        assert_eq!(runs(&[3, 4, 4, 5, 7, 9, 10]), [(3, 5), (7, 7), (9, 10)]);
     }
 
     #[test]
