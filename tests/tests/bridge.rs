@@ -330,16 +330,7 @@ topics = [
     );
     let w = Workdir::new(&config);
     make_certs(w.path());
-    let _m = Mosquitto::start(
-        w.path(),
-        &MosquittoSetup {
-            name: "mosq",
-            port: mp,
-            tls_port: Some(mt),
-            user: Some((MQ_USER, MQ_PASS)),
-            extra: "",
-        },
-    );
+    let _m = mosquitto_with_user(&w, mp, Some(mt));
     let _nodes = start_all(&w, &["site"]);
     wait_connected(&w, "site", "site/bridge");
     exchange_with_mosquitto(&w, p1, mp, true);
@@ -371,16 +362,7 @@ topics = [
         cluster(&[("site", p1)]),
     );
     let w = Workdir::new(&config);
-    let m = Mosquitto::start(
-        w.path(),
-        &MosquittoSetup {
-            name: "mosq",
-            port: mp,
-            tls_port: None,
-            user: Some((MQ_USER, MQ_PASS)),
-            extra: "",
-        },
-    );
+    let m = mosquitto_with_user(&w, mp, None);
     let _nodes = start_all(&w, &["site"]);
     wait_connected(&w, "site", "site/bridge");
     // Mosquitto names the protocol of each client it accepts: p2 is MQTT 3.1.1.
@@ -396,6 +378,20 @@ topics = [
     assert_eq!(b["loops_stopped"], 1, "{b}");
     assert_eq!(b["forwarded_out"], 2, "{b}");
     assert_eq!(b["forwarded_in"], 2, "{b}");
+}
+
+/// Mosquitto on `port` (and TLS on `tls_port`) that takes the test user only.
+fn mosquitto_with_user(w: &Workdir, port: u16, tls_port: Option<u16>) -> Mosquitto {
+    Mosquitto::start(
+        w.path(),
+        &MosquittoSetup {
+            name: "mosq",
+            port,
+            tls_port,
+            user: Some((MQ_USER, MQ_PASS)),
+            extra: "",
+        },
+    )
 }
 
 /// One message each way under the rules `up/# out`, `down/# in` and `sync/# both` between the
@@ -650,16 +646,7 @@ topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
         cluster(&[("site", p1)]),
     );
     let w = Workdir::new(&config);
-    let mut m = Mosquitto::start(
-        w.path(),
-        &MosquittoSetup {
-            name: "mosq",
-            port: mp,
-            tls_port: None,
-            user: Some((MQ_USER, MQ_PASS)),
-            extra: "",
-        },
-    );
+    let mut m = mosquitto_with_user(&w, mp, None);
     let _nodes = start_all(&w, &["site"]);
     wait_connected(&w, "site", "site/bridge");
     let d = w.path();
