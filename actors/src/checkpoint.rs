@@ -24,8 +24,11 @@ use rusqlite::Connection;
 
 /// How often the log is copied into the database.
 const EVERY: Duration = Duration::from_millis(250);
-/// The log size past which it is truncated (the writer waits for that checkpoint).
+/// The log size past which it is checkpointed in RESTART mode (the writer waits for that one).
 const LOG_MAX: u64 = 64 << 20;
+/// How long a RESTART checkpoint waits for the writer's transaction, or for a reader, before it
+/// gives up until the next round (it holds the writer off meanwhile).
+const RESTART_WAIT: Duration = Duration::from_secs(1);
 
 /// The checkpoint thread of one database file; it stops when this is dropped.
 pub(crate) struct Checkpointer {
@@ -38,6 +41,10 @@ impl Checkpointer {
     pub(crate) fn start(db: &Connection, path: &Path, name: &str) -> Result<Self, rusqlite::Error> {
         db.pragma_update(None, "wal_autocheckpoint", 0)?;
         let conn = Connection::open(path)?;
+        conn.busy_timeout(RESTART_WAIT)?;
+        let page: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        // Each frame of the log is a page and its 24-byte header.
+        let log_max_frames = LOG_MAX / (page + 24);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         std::thread::Builder::new()
@@ -45,7 +52,7 @@ impl Checkpointer {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EVERY);
-                    if let Err(e) = checkpoint(&conn, LOG_MAX) {
+                    if let Err(e) = checkpoint(&conn, log_max_frames) {
                         tracing::debug!("checkpoint: {e}");
                     }
                 }
@@ -55,12 +62,11 @@ impl Checkpointer {
     }
 }
 
-/// One passive checkpoint; one that restarts the log when it has grown past `log_max` bytes.
-fn checkpoint(conn: &Connection, log_max: u64) -> Result<(), rusqlite::Error> {
+/// One passive checkpoint; one that restarts the log when it holds more than `max_frames`.
+fn checkpoint(conn: &Connection, max_frames: u64) -> Result<(), rusqlite::Error> {
     // (busy, frames in the log, frames copied)
     let frames: i64 = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
-    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-    if frames.max(0) as u64 * (page.max(0) as u64 + 24) > log_max {
+    if frames.max(0) as u64 > max_frames {
         tracing::debug!(
             frames,
             "the log is past its bound: checkpoint and restart it"
@@ -84,9 +90,9 @@ mod tests {
         std::fs::metadata(path.with_extension("sqlite-wal")).map_or(0, |m| m.len())
     }
 
-    /// Commits 3,000 rows of 4 KB one at a time, 0.2 ms apart, while checkpoints with `log_max`
-    /// run every millisecond beside them; returns the log file's size at the end.
-    fn log_under_steady_commits(log_max: u64) -> u64 {
+    /// Commits 3,000 rows of 4 KB one at a time, 0.2 ms apart, while checkpoints with
+    /// `max_frames` run every millisecond beside them; returns the log file's size at the end.
+    fn log_under_steady_commits(max_frames: u64) -> u64 {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.sqlite");
         let db = Connection::open(&path).unwrap();
@@ -102,7 +108,7 @@ mod tests {
             std::thread::spawn(move || {
                 let conn = Connection::open(&path).unwrap();
                 while !done.load(Ordering::Relaxed) {
-                    checkpoint(&conn, log_max).unwrap();
+                    checkpoint(&conn, max_frames).unwrap();
                     std::thread::sleep(Duration::from_millis(1));
                 }
             })
@@ -128,7 +134,7 @@ mod tests {
         // commit (up to 3,000 × 3 pages). Past a bound of 1 MiB it starts over, and the file
         // stays at about what the log reached between two checkpoints.
         let unbounded = log_under_steady_commits(u64::MAX);
-        let bounded = log_under_steady_commits(1 << 20);
+        let bounded = log_under_steady_commits((1 << 20) / 4120);
         assert!(
             bounded < 4 << 20,
             "{bounded} (without a bound: {unbounded})"

@@ -980,7 +980,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                         }
                         ActorEvent::Reconfigure(_) => {}
                         ActorEvent::Message(d) => {
-                            if let Some(m) = message(&b, d, &last) {
+                            if let Some(m) = message(&b, d) {
                                 batch.push(m);
                             }
                         }
@@ -1120,7 +1120,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
 }
 
 /// Decodes a delivery: a broker notice becomes an incoming message; a status call is answered.
-fn message(b: &Bridge, mut d: Delivery, _last: &(u64, u64)) -> Option<Incoming> {
+fn message(b: &Bridge, mut d: Delivery) -> Option<Incoming> {
     let side = match (&d.from, &b.remote) {
         (Some(f), _) if *f == b.local => Some(Side::Local),
         (Some(f), Remote::Colony(a)) if f == a => Some(Side::Remote),

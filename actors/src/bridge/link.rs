@@ -241,10 +241,13 @@ impl Client {
     }
 
     fn unsubscribe(&self, filter: String) {
-        let _ = match self {
-            Client::V5(client) => client.try_unsubscribe(filter).is_ok(),
-            Client::V311(client) => client.try_unsubscribe(filter).is_ok(),
+        let result = match self {
+            Client::V5(client) => client.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V311(client) => client.try_unsubscribe(filter).map_err(|e| e.to_string()),
         };
+        if let Err(e) = result {
+            warn!("cannot unsubscribe on the remote broker: {e}");
+        }
     }
 
     fn publish(&self, f: Forward) -> Result<(), String> {
@@ -278,11 +281,13 @@ impl Client {
         }
     }
 
+    /// Asks the broker to close the connection; when that cannot be queued the connection is
+    /// dropped anyway, which the broker sees as the same.
     fn disconnect(&self) {
-        let _ = match self {
-            Client::V5(client) => client.try_disconnect().is_ok(),
-            Client::V311(client) => client.try_disconnect().is_ok(),
-        };
+        match self {
+            Client::V5(client) => drop(client.try_disconnect()),
+            Client::V311(client) => drop(client.try_disconnect()),
+        }
     }
 }
 

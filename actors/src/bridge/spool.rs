@@ -352,7 +352,7 @@ impl Spool {
         }
     }
 
-    /// True when delivered messages or acknowledgement marks wait for a [`Spool::flush`].
+    /// True when delivered messages wait to be removed (at the next append or [`Spool::flush`]).
     pub fn pending(&self) -> bool {
         self.done.iter().any(|d| !d.is_empty())
     }
@@ -370,12 +370,6 @@ impl Spool {
         self.done.iter_mut().for_each(Vec::clear);
         self.acks.clear();
         Ok(())
-    }
-
-    /// Removes delivered messages of `dir` now.
-    pub fn remove(&mut self, dir: Dir, seqs: &[u64]) -> Result<(), SpoolError> {
-        self.delivered(dir, seqs.to_vec());
-        self.flush()
     }
 
     /// Drops messages older than the age bound, and forgets seen notices as old. Returns how
@@ -591,7 +585,8 @@ mod tests {
             ["t/0", "t/1", "t/2"]
         );
         assert_eq!(got[0].hops, ["n1/broker"]);
-        s.remove(Dir::Out, &[got[0].seq, got[1].seq]).unwrap();
+        s.delivered(Dir::Out, vec![got[0].seq, got[1].seq]);
+        s.flush().unwrap();
         drop(s);
         let mut s = Spool::open(&path, bounds()).unwrap();
         assert_eq!(s.counters(Dir::Out).messages, 3);
