@@ -174,20 +174,23 @@ impl Lane {
         }
     }
 
-    /// Hands the next spooled messages to the lane while it has room.
-    fn pump(&mut self, spool: &mut Spool) -> Result<(), ActorFailure> {
+    /// Hands the next spooled messages to the lane while it has room: those kept in memory,
+    /// then, given the spool, those read from it.
+    fn pump(&mut self, mut spool: Option<&mut Spool>) -> Result<(), ActorFailure> {
         while self.up && self.outstanding < self.window {
             if self.tx.capacity() == 0 {
                 // The lane's queue is full; the next pump goes on from the cursor.
                 return Ok(());
             }
             let want = (self.window - self.outstanding).min(NEXT_MAX);
-            let items: Vec<Forward> = if self.ready.is_empty() {
+            let items: Vec<Forward> = if !self.ready.is_empty() {
+                let n = want.min(self.ready.len());
+                self.ready.drain(..n).collect()
+            } else if let Some(spool) = spool.as_deref_mut() {
                 let batch = spool.next(self.dir, self.cursor, want).map_err(fail)?;
                 batch.into_iter().map(forward).collect()
             } else {
-                let n = want.min(self.ready.len());
-                self.ready.drain(..n).collect()
+                return Ok(());
             };
             let Some(last) = items.last() else {
                 return Ok(());
@@ -510,9 +513,18 @@ impl Bridge {
         }
     }
 
-    /// Routes incoming messages: QoS 0 straight to the far lane, QoS 1/2 into the spool. Returns
-    /// the notice ids to acknowledge per source.
-    fn take(&mut self, batch: Vec<Incoming>) -> Result<HashMap<Side, Vec<u64>>, ActorFailure> {
+    /// Routes incoming messages: QoS 0 straight to the far lane, QoS 1/2 into the spool, staged
+    /// and not yet committed: the caller commits ([`Spool::commit`]) before it acknowledges
+    /// them. An MQTT lane that keeps up is handed its messages at once, before the commit: a
+    /// crash before it costs a duplicate at the far broker (QoS 1, at least once), never a
+    /// loss, since the source is not yet acknowledged and sends them again. A Colony lane
+    /// waits for the commit, as its seqs number the messages for the far broker's exactly-once
+    /// stream. Returns the notice ids to acknowledge per source, and whether a lane was handed
+    /// messages before the commit.
+    fn take(
+        &mut self,
+        batch: Vec<Incoming>,
+    ) -> Result<(HashMap<Side, Vec<u64>>, bool), ActorFailure> {
         let mut acks: HashMap<Side, Vec<u64>> = HashMap::new();
         let mut spooled: [Vec<Entry>; 2] = [Vec::new(), Vec::new()];
         let mut now: [Vec<Forward>; 2] = [Vec::new(), Vec::new()];
@@ -553,21 +565,26 @@ impl Bridge {
             }
         }
         let t = unix_ms();
+        let mut early = false;
         for (i, dir) in [(0, Dir::Out), (1, Dir::In)] {
             let lane = if i == 0 { &mut self.out } else { &mut self.inn };
             if !spooled[i].is_empty() {
                 let before = self.spool.last(dir);
-                let appended = self.spool.append(dir, &spooled[i], t).map_err(fail)?;
+                let appended = self.spool.stage(dir, &spooled[i], t).map_err(fail)?;
                 if appended.dropped > 0 {
                     lane.forget_ready();
                 } else {
                     lane.appended(before, appended.rows);
+                    if matches!(lane.tx, LaneTx::Mqtt(_)) && !lane.ready.is_empty() {
+                        lane.pump(None)?;
+                        early = true;
+                    }
                 }
             }
             let items = std::mem::take(&mut now[i]);
             self.n.dropped_qos0 += lane.queue_qos0(items) as u64;
         }
-        Ok(acks)
+        Ok((acks, early))
     }
 
     fn lane_event(&mut self, dir: Dir, ev: FromLink) -> Result<(), ActorFailure> {
@@ -620,8 +637,8 @@ impl Bridge {
     fn pump(&mut self) -> Result<(), ActorFailure> {
         self.n.forwarded_out += self.out.flush_qos0() as u64;
         self.n.forwarded_in += self.inn.flush_qos0() as u64;
-        self.out.pump(&mut self.spool)?;
-        self.inn.pump(&mut self.spool)
+        self.out.pump(Some(&mut self.spool))?;
+        self.inn.pump(Some(&mut self.spool))
     }
 
     /// Colony lanes: retry a lane that is down once its node is up and its backoff has passed.
@@ -991,7 +1008,12 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     }
                 }
                 if !batch.is_empty() {
-                    let acks = b.take(batch)?;
+                    let (acks, early) = b.take(batch)?;
+                    if early {
+                        // Let the link write what it was just handed before the spool commits.
+                        tokio::task::yield_now().await;
+                    }
+                    b.spool.commit().map_err(fail)?;
                     for (side, ids) in acks {
                         let broker = match (side, &b.remote) {
                             (Side::Local, _) => b.local.clone(),
@@ -1043,6 +1065,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                         }
                     }).collect();
                     b.take(batch)?;
+                    b.spool.commit().map_err(fail)?;
                     if let Some(tx) = &b.mqtt {
                         for (epoch, token) in tokens {
                             let _ = tx.send(ToLink::Ack { epoch, token }).await;

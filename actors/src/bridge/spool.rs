@@ -128,6 +128,8 @@ pub struct Spool {
     last: [u64; 2],
     /// Seqs the far side has, per direction, not yet removed (see [`Spool::delivered`]).
     done: [Vec<u64>; 2],
+    /// A transaction is open with staged appends ([`Spool::stage`]).
+    open: bool,
     _checkpoints: crate::checkpoint::Checkpointer,
 }
 
@@ -193,6 +195,7 @@ impl Spool {
             acks: Vec::new(),
             last: [0; 2],
             done: [Vec::new(), Vec::new()],
+            open: false,
             _checkpoints: checkpoints,
         };
         for dir in [Dir::Out, Dir::In] {
@@ -244,10 +247,30 @@ impl Spool {
         entries: &[Entry],
         now_ms: u64,
     ) -> Result<Appended, SpoolError> {
-        let tx = self.conn.transaction()?;
-        let removed = remove_done(&tx, &self.done)?;
+        let appended = self.stage(dir, entries, now_ms)?;
+        self.commit()?;
+        Ok(appended)
+    }
+
+    /// [`Spool::append`] without the commit: the rows are written in the transaction the spool
+    /// has open (opening one, which removes the delivered messages first), and are on disk
+    /// only after [`Spool::commit`]. Until then a crash loses them, and the spool's counters
+    /// already count them. Several stages go in one commit.
+    pub fn stage(
+        &mut self,
+        dir: Dir,
+        entries: &[Entry],
+        now_ms: u64,
+    ) -> Result<Appended, SpoolError> {
+        if !self.open {
+            self.conn.execute_batch("BEGIN")?;
+            self.open = true;
+            let removed = remove_done(&self.conn, &self.done)?;
+            subtract(&mut self.dirs, removed);
+            self.done.iter_mut().for_each(Vec::clear);
+        }
+        let tx = &self.conn;
         let mut dirs = self.dirs;
-        subtract(&mut dirs, removed);
         let mut rows = Vec::new();
         let mut bytes = 0;
         let mut last = self.last[dir.index()];
@@ -293,16 +316,23 @@ impl Spool {
         let c = &mut dirs[dir.index()];
         c.messages += rows.len() as u64;
         c.bytes += bytes;
-        let dropped = trim(&tx, dir, c, self.bounds)?;
+        let dropped = trim(tx, dir, c, self.bounds)?;
         if dropped > 0 {
             c.dropped_full += dropped;
-            save_counters(&tx, dir, c)?;
+            save_counters(tx, dir, c)?;
         }
-        tx.commit()?;
         self.dirs = dirs;
-        self.done.iter_mut().for_each(Vec::clear);
         self.last[dir.index()] = last;
         Ok(Appended { rows, dropped })
+    }
+
+    /// Commits what was staged ([`Spool::stage`]); nothing when no transaction is open.
+    pub fn commit(&mut self) -> Result<(), SpoolError> {
+        if self.open {
+            self.conn.execute_batch("COMMIT")?;
+            self.open = false;
+        }
+        Ok(())
     }
 
     /// The highest seq ever appended to `dir`: nothing comes after it.
@@ -357,8 +387,10 @@ impl Spool {
         self.done.iter().any(|d| !d.is_empty())
     }
 
-    /// Removes delivered messages now (with the acknowledgement marks held).
+    /// Commits what was staged, and removes delivered messages now (with the acknowledgement
+    /// marks held).
     pub fn flush(&mut self) -> Result<(), SpoolError> {
+        self.commit()?;
         if !self.pending() {
             return Ok(());
         }
@@ -419,6 +451,7 @@ impl Spool {
         self.acks
             .extend(ids.iter().map(|id| (source.to_owned(), *id, now_ms)));
         if self.acks.len() >= ACKS_HELD {
+            self.commit()?;
             let tx = self.conn.transaction()?;
             write_acks(&tx, &self.acks)?;
             tx.commit()?;
@@ -598,6 +631,42 @@ mod tests {
         );
         let after = s.next(Dir::Out, rest[0].seq, 100).unwrap();
         assert_eq!(after.len(), 2);
+    }
+
+    #[test]
+    fn staged_messages_are_on_disk_only_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.sqlite");
+        let mut s = Spool::open(&path, bounds()).unwrap();
+        s.stage(Dir::Out, &[entry("t/0", Some(0))], 1).unwrap();
+        s.stage(Dir::In, &[entry("in/0", None)], 1).unwrap();
+        assert_eq!(
+            s.next(Dir::Out, 0, 10).unwrap().len(),
+            1,
+            "read back before the commit"
+        );
+        // A crash before the commit: neither is kept, and the notice is not remembered.
+        drop(s);
+        let mut s = Spool::open(&path, bounds()).unwrap();
+        assert_eq!(
+            s.counters(Dir::Out).messages + s.counters(Dir::In).messages,
+            0
+        );
+        assert!(s.next(Dir::Out, 0, 10).unwrap().is_empty());
+        // Both stages go in one commit; a flush commits what is staged first.
+        s.stage(Dir::Out, &[entry("t/0", Some(0))], 1).unwrap();
+        s.stage(Dir::In, &[entry("in/0", None)], 1).unwrap();
+        s.commit().unwrap();
+        s.stage(Dir::Out, &[entry("t/1", Some(1))], 1).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let mut s = Spool::open(&path, bounds()).unwrap();
+        let out = s.next(Dir::Out, 0, 10).unwrap();
+        assert_eq!(
+            out.iter().map(|m| m.topic.as_str()).collect::<Vec<_>>(),
+            ["t/0", "t/1"]
+        );
+        assert_eq!(s.counters(Dir::In).messages, 1);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! each batch the store changes are committed and only then are the packets sent, so a client is
 //! never acknowledged for something that is not yet on disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use colony_cluster::{CallError, Delivery};
 use futures::FutureExt;
 
 use super::auth::AccessPolicy;
-use super::core::{Action, ActorPublish, BrokerCore, Subscriber};
+use super::core::{Action, ActorPublish, BrokerCore, StoreOp, Subscriber};
 use super::declared::declared_subscriptions;
 use super::listener::{ConnEvent, ConnLimits, ConnMeta, Ended, Outgoing, serve, tls_acceptor};
 use super::packet::{ClientPacket, DisconnectCode, Protocol, ServerPacket};
@@ -70,68 +70,122 @@ struct Shell {
 }
 
 impl Shell {
-    /// Commits store changes, then carries out the actions.
+    /// Commits the batch's store changes and carries out its actions (see [`Shell::deliver`]).
     fn flush(&mut self, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> Result<(), ActorFailure> {
+        let (ops, _) = self.deliver(ctx, tasks);
+        self.commit(&ops, ctx, tasks)
+    }
+
+    /// [`Shell::flush`], letting the tasks that deliveries sent before the commit woke run
+    /// first: a bridge forwards, a subscriber's connection writes, while the commit waits.
+    async fn flush_yielding(
+        &mut self,
+        ctx: &ActorContext,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<(), ActorFailure> {
+        let (ops, early) = self.deliver(ctx, tasks);
+        if early {
+            tokio::task::yield_now().await;
+        }
+        self.commit(&ops, ctx, tasks)
+    }
+
+    /// Takes the batch's store changes and actions and carries out the deliveries that may go
+    /// before the commit, when the core says the batch allows (see
+    /// [`BrokerCore::may_deliver_before_commit`]), in order per destination: once one action
+    /// for a connection or an actor has to wait, the rest for it wait too. Acknowledgements
+    /// always wait for the commit ([`Shell::commit`]). Returns the store changes, and whether
+    /// any delivery went.
+    fn deliver(&mut self, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> (Vec<StoreOp>, bool) {
         let ops = self.core.take_store_ops();
-        self.store
-            .apply(&ops)
-            .map_err(|e| ActorFailure::new(e.to_string()))?;
-        self.core.drain_actions_into(&mut self.actions);
-        let mut dropped = 0;
-        for action in self.actions.drain(..) {
-            match action {
-                Action::Send(id, packet) => {
-                    let Some(tx) = self.conns.get(&id) else {
-                        continue;
-                    };
-                    let qos0 = matches!(&packet, ServerPacket::Publish { message, .. } if message.qos == 0);
-                    if tx.try_send(Outgoing::Packet(packet)).is_err() {
-                        if qos0 {
-                            dropped += 1;
-                        } else {
-                            // Too slow to take even acknowledgements: cut it off; its session
-                            // keeps what is in flight.
-                            warn!(conn = id, "client too slow, disconnecting");
-                            self.conns.remove(&id);
-                        }
-                    }
-                }
-                Action::Close(id) => {
-                    if let Some(tx) = self.conns.remove(&id) {
-                        let _ = tx.try_send(Outgoing::Close);
-                    }
-                }
-                Action::Notify {
-                    to,
-                    message,
-                    id,
-                    dup,
-                } => {
-                    let (tx, _) = self.notifiers.entry(to.clone()).or_insert_with(|| {
-                        let (tx, rx) = mpsc::channel(NOTICE_CHANNEL + self.notice_queue);
-                        let handed = Arc::new(AtomicU64::new(0));
-                        tasks.spawn(notify_actor(
-                            ctx.cluster.clone(),
-                            ctx.address.clone(),
-                            to.clone(),
-                            rx,
-                            handed.clone(),
-                        ));
-                        (tx, handed)
-                    });
-                    // A QoS 0 notice for an actor that reads too slowly is dropped; a QoS 1/2 notice
-                    // that does not fit stays unacknowledged and goes again later.
-                    let backlog = tx.max_capacity() - tx.capacity();
-                    let sent = (id.is_some() || backlog < self.notice_queue)
-                        && tx.try_send(BrokerNotice::publish(message, id, dup)).is_ok();
-                    if !sent && id.is_none() {
-                        dropped += 1;
-                    }
-                }
+        let early = self.core.may_deliver_before_commit();
+        let mut actions = std::mem::take(&mut self.actions);
+        self.core.drain_actions_into(&mut actions);
+        let (mut dropped, mut went) = (0, false);
+        if early && !ops.is_empty() {
+            let mut held = Held::default();
+            for action in actions.extract_if(.., |a| held.lets_through(a)) {
+                dropped += self.act(action, ctx, tasks);
+                went = true;
             }
         }
+        self.actions = actions;
+        self.core.count_dropped(dropped);
+        (ops, went)
+    }
+
+    /// Commits `ops`, then carries out the actions still waiting.
+    fn commit(
+        &mut self,
+        ops: &[StoreOp],
+        ctx: &ActorContext,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<(), ActorFailure> {
+        self.store
+            .apply(ops)
+            .map_err(|e| ActorFailure::new(e.to_string()))?;
+        let mut actions = std::mem::take(&mut self.actions);
+        let mut dropped = 0;
+        for action in actions.drain(..) {
+            dropped += self.act(action, ctx, tasks);
+        }
+        self.actions = actions;
         self.core.count_dropped(dropped);
         Ok(())
+    }
+
+    /// Carries out one action; returns how many QoS 0 messages it dropped (1 or 0).
+    fn act(&mut self, action: Action, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> u64 {
+        match action {
+            Action::Send(id, packet) => {
+                let Some(tx) = self.conns.get(&id) else {
+                    return 0;
+                };
+                let qos0 =
+                    matches!(&packet, ServerPacket::Publish { message, .. } if message.qos == 0);
+                if tx.try_send(Outgoing::Packet(packet)).is_err() {
+                    if qos0 {
+                        return 1;
+                    }
+                    // Too slow to take even acknowledgements: cut it off; its session keeps
+                    // what is in flight.
+                    warn!(conn = id, "client too slow, disconnecting");
+                    self.conns.remove(&id);
+                }
+                0
+            }
+            Action::Close(id) => {
+                if let Some(tx) = self.conns.remove(&id) {
+                    let _ = tx.try_send(Outgoing::Close);
+                }
+                0
+            }
+            Action::Notify {
+                to,
+                message,
+                id,
+                dup,
+            } => {
+                let (tx, _) = self.notifiers.entry(to.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(NOTICE_CHANNEL + self.notice_queue);
+                    let handed = Arc::new(AtomicU64::new(0));
+                    tasks.spawn(notify_actor(
+                        ctx.cluster.clone(),
+                        ctx.address.clone(),
+                        to.clone(),
+                        rx,
+                        handed.clone(),
+                    ));
+                    (tx, handed)
+                });
+                // A QoS 0 notice for an actor that reads too slowly is dropped; a QoS 1/2
+                // notice that does not fit stays unacknowledged and goes again later.
+                let backlog = tx.max_capacity() - tx.capacity();
+                let sent = (id.is_some() || backlog < self.notice_queue)
+                    && tx.try_send(BrokerNotice::publish(message, id, dup)).is_ok();
+                u64::from(!sent && id.is_none())
+            }
+        }
     }
 
     /// Tells the core how far each actor subscriber's notices have left the broker.
@@ -411,7 +465,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                             None => break,
                         }
                     }
-                    shell.flush(&ctx, &mut tasks)?;
+                    shell.flush_yielding(&ctx, &mut tasks).await?;
                     for (mut d, reply) in replies {
                         match reply {
                             Reply::Granted(g) => d.reply(&g),
@@ -468,7 +522,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     n += 1;
                     next = if n < BATCH { events.try_recv().ok() } else { None };
                 }
-                shell.flush(&ctx, &mut tasks)?;
+                shell.flush_yielding(&ctx, &mut tasks).await?;
             }
             Some(first) = closed.recv() => {
                 let mut next = Some(first);
@@ -482,6 +536,42 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 if let Err(e) = done && e.is_panic() {
                     return Err(ActorFailure::new("a broker listener task panicked"));
                 }
+            }
+        }
+    }
+}
+
+/// The destinations whose actions wait for a commit, within one batch.
+#[derive(Default)]
+struct Held {
+    conns: HashSet<u64>,
+    actors: HashSet<Arc<str>>,
+}
+
+impl Held {
+    /// True when `action` may go before the commit: a QoS 0/1 delivery to a destination none
+    /// of whose earlier actions wait. Otherwise its destination waits from here on.
+    fn lets_through(&mut self, action: &Action) -> bool {
+        match action {
+            Action::Send(id, packet) => {
+                let delivery =
+                    matches!(packet, ServerPacket::Publish { message, .. } if message.qos <= 1);
+                if delivery && !self.conns.contains(id) {
+                    return true;
+                }
+                self.conns.insert(*id);
+                false
+            }
+            Action::Close(id) => {
+                self.conns.insert(*id);
+                false
+            }
+            Action::Notify { to, message, .. } => {
+                if message.qos <= 1 && !self.actors.contains(to) {
+                    return true;
+                }
+                self.actors.insert(to.clone());
+                false
             }
         }
     }
@@ -651,5 +741,53 @@ fn publish_sys(core: &mut BrokerCore, uptime: Duration) {
     ];
     for (topic, value) in values {
         core.publish_sys(topic, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::packet::AckCode;
+    use bytes::Bytes;
+
+    fn delivery(conn: u64, qos: u8) -> Action {
+        Action::Send(
+            conn,
+            ServerPacket::Publish {
+                pkid: 1,
+                dup: false,
+                message: Message::new("t", Bytes::from_static(b"v"), qos, false),
+            },
+        )
+    }
+
+    fn notice(to: &str, qos: u8) -> Action {
+        Action::Notify {
+            to: to.into(),
+            message: Message::new("t", Bytes::from_static(b"v"), qos, false),
+            id: Some(1),
+            dup: false,
+        }
+    }
+
+    #[test]
+    fn only_qos_0_and_1_deliveries_go_before_the_commit_and_each_destination_keeps_its_order() {
+        let mut held = Held::default();
+        assert!(held.lets_through(&delivery(1, 1)));
+        assert!(held.lets_through(&delivery(1, 0)));
+        // An acknowledgement waits, and whatever follows it on that connection.
+        assert!(!held.lets_through(&Action::Send(1, ServerPacket::PubAck(7, AckCode::Success))));
+        assert!(!held.lets_through(&delivery(1, 1)));
+        // Another connection is not held by it.
+        assert!(held.lets_through(&delivery(2, 1)));
+        // QoS 2 waits (exactly once), and so does what comes after it.
+        assert!(!held.lets_through(&delivery(2, 2)));
+        assert!(!held.lets_through(&delivery(2, 0)));
+        assert!(!held.lets_through(&Action::Close(3)));
+        assert!(!held.lets_through(&delivery(3, 0)));
+        assert!(held.lets_through(&notice("n/a", 1)));
+        assert!(!held.lets_through(&notice("n/a", 2)));
+        assert!(!held.lets_through(&notice("n/a", 1)));
+        assert!(held.lets_through(&notice("n/b", 0)));
     }
 }

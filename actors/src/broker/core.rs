@@ -48,6 +48,10 @@ pub type ConnId = u64;
 /// subscriber is sent again.
 pub const ACTOR_REDELIVER_TICKS: u32 = 3;
 
+/// Ids reserved on disk ahead of use (renewed when half are used), so that a batch's
+/// deliveries can go out before its commit with ids no restart hands out again.
+const SEQ_RESERVE: u64 = 1 << 16;
+
 /// What became of a publish from an actor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActorPublish {
@@ -217,7 +221,12 @@ pub struct BrokerCore {
     trie: SubscriptionTrie<Subscriber>,
     actor_subs: BTreeMap<Arc<str>, ActorQueue>,
     streams: HashMap<String, u64>,
-    saved_seq: u64,
+    /// Ids below this are reserved on disk ([`StoreOp::NextSeq`]): a restart starts above
+    /// them, so they may be handed out before the batch that uses them is committed.
+    reserved: u64,
+    /// Set when something in this batch must be on disk before any of its deliveries go out
+    /// (see [`BrokerCore::may_deliver_before_commit`]).
+    hold: bool,
     retained: RetainedStore,
     policy: AccessPolicy,
     limits: BrokerLimits,
@@ -257,7 +266,8 @@ impl BrokerCore {
             trie: SubscriptionTrie::new(),
             actor_subs: BTreeMap::new(),
             streams: restored.streams.into_iter().collect(),
-            saved_seq: restored.next_seq.max(1),
+            reserved: restored.next_seq.max(1),
+            hold: false,
             retained: RetainedStore::new(),
             policy,
             limits,
@@ -342,11 +352,26 @@ impl BrokerCore {
 
     /// Takes the store operations produced so far.
     pub fn take_store_ops(&mut self) -> Vec<StoreOp> {
-        if self.next_seq != self.saved_seq && !self.store.is_empty() {
-            self.saved_seq = self.next_seq;
-            self.store.push(StoreOp::NextSeq(self.next_seq));
+        if self.next_seq > self.reserved {
+            // An id past the reservation was used: this batch waits for its commit.
+            self.hold = true;
+        }
+        if self.next_seq != self.reserved && self.next_seq + SEQ_RESERVE / 2 > self.reserved {
+            self.reserved = self.next_seq + SEQ_RESERVE;
+            self.store.push(StoreOp::NextSeq(self.reserved));
         }
         std::mem::take(&mut self.store)
+    }
+
+    /// True when the deliveries of the batch taken with [`BrokerCore::take_store_ops`] may go
+    /// out before its store operations are committed (and acknowledgements only after): a
+    /// crash in between then costs a QoS 0/1 duplicate at worst, never a loss, since the
+    /// publisher was not acknowledged and sends again. Not so when the batch took a QoS 2
+    /// publish or a publish on a stream (exactly once: the mark that recognises a repeat must
+    /// be on disk first), or used an id beyond the reservation. Call after taking the store
+    /// operations; it starts the next batch.
+    pub fn may_deliver_before_commit(&mut self) -> bool {
+        !std::mem::take(&mut self.hold)
     }
 
     /// Totals so far.
@@ -909,6 +934,7 @@ impl BrokerCore {
             }
             self.streams.insert(id.clone(), seq);
             self.store.push(StoreOp::PutStream { id, seq });
+            self.hold = true;
         }
         self.counters.messages_in += 1;
         self.route(message);
@@ -952,6 +978,7 @@ impl BrokerCore {
         let qos = p.qos.min(2);
         let mut route = true;
         if qos == 2 {
+            self.hold = true;
             route = self
                 .sessions
                 .get_mut(client_id)

@@ -840,3 +840,63 @@ fn an_actor_subscriber_gets_the_window_it_asks_for_up_to_the_bound() {
         crate::broker::ACTOR_WINDOW_MAX as usize
     );
 }
+
+#[test]
+fn deliveries_precede_the_commit_only_with_reserved_ids_and_no_exactly_once() {
+    let mut c = core();
+    c.actor_subscribe("n/c", &["s/#".into()], qos(1));
+    let mut ops = c.take_store_ops();
+    c.may_deliver_before_commit();
+    c.take_actions();
+    // The first id used is past what the disk has reserved: that batch waits for its commit,
+    // which reserves ids ahead.
+    actor_publish(&mut c, "n/p", "s/a", 1);
+    let batch = c.take_store_ops();
+    assert!(!c.may_deliver_before_commit());
+    let reserved = batch
+        .iter()
+        .find_map(|o| match o {
+            StoreOp::NextSeq(n) => Some(*n),
+            _ => None,
+        })
+        .expect("ids reserved");
+    ops.extend(batch);
+    // Within the reservation the deliveries go first, and nothing more is reserved.
+    actor_publish(&mut c, "n/p", "s/b", 1);
+    let batch = c.take_store_ops();
+    assert!(c.may_deliver_before_commit());
+    assert!(!batch.iter().any(|o| matches!(o, StoreOp::NextSeq(_))));
+    ops.extend(batch);
+    let handed = notices(&c.take_actions());
+    assert_eq!(handed.len(), 2);
+    // A publish on a stream waits: the mark that recognises its repeat must be on disk first.
+    c.publish(
+        Message::new("s/c", Bytes::from_static(b"v"), 1, false),
+        Some(("bridge:x".into(), 1)),
+    );
+    c.take_store_ops();
+    assert!(!c.may_deliver_before_commit());
+    // So does a QoS 2 publish from a client (exactly once).
+    connect(&mut c, 1, "pub", true);
+    c.take_store_ops();
+    assert!(c.may_deliver_before_commit());
+    publish(&mut c, 1, "s/d", QoS::ExactlyOnce, 1);
+    c.take_store_ops();
+    assert!(!c.may_deliver_before_commit());
+    // A restart from what was committed hands out no id it handed out before, even the ones
+    // that went before a commit the restart never saw.
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::broker::store::BrokerStore::open(&dir.path().join("b.sqlite")).unwrap();
+    store.apply(&ops).unwrap();
+    let mut c = BrokerCore::new(
+        AccessPolicy::new(true, vec![], vec![]),
+        BrokerLimits::default(),
+        store.load().unwrap(),
+    );
+    c.start();
+    c.take_actions();
+    actor_publish(&mut c, "n/p", "s/e", 1);
+    let fresh = notices(&c.take_actions());
+    assert!(fresh[0].2.unwrap() >= reserved);
+    assert!(handed.iter().all(|n| n.2.unwrap() < reserved));
+}
