@@ -1014,6 +1014,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                         tokio::task::yield_now().await;
                     }
                     b.spool.commit().map_err(fail)?;
+                    // Forward first: the lanes' tasks run before the acknowledgements' calls.
+                    b.pump()?;
                     for (side, ids) in acks {
                         let broker = match (side, &b.remote) {
                             (Side::Local, _) => b.local.clone(),

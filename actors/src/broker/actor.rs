@@ -38,6 +38,9 @@ use crate::host::{ActorContext, ActorEvent, ActorFailure};
 
 /// Events handled before the store is committed and packets go out.
 const BATCH: usize = 512;
+/// Batches of fewer events than this let the tasks their deliveries woke run before the
+/// commit (see [`Shell::flush_yielding`]).
+const YIELD_BELOW: usize = 16;
 /// Connections listed one by one in status (all are counted).
 const STATUS_CHILDREN: usize = 100;
 /// QoS 0 notices queued for one actor subscriber before more are dropped, at least (the bound
@@ -76,15 +79,18 @@ impl Shell {
         self.commit(&ops, ctx, tasks)
     }
 
-    /// [`Shell::flush`], letting the tasks that deliveries sent before the commit woke run
-    /// first: a bridge forwards, a subscriber's connection writes, while the commit waits.
+    /// [`Shell::flush`] of a batch of `events`. When it was small (the broker is not busy), the
+    /// tasks that its deliveries woke run before the commit: a bridge forwards, a subscriber's
+    /// connection writes, while the commit waits. A busy broker commits at once, as the woken
+    /// tasks then run on the other threads anyway.
     async fn flush_yielding(
         &mut self,
+        events: usize,
         ctx: &ActorContext,
         tasks: &mut JoinSet<()>,
     ) -> Result<(), ActorFailure> {
         let (ops, early) = self.deliver(ctx, tasks);
-        if early {
+        if early && events < YIELD_BELOW {
             tokio::task::yield_now().await;
         }
         self.commit(&ops, ctx, tasks)
@@ -465,7 +471,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                             None => break,
                         }
                     }
-                    shell.flush_yielding(&ctx, &mut tasks).await?;
+                    shell.flush_yielding(replies.len(), &ctx, &mut tasks).await?;
                     for (mut d, reply) in replies {
                         match reply {
                             Reply::Granted(g) => d.reply(&g),
@@ -522,7 +528,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     n += 1;
                     next = if n < BATCH { events.try_recv().ok() } else { None };
                 }
-                shell.flush_yielding(&ctx, &mut tasks).await?;
+                shell.flush_yielding(n, &ctx, &mut tasks).await?;
             }
             Some(first) = closed.recv() => {
                 let mut next = Some(first);
