@@ -272,3 +272,20 @@ where
         }
     }
 }
+
+/// Lets the tasks this one just woke run before it goes on: it is queued again behind the tasks
+/// already waiting on this thread (another thread may take it), and the task it woke last
+/// runs first. Unlike [`tokio::task::yield_now`], which waits until the thread has nothing else
+/// to do, a thread kept busy by many tasks cannot hold it back for long.
+pub async fn run_woken_first() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}

@@ -34,6 +34,9 @@ const READY_MAX: usize = 4 * COLONY_WINDOW;
 /// How long delivered messages may stay in the spool when no append comes to remove them in
 /// its transaction (see [`Spool::delivered`]).
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
+/// Batches of fewer messages than this let an MQTT lane write them before the spool commits;
+/// a bridge busy with larger ones commits at once.
+const YIELD_BELOW: usize = 16;
 /// How long a call to a broker may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1008,10 +1011,12 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     }
                 }
                 if !batch.is_empty() {
+                    let small = batch.len() < YIELD_BELOW;
                     let (acks, early) = b.take(batch)?;
-                    if early {
-                        // Let the link write what it was just handed before the spool commits.
-                        tokio::task::yield_now().await;
+                    if early && small {
+                        // Not busy: let the link write what it was just handed before the
+                        // spool commits.
+                        crate::host::run_woken_first().await;
                     }
                     b.spool.commit().map_err(fail)?;
                     // Forward first: the lanes' tasks run before the acknowledgements' calls.

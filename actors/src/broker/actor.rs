@@ -38,9 +38,6 @@ use crate::host::{ActorContext, ActorEvent, ActorFailure};
 
 /// Events handled before the store is committed and packets go out.
 const BATCH: usize = 512;
-/// Batches of fewer events than this let the tasks their deliveries woke run before the
-/// commit (see [`Shell::flush_yielding`]).
-const YIELD_BELOW: usize = 16;
 /// Connections listed one by one in status (all are counted).
 const STATUS_CHILDREN: usize = 100;
 /// QoS 0 notices queued for one actor subscriber before more are dropped, at least (the bound
@@ -75,24 +72,7 @@ struct Shell {
 impl Shell {
     /// Commits the batch's store changes and carries out its actions (see [`Shell::deliver`]).
     fn flush(&mut self, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> Result<(), ActorFailure> {
-        let (ops, _) = self.deliver(ctx, tasks);
-        self.commit(&ops, ctx, tasks)
-    }
-
-    /// [`Shell::flush`] of a batch of `events`. When it was small (the broker is not busy), the
-    /// tasks that its deliveries woke run before the commit: a bridge forwards, a subscriber's
-    /// connection writes, while the commit waits. A busy broker commits at once, as the woken
-    /// tasks then run on the other threads anyway.
-    async fn flush_yielding(
-        &mut self,
-        events: usize,
-        ctx: &ActorContext,
-        tasks: &mut JoinSet<()>,
-    ) -> Result<(), ActorFailure> {
-        let (ops, early) = self.deliver(ctx, tasks);
-        if early && events < YIELD_BELOW {
-            tokio::task::yield_now().await;
-        }
+        let ops = self.deliver(ctx, tasks);
         self.commit(&ops, ctx, tasks)
     }
 
@@ -100,24 +80,22 @@ impl Shell {
     /// before the commit, when the core says the batch allows (see
     /// [`BrokerCore::may_deliver_before_commit`]), in order per destination: once one action
     /// for a connection or an actor has to wait, the rest for it wait too. Acknowledgements
-    /// always wait for the commit ([`Shell::commit`]). Returns the store changes, and whether
-    /// any delivery went.
-    fn deliver(&mut self, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> (Vec<StoreOp>, bool) {
+    /// always wait for the commit ([`Shell::commit`]). Returns the store changes.
+    fn deliver(&mut self, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> Vec<StoreOp> {
         let ops = self.core.take_store_ops();
         let early = self.core.may_deliver_before_commit();
         let mut actions = std::mem::take(&mut self.actions);
         self.core.drain_actions_into(&mut actions);
-        let (mut dropped, mut went) = (0, false);
+        let mut dropped = 0;
         if early && !ops.is_empty() {
             let mut held = Held::default();
             for action in actions.extract_if(.., |a| held.lets_through(a)) {
                 dropped += self.act(action, ctx, tasks);
-                went = true;
             }
         }
         self.actions = actions;
         self.core.count_dropped(dropped);
-        (ops, went)
+        ops
     }
 
     /// Commits `ops`, then carries out the actions still waiting.
@@ -471,7 +449,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                             None => break,
                         }
                     }
-                    shell.flush_yielding(replies.len(), &ctx, &mut tasks).await?;
+                    shell.flush(&ctx, &mut tasks)?;
                     for (mut d, reply) in replies {
                         match reply {
                             Reply::Granted(g) => d.reply(&g),
@@ -528,7 +506,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     n += 1;
                     next = if n < BATCH { events.try_recv().ok() } else { None };
                 }
-                shell.flush_yielding(n, &ctx, &mut tasks).await?;
+                shell.flush(&ctx, &mut tasks)?;
             }
             Some(first) = closed.recv() => {
                 let mut next = Some(first);
