@@ -5,8 +5,9 @@
 //! start). Each accepted connection runs in its own task, owned by its listener's task set, which
 //! the actor owns: when the actor stops or is killed, every connection goes with it, and one
 //! connection failing touches no other. Events from connections are handled in batches; after
-//! each batch the store changes are committed and only then are the packets sent, so a client is
-//! never acknowledged for something that is not yet on disk.
+//! each batch the store changes are committed and only then are the acknowledgements sent, so a
+//! client is never acknowledged for something that is not yet on disk. A batch's QoS 0/1
+//! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -2,8 +2,8 @@
 //! messages and actor subscriptions, in one SQLite file in the actor's data directory.
 //!
 //! The core emits [`StoreOp`]s; the actor applies each batch in one transaction before it sends
-//! the packets that batch produced, so whatever a client has been acknowledged is on disk even if
-//! the actor is killed a moment later. Clean sessions never touch the disk.
+//! the acknowledgements that batch produced, so whatever a client has been acknowledged is on disk
+//! even if the actor is killed a moment later. Clean sessions never touch the disk.
 
 use std::collections::BTreeMap;
 use std::path::Path;
