@@ -255,7 +255,9 @@ impl Spool {
     /// [`Spool::append`] without the commit: the rows are written in the transaction the spool
     /// has open (opening one, which removes the delivered messages first), and are on disk
     /// only after [`Spool::commit`]. Until then a crash loses them, and the spool's counters
-    /// already count them. Several stages go in one commit.
+    /// already count them. Several stages go in one commit. After an error the spool's memory
+    /// no longer matches its file: drop it and open the file again (the bridge fails and its
+    /// restart does that).
     pub fn stage(
         &mut self,
         dir: Dir,
@@ -269,16 +271,16 @@ impl Spool {
             subtract(&mut self.dirs, removed);
             self.done.iter_mut().for_each(Vec::clear);
         }
-        let tx = &self.conn;
+        let db = &self.conn;
         let mut dirs = self.dirs;
         let mut rows = Vec::new();
         let mut bytes = 0;
         let mut last = self.last[dir.index()];
         {
-            let mut seen = tx.prepare_cached(
+            let mut seen = db.prepare_cached(
                 "INSERT OR IGNORE INTO seen (source, id, at_ms) VALUES (?1, ?2, ?3)",
             )?;
-            let mut insert = tx.prepare_cached(
+            let mut insert = db.prepare_cached(
                 "INSERT INTO spool (dir, topic, payload, qos, retain, hops, at_ms, size)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
@@ -300,7 +302,7 @@ impl Spool {
                     now_ms as i64,
                     n as i64
                 ])?;
-                last = tx.last_insert_rowid() as u64;
+                last = db.last_insert_rowid() as u64;
                 rows.push(Spooled {
                     seq: last,
                     topic: e.topic.clone(),
@@ -316,10 +318,10 @@ impl Spool {
         let c = &mut dirs[dir.index()];
         c.messages += rows.len() as u64;
         c.bytes += bytes;
-        let dropped = trim(tx, dir, c, self.bounds)?;
+        let dropped = trim(db, dir, c, self.bounds)?;
         if dropped > 0 {
             c.dropped_full += dropped;
-            save_counters(tx, dir, c)?;
+            save_counters(db, dir, c)?;
         }
         self.dirs = dirs;
         self.last[dir.index()] = last;
