@@ -223,6 +223,12 @@ impl ActorContext {
         self.start.succeed();
     }
 
+    /// A message already in the mailbox, if any, without waiting: for an actor that is
+    /// stopping and must still handle what was sent to it before (acknowledgements, say).
+    pub fn queued(&mut self) -> Option<Delivery> {
+        self.mailbox.try_recv().ok()
+    }
+
     /// The next thing to react to. Cancel-safe.
     pub async fn next_event(&mut self) -> ActorEvent {
         self.start.succeed();

@@ -781,3 +781,83 @@ source = {{ broker = "core/broker", topics = ["sensors/#"], via = "actor" }}
     );
     assert_eq!(uptime("core/store").1, 0);
 }
+
+/// `count` JSON readings of source `s1`, seq `1..=count`, one per line, in a file of `dir`.
+fn reading_lines(dir: &Path, count: u64) -> PathBuf {
+    let text: String = (1..=count)
+        .map(|seq| {
+            format!(
+                "{{\"source\": \"s1\", \"seq\": {seq}, \"ts\": {}, \"value\": 1.5}}\n",
+                1_700_000_000_000u64 + seq
+            )
+        })
+        .collect();
+    let path = dir.join("readings.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_node_stopped_while_its_collector_catches_up_stores_each_reading_once_with_no_duplicates() {
+    const READINGS: u64 = 60_000;
+    let mqtt = free_tcp_port();
+    let mut c = single_node(&format!(
+        r#"{}
+[[actor]]
+name = "store"
+node = "core"
+kind = "collector"
+database = "DB"
+batch_size = 200
+flush_ms = 20
+source = {{ broker = "core/broker", topics = ["gas/#"], via = "actor" }}
+"#,
+        broker(mqtt)
+    ));
+    let ok = wait_for(Duration::from_secs(20), || c.work.status("core").is_some());
+    assert!(ok, "the node never answered\n{}", c.node.log_text());
+    // The broker queues the readings for the collector while it is stopped. It has already sent
+    // the collector a window of them, which wait in its mailbox, and sends that window again
+    // when the collector subscribes anew: the collector recognises those notices.
+    c.work.ctl_ok("core", &["stop", "core/store"]);
+    let lines = reading_lines(c.work.path(), READINGS);
+    mqtt::publish_lines(
+        c.work.path(),
+        mqtt,
+        120,
+        &["-q", "1", "-t", "gas/s1"],
+        &lines,
+    );
+    c.work.ctl_ok("core", &["start", "core/store"]);
+    let counts = |c: &Single| {
+        c.work
+            .try_call("core", "core/store", r#"{"query": {"counts": {}}}"#)
+    };
+    // The node is stopped (SIGTERM) three times while the collector works through the queue:
+    // the collector stops first and acknowledges what it committed, and the broker handles those
+    // acknowledgements before it stops, so nothing is sent again after the restart.
+    for round in 1..=3 {
+        let at = round * READINGS as i64 / 12;
+        let ok = wait_for(Duration::from_secs(60), || {
+            count(&c.db, "select count(*) from readings") >= at
+        });
+        assert!(ok, "round {round}: {}\n{}", counts(&c), c.node.log_text());
+        c.node.signal(15);
+        assert!(
+            c.node.wait_exit(Duration::from_secs(20)).is_some(),
+            "the node did not stop"
+        );
+        c.node = c.work.start_node("core");
+    }
+    let ok = wait_for(Duration::from_secs(60), || {
+        counts(&c)["readings"] == READINGS
+    });
+    assert!(ok, "{}\n{}", counts(&c), c.node.log_text());
+    let got = counts(&c);
+    assert_eq!(
+        (got["gaps"].as_u64(), got["duplicates"].as_u64()),
+        (Some(0), Some(0)),
+        "{got}"
+    );
+    assert_exactly_once(&c.db, 1);
+}

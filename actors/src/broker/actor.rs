@@ -7,7 +7,9 @@
 //! connection failing touches no other. Events from connections are handled in batches; after
 //! each batch the store changes are committed and only then are the acknowledgements sent, so a
 //! client is never acknowledged for something that is not yet on disk. A batch's QoS 0/1
-//! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]).
+//! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]). Asked to
+//! stop, the actor first handles what is already in its mailbox (the last acknowledgements of a
+//! subscriber that stopped before it), then commits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -421,10 +423,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         tokio::select! {
             biased;
             event = ctx.next_event() => match event {
-                ActorEvent::Shutdown => {
-                    shell.flush(&ctx, &mut tasks)?;
-                    return Ok(());
-                }
+                ActorEvent::Shutdown => return stop(&mut shell, &mut ctx, &mut tasks),
                 ActorEvent::Reconfigure(ActorSettings::Broker(s)) => {
                     shell.core.set_policy(policy(&s));
                     shell.core.set_limits(s.limits.clone());
@@ -451,17 +450,9 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                         }
                     }
                     shell.flush(&ctx, &mut tasks)?;
-                    for (mut d, reply) in replies {
-                        match reply {
-                            Reply::Granted(g) => d.reply(&g),
-                            Reply::Connected(c) => d.reply(&c),
-                            Reply::Done => d.reply(&()),
-                            Reply::Status => d.reply(&status(&shell.core, &ctx.stats.detail())),
-                            Reply::Reject(e) => d.reject(e),
-                        }
-                    }
+                    answer(&shell, &ctx, replies);
                     if stop {
-                        return Ok(());
+                        return self::stop(&mut shell, &mut ctx, &mut tasks);
                     }
                 }
             },
@@ -569,6 +560,47 @@ enum Reply {
     Done,
     Status,
     Reject(CallError),
+}
+
+/// Replies to the calls of a batch, once it is committed.
+fn answer(shell: &Shell, ctx: &ActorContext, replies: Vec<(Delivery, Reply)>) {
+    for (mut d, reply) in replies {
+        match reply {
+            Reply::Granted(g) => d.reply(&g),
+            Reply::Connected(c) => d.reply(&c),
+            Reply::Done => d.reply(&()),
+            Reply::Status => d.reply(&status(&shell.core, &ctx.stats.detail())),
+            Reply::Reject(e) => d.reject(e),
+        }
+    }
+}
+
+/// At most this many messages are handled after the request to stop.
+const STOP_DRAIN: usize = 16 * BATCH;
+
+/// Stops the broker: first handles what was already sent to it (acknowledgements above all: a
+/// subscriber that stopped just before, committing and acknowledging what it had, must not be
+/// sent it all again after the restart), then commits.
+fn stop(
+    shell: &mut Shell,
+    ctx: &mut ActorContext,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), ActorFailure> {
+    let mut handled = 0;
+    loop {
+        let mut replies = Vec::new();
+        let before = handled;
+        while replies.len() < BATCH && handled < STOP_DRAIN {
+            let Some(d) = ctx.queued() else { break };
+            handled += 1;
+            handle_message(shell, ctx, d, &mut replies);
+        }
+        shell.flush(ctx, tasks)?;
+        answer(shell, ctx, replies);
+        if handled == before || handled >= STOP_DRAIN {
+            return Ok(());
+        }
+    }
 }
 
 fn handle_message(

@@ -1,7 +1,7 @@
 //! The collector actor: a mailbox, a UDP socket and an MQTT session around the tracker, the
 //! batcher and the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,9 +53,44 @@ struct Counters {
     rejected: u64,
     duplicates: u64,
     commits: u64,
+    /// Broker notices this collector already had, sent again (acknowledged again, not stored).
+    notices_again: u64,
     /// When the last commit finished, Unix ms.
     last_commit_ms: Option<u64>,
     commands: u64,
+}
+
+/// The ids of the broker notices this collector instance has taken, the newest
+/// [`Taken::keep`] of them. A notice can come twice: the broker sends again what it has in
+/// flight when the collector subscribes anew, and notices sent while the collector was
+/// restarting also wait in its mailbox (which outlives it); or an acknowledgement was late.
+/// A notice taken before is acknowledged again, with the next batch, and not ingested again.
+#[derive(Default)]
+struct Taken {
+    ids: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl Taken {
+    /// Notes `id`; false when it was taken before.
+    fn take(&mut self, id: u64, keep: usize) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        while self.order.len() > keep.max(1) {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// How many ids to remember with a broker window of `window` notices: twice the window,
+    /// so that what is sent again of a window is still recognised after the next one.
+    fn keep(window: u32) -> usize {
+        2 * window as usize
+    }
 }
 
 /// A batch being committed on a blocking thread, and the acknowledgements waiting for it.
@@ -84,6 +119,8 @@ struct Collector {
     acks: Vec<Publish>,
     /// Ids of broker notices (via = "actor") to acknowledge once committed.
     actor_acks: Vec<u64>,
+    /// The notices taken, to recognise one sent again.
+    taken: Taken,
     /// When the sequence tracker was last checkpointed.
     checkpoint_at: Instant,
     /// The cluster, this collector's address and its broker, to acknowledge notices.
@@ -345,6 +382,7 @@ impl Collector {
             "sources": self.tracker.len(),
             "pending": self.batch.len(),
             "commits": self.n.commits,
+            "notices_again": self.n.notices_again,
             "last_commit_ms": self.n.last_commit_ms,
             "commands_sent": self.n.commands,
             "udp": udp,
@@ -628,6 +666,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         tracker,
         acks: Vec::new(),
         actor_acks: Vec::new(),
+        taken: Taken::default(),
         checkpoint_at: Instant::now(),
         ack_window,
         actor_source,
@@ -769,7 +808,13 @@ async fn handle(
         CollectorMessage::Publish {
             topic, payload, id, ..
         } => {
-            c.ingest(&payload, topic.clone(), &topic, None, now);
+            let keep = Taken::keep(super::actor_window(c.settings.batch_size));
+            match id {
+                // Acknowledged with the next batch: after the commit that stores it, if that
+                // is still to come.
+                Some(id) if !c.taken.take(id, keep) => c.n.notices_again += 1,
+                _ => c.ingest(&payload, topic.clone(), &topic, None, now),
+            }
             c.actor_acks.extend(id);
             d.reply(&());
             if c.actor_acks.len() >= c.ack_window {
@@ -835,4 +880,23 @@ async fn handle(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Taken;
+
+    #[test]
+    fn a_notice_is_taken_once_and_the_oldest_are_forgotten_past_the_bound() {
+        let mut t = Taken::default();
+        assert!(t.take(1, 3));
+        assert!(t.take(2, 3));
+        assert!(!t.take(1, 3), "taken before");
+        assert!(t.take(3, 3));
+        assert!(t.take(4, 3));
+        assert!(t.take(1, 3), "1 was forgotten as the oldest");
+        assert!(!t.take(4, 3));
+        assert_eq!(t.ids.len(), 3);
+        assert_eq!(Taken::keep(20_000), 40_000);
+    }
 }

@@ -11,7 +11,10 @@
 //!   acknowledges a QoS 1 publish only after the transaction holding it has committed; the
 //!   broker redelivers whatever was not acknowledged when the collector died. Either way a
 //!   redelivered reading that was already stored is dropped by the sequence tracker, and
-//!   acknowledged again.
+//!   acknowledged again. By actor, a notice the collector already took (the broker sends its
+//!   window again when the collector subscribes anew, while the first copies still wait in the
+//!   mailbox) is recognised by its id, acknowledged again and not counted as a duplicate
+//!   (`notices_again` in status).
 //!
 //!   **Readings published before the first connect.** Over MQTT the broker queues QoS 1
 //!   readings for the collector only once its persistent session exists, that is from the
