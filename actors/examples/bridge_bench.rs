@@ -11,8 +11,9 @@
 //! `TOPIC_ROOT/#`). `actors/benches/bridge_vs_mosquitto.sh` builds the setups (Colony to Colony
 //! over QUIC, Colony to Mosquitto, Mosquitto to Mosquitto) and runs this. It measures; it does not
 //! pass or fail. `BRIDGE_BENCH_MESSAGES` sets the messages per throughput run (20,000),
-//! `BRIDGE_BENCH_LATENCY_SECS` the latency run's length (5 s), and `BRIDGE_BENCH_LATENCY_ONLY`
-//! skips the throughput runs.
+//! `BRIDGE_BENCH_LATENCY_SECS` the latency run's length (5 s), `BRIDGE_BENCH_LATENCY_ONLY`
+//! skips the throughput runs, and `BRIDGE_BENCH_QOS=1` (or `0`) runs only that throughput run
+//! (with `BRIDGE_BENCH_LATENCY_SECS=0`, no latency run).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,11 +166,14 @@ async fn main() {
     let total: u64 = common::env_setting("BRIDGE_BENCH_MESSAGES", 20_000);
     let latency_secs: u64 = common::env_setting("BRIDGE_BENCH_LATENCY_SECS", 5);
     let throughput_runs = std::env::var_os("BRIDGE_BENCH_LATENCY_ONLY").is_none();
+    let only_qos: Option<u8> = std::env::var("BRIDGE_BENCH_QOS")
+        .ok()
+        .and_then(|q| q.parse().ok());
     println!("across one bridge, 1 publisher -> 1 subscriber, 100-byte payloads, {total} messages");
     for (label, from, to, root) in &setups {
         for qos in [QoS::AtMostOnce, QoS::AtLeastOnce]
             .into_iter()
-            .filter(|_| throughput_runs)
+            .filter(|q| throughput_runs && only_qos.is_none_or(|o| o == *q as u8))
         {
             let (rate, lost) = throughput(from, to, root, qos, total).await;
             println!(
@@ -177,6 +181,9 @@ async fn main() {
                 qos as u8
             );
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if latency_secs == 0 {
+            continue;
         }
         let (p50, p99) = latency(from, to, root, QoS::AtLeastOnce, 1000, latency_secs).await;
         println!("{label:<22} QoS 1 at 1000 msg/s: latency p50 {p50} us, p99 {p99} us");

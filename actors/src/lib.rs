@@ -15,6 +15,7 @@ mod checkpoint;
 pub mod collector;
 pub mod host;
 pub mod mqtt_client;
+pub mod notice_ids;
 pub mod reading;
 pub mod sensor_group;
 pub mod tunnel;

@@ -353,6 +353,22 @@ impl Mosquitto {
         }
     }
 
+    /// Freezes it (SIGSTOP): its connections stay open, and nothing is read or acknowledged.
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            crate::send_signal(c.id(), 19);
+        }
+    }
+
+    /// Kills it (SIGKILL, paused or not) and reaps it: what it had not saved is lost, and every
+    /// connection breaks at once.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Its log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

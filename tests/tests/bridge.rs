@@ -434,14 +434,20 @@ fn exchange_with_mosquitto(w: &Workdir, p1: u16, mp: u16, qos0: bool) {
 fn readings(dir: &Path, name: &str, from: u64, count: u64) -> std::path::PathBuf {
     let mut text = String::new();
     for seq in from..from + count {
-        text += &format!(
-            "{{\"source\": \"s1\", \"seq\": {seq}, \"ts\": {}, \"value\": 1.5}}\n",
-            1_700_000_000_000u64 + seq
-        );
+        text += &reading_line(seq);
+        text.push('\n');
     }
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// One JSON reading of source `s1` with seq `seq`, as [`readings`] writes them.
+fn reading_line(seq: u64) -> String {
+    format!(
+        "{{\"source\": \"s1\", \"seq\": {seq}, \"ts\": {}, \"value\": 1.5}}",
+        1_700_000_000_000u64 + seq
+    )
 }
 
 /// Publishes the lines of `file` as QoS 1 messages to `topic` at `port`, in order.
@@ -673,9 +679,23 @@ topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
     wait_spooled(&w, "site", "site/bridge", 1);
     std::thread::sleep(Duration::from_secs(2));
     m.restart();
-    let mut extra = far.take(10_000, Duration::from_secs(120));
-    extra.extend(far.quiet(Duration::from_secs(2)));
-    let seqs: Vec<u64> = extra
+    let seqs = far_seqs(&far, 10_000);
+    let want: Vec<u64> = (1..=10_000).collect();
+    if seqs != want {
+        panic!(
+            "{}; bridge {}\n{}",
+            seq_report(&seqs, 10_000),
+            detail(&w, "site", "site/bridge"),
+            m.log_text()
+        );
+    }
+}
+
+/// The reading seqs `far` receives: `n` of them, then whatever comes within 2 s more.
+fn far_seqs(far: &Sub, n: usize) -> Vec<u64> {
+    let mut lines = far.take(n, Duration::from_secs(120));
+    lines.extend(far.quiet(Duration::from_secs(2)));
+    lines
         .iter()
         .map(|l| {
             let json = l.split_once(' ').map_or("", |x| x.1);
@@ -683,22 +703,103 @@ topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
                 .as_u64()
                 .unwrap()
         })
-        .collect();
-    let want: Vec<u64> = (1..=10_000).collect();
-    if seqs != want {
-        let mut seen = std::collections::BTreeSet::new();
-        let dups: Vec<_> = seqs.iter().filter(|s| !seen.insert(**s)).take(20).collect();
-        let missing: Vec<_> = want.iter().filter(|s| !seen.contains(s)).collect();
-        panic!(
-            "got {} messages; duplicates {dups:?}; {} missing {:?}..{:?}; bridge {}\n{}",
-            seqs.len(),
-            missing.len(),
-            missing.first(),
-            missing.last(),
-            detail(&w, "site", "site/bridge"),
-            m.log_text()
-        );
+        .collect()
+}
+
+/// What is wrong with `seqs` against `1..=n`: count, duplicates, missing.
+fn seq_report(seqs: &[u64], n: u64) -> String {
+    let mut seen = std::collections::BTreeSet::new();
+    let dups: Vec<_> = seqs.iter().filter(|s| !seen.insert(**s)).take(20).collect();
+    let missing: Vec<_> = (1..=n).filter(|s| !seen.contains(s)).collect();
+    format!(
+        "got {} messages; duplicates {dups:?}; {} missing {:?}..{:?}",
+        seqs.len(),
+        missing.len(),
+        missing.first(),
+        missing.last(),
+    )
+}
+
+#[test]
+fn messages_in_flight_without_the_spool_survive_a_bridge_kill_and_a_mosquitto_crash_in_order() {
+    let (p1, mp) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "mqtt://127.0.0.1:{mp}"
+username = "{MQ_USER}"
+password = "{MQ_PASS}"
+reconnect_max_ms = 1000
+topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
+"##,
+        cluster(&[("site", p1)]),
+    );
+    let w = Workdir::new(&config);
+    let mut m = mosquitto_with_user(&w, mp, None);
+    let _nodes = start_all(&w, &["site"]);
+    wait_connected(&w, "site", "site/bridge");
+    let d = w.path();
+    let far = Sub::start(
+        d,
+        mp,
+        &[
+            "-q", "1", "-c", "-i", "far", "-t", "gas/#", "-u", MQ_USER, "-P", MQ_PASS,
+        ],
+    );
+    // A link that keeps up gets the broker's messages without the spool.
+    for n in 1..=20 {
+        pub1(d, p1, "gas/s1", &reading_line(n));
     }
+    let direct = wait_for(SECS, || {
+        detail(&w, "site", "site/bridge")["forwarded_out"] == 20
+    });
+    let b = detail(&w, "site", "site/bridge");
+    assert!(direct, "{b}");
+    assert_eq!(b["forwarded_direct"], 20, "{b}");
+    // The bridge is killed right after a burst: what it had in flight is the broker's still,
+    // which sends it again.
+    publish_lines(d, p1, "gas/s1", &readings(d, "a.txt", 21, 3000), &[]);
+    kill_actor(&w, "site", "site/bridge");
+    let mut seqs = far_seqs(&far, 3020);
+    // Mosquitto freezes with messages in flight, and is killed: the link goes down with them
+    // still unacknowledged, and they go into the spool ahead of what comes next. Then again
+    // with more than the bridge keeps in flight, so that it starts spooling while the link is
+    // still up.
+    let mut next = 3021;
+    for (burst, after) in [(200, 300), (3000, 300)] {
+        // Mosquitto saves its sessions each second: what it has must be on disk first.
+        std::thread::sleep(Duration::from_millis(1500));
+        m.pause();
+        let file = readings(d, &format!("p{next}.txt"), next, burst);
+        publish_lines(d, p1, "gas/s1", &file, &[]);
+        m.kill();
+        let file = readings(d, &format!("q{next}.txt"), next + burst, after);
+        publish_lines(d, p1, "gas/s1", &file, &[]);
+        m.restart();
+        next += burst + after;
+        seqs.extend(far_seqs(&far, (burst + after) as usize));
+    }
+    let total = next - 1;
+    // At least once across the kill (what was in flight may come twice), but complete, and
+    // each message first arrives in order.
+    let mut firsts = std::collections::BTreeSet::new();
+    let order: Vec<u64> = seqs.iter().copied().filter(|s| firsts.insert(*s)).collect();
+    let want: Vec<u64> = (1..=total).collect();
+    assert!(
+        order == want,
+        "{}; bridge {}\n{}",
+        seq_report(&seqs, total),
+        detail(&w, "site", "site/bridge"),
+        m.log_text()
+    );
+    let done = wait_for(SECS, || {
+        detail(&w, "site", "site/bridge")["spool_depth"] == 0
+    });
+    assert!(done, "{}", detail(&w, "site", "site/bridge"));
 }
 
 #[test]

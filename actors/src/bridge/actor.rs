@@ -1,7 +1,7 @@
 //! The bridge actor: subscriptions on both brokers, the spool between them, and one forwarding
 //! lane per direction (a Colony broker by calls over the cluster, or the external MQTT link).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use super::rules::{Rules, Side, may_forward, with_hop};
 use super::spool::{Bounds, Dir, Entry, NEXT_MAX, Spool, Spooled};
 use crate::broker::{BrokerMessage, BrokerNotice, PublishStream};
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
+use crate::notice_ids::NoticeIds;
 
 /// Messages handed to a lane and not yet acknowledged, at most (Colony lanes).
 const COLONY_WINDOW: usize = 512;
@@ -37,6 +38,15 @@ const FLUSH_AFTER: Duration = Duration::from_millis(50);
 /// Batches of fewer messages than this let an MQTT lane write them before the spool commits;
 /// a bridge busy with larger ones commits at once.
 const YIELD_BELOW: usize = 16;
+/// Tokens of the messages handed to an MQTT link straight from a notice start here (spool seqs,
+/// SQLite rowids, stay far below).
+const DIRECT_BASE: u64 = 1 << 63;
+/// Messages in flight directly, at most: a quarter of the broker's notice window. Past it the
+/// link is not keeping up, and the bridge spools instead, acknowledging the broker at once: the
+/// backlog then waits in the spool (with its bounds), never in the broker's queue for the bridge
+/// (bounded by its `max_queued`, past which the broker drops). The link queues what is beyond
+/// its own `max_inflight`.
+const DIRECT_WINDOW: usize = super::NOTICE_WINDOW as usize / 4;
 /// How long a call to a broker may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -474,6 +484,26 @@ enum Remote {
     Mqtt,
 }
 
+/// Messages of the local broker handed to the MQTT link straight from their notice, without the
+/// spool (see [`Bridge::take`]): the broker keeps each until the far broker has acknowledged it
+/// and the bridge passes that on.
+#[derive(Default)]
+struct Direct {
+    /// In flight, by token, in the order handed.
+    inflight: BTreeMap<u64, Entry>,
+    /// The notice ids of those in flight.
+    ids: HashSet<u64>,
+    /// Tokens of messages spooled while in flight (see [`Bridge::spool_direct`]), and their seqs.
+    spooled: HashMap<u64, u64>,
+    /// Notice ids delivered directly, to recognise one the broker sends again.
+    delivered: NoticeIds,
+    /// Notice ids to acknowledge to the local broker: delivered, or spooled and committed.
+    acks: Vec<u64>,
+    next_token: u64,
+    /// Messages forwarded this way.
+    count: u64,
+}
+
 struct Bridge {
     me: Address,
     cluster: Cluster,
@@ -495,6 +525,7 @@ struct Bridge {
     notification_topic: String,
     local_subscribed: bool,
     remote_subscribed: bool,
+    direct: Direct,
 }
 
 /// An incoming message, from either side.
@@ -506,6 +537,8 @@ struct Incoming {
     retain: bool,
     hops: Vec<String>,
     notice: Option<u64>,
+    /// A notice the broker sends again.
+    dup: bool,
 }
 
 impl Bridge {
@@ -524,6 +557,14 @@ impl Bridge {
     /// waits for the commit, as its seqs number the messages for the far broker's exactly-once
     /// stream. Returns the notice ids to acknowledge per source, and whether a lane was handed
     /// messages before the commit.
+    ///
+    /// Direct forwarding: while the MQTT link keeps up (nothing of the out direction waits in
+    /// the spool or is in flight from it, and the batch fits in its window), fresh notices of
+    /// the local broker are handed to the link without the spool at all, and acknowledged to
+    /// the broker only once the far broker has acknowledged them: until then the broker keeps
+    /// them on disk, and a crash has it send them again (QoS 1, at least once, as through the
+    /// spool). Once anything has to be spooled (the link is slow, or down), what is in flight
+    /// directly is spooled first, so that the order holds across a reconnect or a restart.
     fn take(
         &mut self,
         batch: Vec<Incoming>,
@@ -531,7 +572,21 @@ impl Bridge {
         let mut acks: HashMap<Side, Vec<u64>> = HashMap::new();
         let mut spooled: [Vec<Entry>; 2] = [Vec::new(), Vec::new()];
         let mut now: [Vec<Forward>; 2] = [Vec::new(), Vec::new()];
+        // Every message for the out lane is a notice the local broker sends the first time.
+        let mut fresh = true;
         for m in batch {
+            if m.side == Side::Local
+                && let Some(id) = m.notice
+            {
+                if self.direct.ids.contains(&id) {
+                    // In flight directly: acknowledged once the far broker has it.
+                    continue;
+                }
+                if self.direct.delivered.contains(id) {
+                    acks.entry(Side::Local).or_default().push(id);
+                    continue;
+                }
+            }
             if let Some(id) = m.notice {
                 acks.entry(m.side).or_default().push(id);
             }
@@ -557,6 +612,7 @@ impl Bridge {
                     hops,
                 });
             } else {
+                fresh &= i == 1 || (m.notice.is_some() && !m.dup);
                 spooled[i].push(Entry {
                     notice: m.notice.map(|id| (from.clone(), id)),
                     topic: mapped.topic,
@@ -568,6 +624,17 @@ impl Bridge {
             }
         }
         let t = unix_ms();
+        if fresh && self.may_go_direct(spooled[0].len()) {
+            let entries = std::mem::take(&mut spooled[0]);
+            if let Err(entries) = self.go_direct(entries, &mut acks) {
+                spooled[0] = entries;
+            }
+        }
+        if !spooled[0].is_empty() && !self.direct.inflight.is_empty() {
+            // In order: what is in flight directly goes into the spool before these.
+            let ids = self.spool_direct(t)?;
+            acks.entry(Side::Local).or_default().extend(ids);
+        }
         let mut early = false;
         for (i, dir) in [(0, Dir::Out), (1, Dir::In)] {
             let lane = if i == 0 { &mut self.out } else { &mut self.inn };
@@ -590,23 +657,161 @@ impl Bridge {
         Ok((acks, early))
     }
 
+    /// True when `n` messages for the out lane may go to the MQTT link directly (see
+    /// [`Bridge::take`]).
+    fn may_go_direct(&self, n: usize) -> bool {
+        let lane = &self.out;
+        n > 0
+            && matches!(self.remote, Remote::Mqtt)
+            && lane.up
+            && lane.ready.is_empty()
+            && lane.cursor == self.spool.last(Dir::Out)
+            && lane.outstanding == self.direct.inflight.len()
+            && lane.outstanding + n <= lane.window.max(DIRECT_WINDOW)
+            && lane.tx.capacity() > 0
+    }
+
+    /// Hands `entries` to the MQTT link under tokens of their own, and takes their notices out
+    /// of `acks` (they are acknowledged once delivered). Gives them back when the link's task
+    /// is gone.
+    fn go_direct(
+        &mut self,
+        entries: Vec<Entry>,
+        acks: &mut HashMap<Side, Vec<u64>>,
+    ) -> Result<(), Vec<Entry>> {
+        let first = DIRECT_BASE + self.direct.next_token;
+        let items = entries
+            .iter()
+            .zip(first..)
+            .map(|(e, seq)| Forward {
+                seq,
+                topic: e.topic.clone(),
+                payload: e.payload.clone(),
+                qos: e.qos,
+                retain: e.retain,
+                hops: e.hops.clone(),
+            })
+            .collect();
+        if !self.out.hand_over(items) {
+            return Err(entries);
+        }
+        self.direct.next_token += entries.len() as u64;
+        self.out.outstanding += entries.len();
+        for (e, token) in entries.into_iter().zip(first..) {
+            if let Some((_, id)) = &e.notice {
+                self.direct.ids.insert(*id);
+            }
+            self.direct.inflight.insert(token, e);
+        }
+        if let Some(local) = acks.get_mut(&Side::Local) {
+            local.retain(|id| !self.direct.ids.contains(id));
+        }
+        Ok(())
+    }
+
+    /// Stages what is in flight directly into the spool, in order, ahead of anything spooled
+    /// after it, so that a new connection or a restart sends it again in its place; the link
+    /// may still acknowledge it under its tokens. Returns the notice ids, to acknowledge once
+    /// committed.
+    fn spool_direct(&mut self, t: u64) -> Result<Vec<u64>, ActorFailure> {
+        self.direct.ids.clear();
+        let (tokens, entries): (Vec<u64>, Vec<Entry>) = std::mem::take(&mut self.direct.inflight)
+            .into_iter()
+            .unzip();
+        let ids = entries
+            .iter()
+            .filter_map(|e| e.notice.as_ref().map(|(_, id)| *id))
+            .collect();
+        let appended = self.spool.stage(Dir::Out, &entries, t).map_err(fail)?;
+        if appended.rows.len() == tokens.len() {
+            let seqs = appended.rows.iter().map(|r| r.seq);
+            self.direct.spooled.extend(tokens.into_iter().zip(seqs));
+        }
+        // They were handed already: the lane goes on after them.
+        let lane = &mut self.out;
+        if let Some(last) = appended.rows.last() {
+            lane.cursor = last.seq;
+            lane.known = last.seq;
+        }
+        if appended.dropped > 0 {
+            lane.forget_ready();
+        }
+        Ok(ids)
+    }
+
+    /// Sorts acknowledged seqs of the out lane: direct tokens are done (their notices are to
+    /// be acknowledged), tokens of messages spooled since stand for their seqs. Returns the
+    /// spool's seqs.
+    fn direct_delivered(&mut self, seqs: Vec<u64>) -> Vec<u64> {
+        let keep = NoticeIds::keep(super::NOTICE_WINDOW);
+        let mut spooled = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if s < DIRECT_BASE {
+                spooled.push(s);
+            } else if let Some(e) = self.direct.inflight.remove(&s) {
+                self.direct.count += 1;
+                if let Some((_, id)) = e.notice {
+                    self.direct.ids.remove(&id);
+                    self.direct.delivered.take(id, keep);
+                    self.direct.acks.push(id);
+                }
+            } else if let Some(seq) = self.direct.spooled.remove(&s) {
+                spooled.push(seq);
+            }
+        }
+        spooled
+    }
+
+    /// Spools and commits what is in flight directly (its connection is gone), to be sent
+    /// again from the spool; its notices are acknowledged next.
+    fn spool_direct_now(&mut self) -> Result<(), ActorFailure> {
+        if !self.direct.inflight.is_empty() {
+            let ids = self.spool_direct(unix_ms())?;
+            self.spool.commit().map_err(fail)?;
+            self.direct.acks.extend(ids);
+        }
+        self.direct.spooled.clear();
+        Ok(())
+    }
+
     fn lane_event(&mut self, dir: Dir, ev: FromLink) -> Result<(), ActorFailure> {
         let (min, max) = (self.reconnect_min, self.reconnect_max);
+        if dir == Dir::Out
+            && matches!(self.remote, Remote::Mqtt)
+            && match &ev {
+                FromLink::Down { epoch, .. } => *epoch == self.out.epoch,
+                FromLink::Up { .. } => true,
+                _ => false,
+            }
+        {
+            self.spool_direct_now()?;
+        }
+        if let FromLink::Delivered { seqs } = ev {
+            let n = seqs.len();
+            let seqs = match dir {
+                Dir::Out => self.direct_delivered(seqs),
+                Dir::In => seqs,
+            };
+            let lane = match dir {
+                Dir::Out => &mut self.out,
+                Dir::In => &mut self.inn,
+            };
+            lane.backoff = min;
+            lane.outstanding = lane.outstanding.saturating_sub(n);
+            lane.delivered += n as u64;
+            match dir {
+                Dir::Out => self.n.forwarded_out += n as u64,
+                Dir::In => self.n.forwarded_in += n as u64,
+            }
+            self.spool.delivered(dir, seqs);
+            return Ok(());
+        }
         let lane = match dir {
             Dir::Out => &mut self.out,
             Dir::In => &mut self.inn,
         };
         match ev {
-            FromLink::Delivered { seqs } => {
-                lane.backoff = min;
-                lane.outstanding = lane.outstanding.saturating_sub(seqs.len());
-                lane.delivered += seqs.len() as u64;
-                match dir {
-                    Dir::Out => self.n.forwarded_out += seqs.len() as u64,
-                    Dir::In => self.n.forwarded_in += seqs.len() as u64,
-                }
-                self.spool.delivered(dir, seqs);
-            }
+            FromLink::Delivered { .. } => {}
             FromLink::Down { epoch, reason } => {
                 if epoch == lane.epoch {
                     self.n.dropped_qos0 += lane.down(&reason, min, max) as u64;
@@ -686,6 +891,7 @@ impl Bridge {
             "reconnects": self.n.reconnects,
             "forwarded_out": self.n.forwarded_out,
             "forwarded_in": self.n.forwarded_in,
+            "forwarded_direct": self.direct.count,
             "out_per_sec": rates.0,
             "in_per_sec": rates.1,
             "spool_out": spool(Dir::Out),
@@ -732,7 +938,7 @@ fn notice(side: Side, n: BrokerNotice) -> Incoming {
         qos,
         retain,
         id,
-        dup: _,
+        dup,
         hops,
     } = n;
     Incoming {
@@ -743,6 +949,7 @@ fn notice(side: Side, n: BrokerNotice) -> Incoming {
         retain,
         hops,
         notice: id,
+        dup,
     }
 }
 
@@ -931,6 +1138,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         notification_topic: expand(&settings.notification_topic, &me),
         local_subscribed: false,
         remote_subscribed: false,
+        direct: Direct::default(),
     };
     if let Remote::Colony(a) = &b.remote {
         b.connected = cluster.is_up(a.node());
@@ -1022,18 +1230,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     // Forward first: the lanes' tasks run before the acknowledgements' calls.
                     b.pump()?;
                     for (side, ids) in acks {
-                        let broker = match (side, &b.remote) {
-                            (Side::Local, _) => b.local.clone(),
-                            (Side::Remote, Remote::Colony(a)) => a.clone(),
-                            (Side::Remote, Remote::Mqtt) => continue,
-                        };
-                        let (cluster, me, tx) = (cluster.clone(), me.clone(), report_tx.clone());
-                        tasks.spawn(async move {
-                            let m = BrokerMessage::Ack { ids: ids.clone(), subscriber: None };
-                            if cluster.call::<_, ()>(&broker, Some(&me), &m, Some(CALL_TIMEOUT)).await.is_ok() {
-                                let _ = tx.send(Report::Acked { source: broker.to_string(), ids }).await;
-                            }
-                        });
+                        acknowledge(&b, &mut tasks, &report_tx, side, ids);
                     }
                 }
             }
@@ -1069,6 +1266,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                             retain: m.retain,
                             hops: m.hops,
                             notice: None,
+                            dup: false,
                         }
                     }).collect();
                     b.take(batch)?;
@@ -1141,12 +1339,46 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             }
         }
         b.pump()?;
+        if !b.direct.acks.is_empty() {
+            let ids = std::mem::take(&mut b.direct.acks);
+            acknowledge(&b, &mut tasks, &report_tx, Side::Local, ids);
+        }
         flush_at = match flush_at {
             _ if !b.spool.pending() => None,
             None => Some(Instant::now() + FLUSH_AFTER),
             at => at,
         };
     }
+}
+
+/// Acknowledges the notices `ids` to the broker on `side`; its answer is reported.
+fn acknowledge(
+    b: &Bridge,
+    tasks: &mut JoinSet<()>,
+    report_tx: &mpsc::Sender<Report>,
+    side: Side,
+    ids: Vec<u64>,
+) {
+    let broker = match (side, &b.remote) {
+        (Side::Local, _) => b.local.clone(),
+        (Side::Remote, Remote::Colony(a)) => a.clone(),
+        (Side::Remote, Remote::Mqtt) => return,
+    };
+    let (cluster, me, tx) = (b.cluster.clone(), b.me.clone(), report_tx.clone());
+    tasks.spawn(async move {
+        let m = BrokerMessage::Ack {
+            ids: ids.clone(),
+            subscriber: None,
+        };
+        if cluster
+            .call::<_, ()>(&broker, Some(&me), &m, Some(CALL_TIMEOUT))
+            .await
+            .is_ok()
+        {
+            let source = broker.to_string();
+            let _ = tx.send(Report::Acked { source, ids }).await;
+        }
+    });
 }
 
 /// Decodes a delivery: a broker notice becomes an incoming message; a status call is answered.

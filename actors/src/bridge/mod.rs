@@ -10,7 +10,9 @@
 //! committed, and drops a repeat of one it already has (each direction is a publish stream
 //! numbered by the spool), so Colony to Colony forwarding is exactly once across restarts and
 //! outages; an external broker acknowledges with PUBACK/PUBREC, and what was in flight when the
-//! connection broke is sent again (at least once). QoS 0 messages are forwarded while the far
+//! connection broke is sent again (at least once). While an external broker keeps up, the local
+//! broker's messages go to it without the spool: the local broker holds each on disk until the
+//! far broker has acknowledged it (see `Bridge::take`). QoS 0 messages are forwarded while the far
 //! side is reachable and otherwise dropped (counted); while it is merely busy they wait, up to a
 //! bound per direction, and only the oldest past it are dropped (counted).
 //!

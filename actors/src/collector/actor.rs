@@ -1,7 +1,7 @@
 //! The collector actor: a mailbox, a UDP socket and an MQTT session around the tracker, the
 //! batcher and the store.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use super::{CollectorMessage, CollectorQuery, ExportPageReply};
 use crate::broker::BrokerMessage;
 use crate::host::{ActorContext, ActorEvent, ActorFailure};
 use crate::mqtt_client::MqttTarget;
+use crate::notice_ids::NoticeIds;
 use crate::reading::{self, Reading};
 
 /// Publishes taken before they must be committed and acknowledged when the broker's in-flight
@@ -60,39 +61,6 @@ struct Counters {
     commands: u64,
 }
 
-/// The ids of the broker notices this collector instance has taken, the newest
-/// [`Taken::keep`] of them. A notice can come twice: the broker sends again what it has in
-/// flight when the collector subscribes anew, and notices sent while the collector was
-/// restarting also wait in its mailbox (which outlives it); or an acknowledgement was late.
-/// A notice taken before is acknowledged again, with the next batch, and not ingested again.
-#[derive(Default)]
-struct Taken {
-    ids: HashSet<u64>,
-    order: VecDeque<u64>,
-}
-
-impl Taken {
-    /// Notes `id`; false when it was taken before.
-    fn take(&mut self, id: u64, keep: usize) -> bool {
-        if !self.ids.insert(id) {
-            return false;
-        }
-        self.order.push_back(id);
-        while self.order.len() > keep.max(1) {
-            if let Some(old) = self.order.pop_front() {
-                self.ids.remove(&old);
-            }
-        }
-        true
-    }
-
-    /// How many ids to remember with a broker window of `window` notices: twice the window,
-    /// so that what is sent again of a window is still recognised after the next one.
-    fn keep(window: u32) -> usize {
-        2 * window as usize
-    }
-}
-
 /// A batch being committed on a blocking thread, and the acknowledgements waiting for it.
 struct Committing {
     task: tokio::task::JoinHandle<(Store, Result<u64, StoreError>)>,
@@ -119,8 +87,10 @@ struct Collector {
     acks: Vec<Publish>,
     /// Ids of broker notices (via = "actor") to acknowledge once committed.
     actor_acks: Vec<u64>,
-    /// The notices taken, to recognise one sent again.
-    taken: Taken,
+    /// The notices taken, to recognise one sent again (the broker sends its window again when
+    /// the collector subscribes anew, while the first copies still wait in its mailbox, which
+    /// outlives it; or an acknowledgement was late).
+    taken: NoticeIds,
     /// When the sequence tracker was last checkpointed.
     checkpoint_at: Instant,
     /// The cluster, this collector's address and its broker, to acknowledge notices.
@@ -666,7 +636,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         tracker,
         acks: Vec::new(),
         actor_acks: Vec::new(),
-        taken: Taken::default(),
+        taken: NoticeIds::default(),
         checkpoint_at: Instant::now(),
         ack_window,
         actor_source,
@@ -808,7 +778,7 @@ async fn handle(
         CollectorMessage::Publish {
             topic, payload, id, ..
         } => {
-            let keep = Taken::keep(super::actor_window(c.settings.batch_size));
+            let keep = NoticeIds::keep(super::actor_window(c.settings.batch_size));
             match id {
                 // Acknowledged with the next batch: after the commit that stores it, if that
                 // is still to come.
@@ -880,23 +850,4 @@ async fn handle(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Taken;
-
-    #[test]
-    fn a_notice_is_taken_once_and_the_oldest_are_forgotten_past_the_bound() {
-        let mut t = Taken::default();
-        assert!(t.take(1, 3));
-        assert!(t.take(2, 3));
-        assert!(!t.take(1, 3), "taken before");
-        assert!(t.take(3, 3));
-        assert!(t.take(4, 3));
-        assert!(t.take(1, 3), "1 was forgotten as the oldest");
-        assert!(!t.take(4, 3));
-        assert_eq!(t.ids.len(), 3);
-        assert_eq!(Taken::keep(20_000), 40_000);
-    }
 }
