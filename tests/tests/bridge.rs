@@ -633,8 +633,18 @@ source = {{ broker = "site/broker", topics = ["cmd/#"] }}
     assert_spool_empty(&w);
 }
 
-#[test]
-fn ten_thousand_messages_reach_mosquitto_after_it_was_stopped_and_the_bridge_killed() {
+/// A site node whose bridge forwards `gas/#` out at QoS 1 to a Mosquitto with a password, and
+/// a far subscriber there with a persistent session (fields drop in order: processes first).
+struct ToMosquitto {
+    far: Sub,
+    _nodes: Vec<NodeProc>,
+    m: Mosquitto,
+    w: Workdir,
+    /// The site broker's MQTT port.
+    p1: u16,
+}
+
+fn site_bridged_to_mosquitto() -> ToMosquitto {
     let (p1, mp) = (free_tcp_port(), free_tcp_port());
     let config = format!(
         r##"{}
@@ -652,18 +662,35 @@ topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
         cluster(&[("site", p1)]),
     );
     let w = Workdir::new(&config);
-    let mut m = mosquitto_with_user(&w, mp, None);
-    let _nodes = start_all(&w, &["site"]);
+    let m = mosquitto_with_user(&w, mp, None);
+    let nodes = start_all(&w, &["site"]);
     wait_connected(&w, "site", "site/bridge");
-    let d = w.path();
-    // The far subscriber keeps a persistent session on Mosquitto.
     let far = Sub::start(
-        d,
+        w.path(),
         mp,
         &[
             "-q", "1", "-c", "-i", "far", "-t", "gas/#", "-u", MQ_USER, "-P", MQ_PASS,
         ],
     );
+    ToMosquitto {
+        far,
+        _nodes: nodes,
+        m,
+        w,
+        p1,
+    }
+}
+
+#[test]
+fn ten_thousand_messages_reach_mosquitto_after_it_was_stopped_and_the_bridge_killed() {
+    let ToMosquitto {
+        far,
+        _nodes,
+        mut m,
+        w,
+        p1,
+    } = site_bridged_to_mosquitto();
+    let d = w.path();
     publish_lines(d, p1, "gas/s1", &readings(d, "a.txt", 1, 2000), &[]);
     // MQTT QoS 1 is at least once: a message in flight when the connection breaks is sent
     // again. Stop Mosquitto once the first part is through, so the rest is exactly once.
@@ -722,34 +749,14 @@ fn seq_report(seqs: &[u64], n: u64) -> String {
 
 #[test]
 fn messages_in_flight_without_the_spool_survive_a_bridge_kill_and_a_mosquitto_crash_in_order() {
-    let (p1, mp) = (free_tcp_port(), free_tcp_port());
-    let config = format!(
-        r##"{}
-[[actor]]
-name = "bridge"
-node = "site"
-kind = "bridge"
-local = "site/broker"
-remote = "mqtt://127.0.0.1:{mp}"
-username = "{MQ_USER}"
-password = "{MQ_PASS}"
-reconnect_max_ms = 1000
-topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
-"##,
-        cluster(&[("site", p1)]),
-    );
-    let w = Workdir::new(&config);
-    let mut m = mosquitto_with_user(&w, mp, None);
-    let _nodes = start_all(&w, &["site"]);
-    wait_connected(&w, "site", "site/bridge");
+    let ToMosquitto {
+        far,
+        _nodes,
+        mut m,
+        w,
+        p1,
+    } = site_bridged_to_mosquitto();
     let d = w.path();
-    let far = Sub::start(
-        d,
-        mp,
-        &[
-            "-q", "1", "-c", "-i", "far", "-t", "gas/#", "-u", MQ_USER, "-P", MQ_PASS,
-        ],
-    );
     // A link that keeps up gets the broker's messages without the spool.
     for n in 1..=20 {
         pub1(d, p1, "gas/s1", &reading_line(n));
