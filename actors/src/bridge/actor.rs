@@ -497,8 +497,10 @@ struct Direct {
     spooled: HashMap<u64, u64>,
     /// Notice ids delivered directly, to recognise one the broker sends again.
     delivered: NoticeIds,
-    /// Notice ids to acknowledge to the local broker: delivered, or spooled and committed.
+    /// Notice ids delivered directly, to acknowledge to the local broker.
     acks: Vec<u64>,
+    /// Notice ids spooled from in flight and committed, to acknowledge to the local broker.
+    spooled_acks: Vec<u64>,
     next_token: u64,
     /// Messages forwarded this way.
     count: u64,
@@ -768,7 +770,7 @@ impl Bridge {
         if !self.direct.inflight.is_empty() {
             let ids = self.spool_direct(unix_ms())?;
             self.spool.commit().map_err(fail)?;
-            self.direct.acks.extend(ids);
+            self.direct.spooled_acks.extend(ids);
         }
         self.direct.spooled.clear();
         Ok(())
@@ -1230,7 +1232,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     // Forward first: the lanes' tasks run before the acknowledgements' calls.
                     b.pump()?;
                     for (side, ids) in acks {
-                        acknowledge(&b, &mut tasks, &report_tx, side, ids);
+                        acknowledge(&b, &mut tasks, &report_tx, side, ids, true);
                     }
                 }
             }
@@ -1340,8 +1342,13 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         }
         b.pump()?;
         if !b.direct.acks.is_empty() {
+            // Never in the spool: nothing there to mark.
             let ids = std::mem::take(&mut b.direct.acks);
-            acknowledge(&b, &mut tasks, &report_tx, Side::Local, ids);
+            acknowledge(&b, &mut tasks, &report_tx, Side::Local, ids, false);
+        }
+        if !b.direct.spooled_acks.is_empty() {
+            let ids = std::mem::take(&mut b.direct.spooled_acks);
+            acknowledge(&b, &mut tasks, &report_tx, Side::Local, ids, true);
         }
         flush_at = match flush_at {
             _ if !b.spool.pending() => None,
@@ -1351,13 +1358,15 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     }
 }
 
-/// Acknowledges the notices `ids` to the broker on `side`; its answer is reported.
+/// Acknowledges the notices `ids` to the broker on `side`; its answer is reported when `mark`
+/// (the spool marks them acknowledged).
 fn acknowledge(
     b: &Bridge,
     tasks: &mut JoinSet<()>,
     report_tx: &mpsc::Sender<Report>,
     side: Side,
     ids: Vec<u64>,
+    mark: bool,
 ) {
     let broker = match (side, &b.remote) {
         (Side::Local, _) => b.local.clone(),
@@ -1374,6 +1383,7 @@ fn acknowledge(
             .call::<_, ()>(&broker, Some(&me), &m, Some(CALL_TIMEOUT))
             .await
             .is_ok()
+            && mark
         {
             let source = broker.to_string();
             let _ = tx.send(Report::Acked { source, ids }).await;
