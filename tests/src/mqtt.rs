@@ -360,6 +360,13 @@ impl Mosquitto {
         }
     }
 
+    /// Lets it go on after [`Mosquitto::pause`] (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            crate::send_signal(c.id(), 18);
+        }
+    }
+
     /// Kills it (SIGKILL, paused or not) and reaps it: what it had not saved is lost, and every
     /// connection breaks at once.
     pub fn kill(&mut self) {

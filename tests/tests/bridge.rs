@@ -810,6 +810,34 @@ fn messages_in_flight_without_the_spool_survive_a_bridge_kill_and_a_mosquitto_cr
 }
 
 #[test]
+fn a_qos_0_burst_while_mosquitto_is_frozen_is_forwarded_without_drops_once_it_is_back() {
+    let ToMosquitto {
+        far: _far,
+        _nodes,
+        m,
+        w,
+        p1,
+    } = site_bridged_to_mosquitto();
+    let d = w.path();
+    // Mosquitto freezes while a burst comes: the link cannot write. The bridge hands the MQTT
+    // client only what it can queue, and keeps the rest in its own queue (65,536) instead of
+    // having the client drop it.
+    // 1 kB each, so that socket buffers cannot take them all.
+    const BURST: u64 = 40_000;
+    let line = format!("{}\n", "x".repeat(1000));
+    let file = d.join("burst.txt");
+    std::fs::write(&file, line.repeat(BURST as usize)).unwrap();
+    m.pause();
+    mqtt::publish_lines(d, p1, 60, &["-q", "0", "-t", "gas/s1"], &file);
+    std::thread::sleep(Duration::from_millis(500));
+    m.resume();
+    let b = || detail(&w, "site", "site/bridge");
+    let all = wait_for(SECS, || b()["forwarded_out"] == BURST);
+    assert!(all, "{}", b());
+    assert_eq!(b()["dropped_qos0"], 0, "{}", b());
+}
+
+#[test]
 fn an_external_bridge_fails_over_and_goes_back_to_the_primary() {
     let (p1, primary, secondary) = (free_tcp_port(), free_tcp_port(), free_tcp_port());
     let config = format!(

@@ -30,6 +30,10 @@ pub(super) const DRAIN: usize = 1024;
 /// dropped (and counted in `dropped_qos0`). A lane is busy when the far broker (or the link to
 /// it) takes messages slower than they come; a burst within this bound is delivered.
 const QOS0_QUEUE: usize = 65_536;
+/// QoS 0 messages handed to the MQTT link and not yet written by it, at most: well within the
+/// MQTT client's request queue (it drops what does not fit), so that a burst waits in the
+/// bridge's bounded queue instead.
+const QOS0_LINK_WINDOW: usize = 4096;
 /// Messages kept in memory for a lane, at most (see [`Lane::appended`]).
 const READY_MAX: usize = 4 * COLONY_WINDOW;
 /// How long delivered messages may stay in the spool when no append comes to remove them in
@@ -82,6 +86,9 @@ struct Lane {
     delivered: u64,
     /// QoS 0 messages waiting for room in the lane's queue (at most [`QOS0_QUEUE`]).
     qos0: VecDeque<Forward>,
+    /// QoS 0 messages handed to an MQTT link and not yet written by it (at most
+    /// [`QOS0_LINK_WINDOW`]); `None` for a Colony lane, whose queue is its bound.
+    qos0_unwritten: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -98,6 +105,9 @@ impl Lane {
         }
         let dropped = self.qos0.len();
         self.qos0.clear();
+        if let Some(n) = &mut self.qos0_unwritten {
+            *n = 0;
+        }
         self.up = false;
         self.rewind();
         self.outstanding = 0;
@@ -154,14 +164,27 @@ impl Lane {
 
     /// True when QoS 0 messages wait for room in the lane's queue.
     fn qos0_waiting(&self) -> bool {
-        self.up && !self.qos0.is_empty()
+        self.up && !self.qos0.is_empty() && self.qos0_room() > 0
+    }
+
+    /// How many more QoS 0 messages the link may be handed now.
+    fn qos0_room(&self) -> usize {
+        self.qos0_unwritten
+            .map_or(usize::MAX, |n| QOS0_LINK_WINDOW.saturating_sub(n))
+    }
+
+    /// The link wrote (or dropped) `count` QoS 0 messages.
+    fn qos0_done(&mut self, count: u64) {
+        if let Some(n) = &mut self.qos0_unwritten {
+            *n = n.saturating_sub(count as usize);
+        }
     }
 
     /// Hands waiting QoS 0 messages to the lane while its queue has room. Returns how many went.
     fn flush_qos0(&mut self) -> usize {
         let mut sent = 0;
-        while self.up && !self.qos0.is_empty() && self.tx.capacity() > 0 {
-            let n = self.qos0.len().min(DRAIN);
+        while self.up && !self.qos0.is_empty() && self.tx.capacity() > 0 && self.qos0_room() > 0 {
+            let n = self.qos0.len().min(DRAIN).min(self.qos0_room());
             let items: Vec<Forward> = self.qos0.drain(..n).collect();
             if !self.hand_over(items) {
                 // The lane's task is gone (the actor is stopping).
@@ -169,6 +192,9 @@ impl Lane {
                 return sent;
             }
             sent += n;
+            if let Some(u) = &mut self.qos0_unwritten {
+                *u += n;
+            }
         }
         sent
     }
@@ -833,7 +859,9 @@ impl Bridge {
                 self.connected = true;
                 self.address = Some(address);
             }
+            FromLink::Written { count } => lane.qos0_done(count),
             FromLink::Dropped { count } => {
+                lane.qos0_done(count);
                 self.n.dropped_qos0 += count;
                 self.n.forwarded_out = self.n.forwarded_out.saturating_sub(count);
             }
@@ -1083,6 +1111,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             node: Some(to.node().to_owned()),
             delivered: 0,
             qos0: VecDeque::new(),
+            qos0_unwritten: None,
         }
     };
 
@@ -1114,6 +1143,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 node: None,
                 delivered: 0,
                 qos0: VecDeque::new(),
+                qos0_unwritten: Some(0),
             };
             (Remote::Mqtt, url.clone(), lane, Some(tx))
         }
@@ -1411,4 +1441,75 @@ fn message(b: &Bridge, mut d: Delivery) -> Option<Incoming> {
         Err(e) => d.reject(e),
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mqtt_lane() -> (Lane, mpsc::Receiver<ToLink>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let lane = Lane {
+            dir: Dir::Out,
+            tx: LaneTx::Mqtt(tx),
+            epoch: 1,
+            up: true,
+            cursor: 0,
+            ready: VecDeque::new(),
+            known: 0,
+            outstanding: 0,
+            window: 64,
+            retry_at: None,
+            backoff: Duration::from_millis(100),
+            node: None,
+            delivered: 0,
+            qos0: VecDeque::new(),
+            qos0_unwritten: Some(0),
+        };
+        (lane, rx)
+    }
+
+    fn qos0(n: usize) -> Vec<Forward> {
+        (0..n)
+            .map(|i| Forward {
+                seq: 0,
+                topic: format!("t/{i}"),
+                payload: Vec::new(),
+                qos: 0,
+                retain: false,
+                hops: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn handed(rx: &mut mpsc::Receiver<ToLink>) -> usize {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|m| match m {
+                ToLink::Batch { items, .. } => items.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn an_mqtt_link_is_handed_no_more_qos_0_messages_than_it_can_queue() {
+        let (mut lane, mut rx) = mqtt_lane();
+        assert_eq!(lane.queue_qos0(qos0(10_000)), 0);
+        assert_eq!(lane.flush_qos0(), QOS0_LINK_WINDOW);
+        assert_eq!(handed(&mut rx), QOS0_LINK_WINDOW);
+        assert!(
+            !lane.qos0_waiting(),
+            "nothing more until the link has written some"
+        );
+        assert_eq!(lane.flush_qos0(), 0);
+        // The link wrote (or dropped) 1,000: as many more go.
+        lane.qos0_done(1000);
+        assert!(lane.qos0_waiting());
+        assert_eq!(lane.flush_qos0(), 1000);
+        assert_eq!(handed(&mut rx), 1000);
+        assert_eq!(lane.qos0.len(), 10_000 - QOS0_LINK_WINDOW - 1000);
+        // A connection that goes down takes what it had: the window starts again.
+        lane.down("gone", Duration::from_millis(10), Duration::from_secs(1));
+        assert_eq!(lane.qos0_unwritten, Some(0));
+    }
 }

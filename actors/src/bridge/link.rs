@@ -57,6 +57,8 @@ pub(super) enum FromLink {
     Down { epoch: u64, reason: String },
     /// The far broker acknowledged these.
     Delivered { seqs: Vec<u64> },
+    /// QoS 0 messages written to the connection.
+    Written { count: u64 },
     /// QoS 0 messages dropped because the connection could not take them.
     Dropped { count: u64 },
     /// A publish from the far broker, to spool and then acknowledge.
@@ -512,19 +514,21 @@ pub(super) async fn run(
         let mut pkids: HashMap<u16, u64> = HashMap::new();
         let mut probe = tokio::time::interval(c.primary_retry);
         probe.tick().await;
-        // Acknowledged seqs, reported together once the connection has nothing more ready.
+        // Acknowledged seqs and written QoS 0 messages, reported together once the connection
+        // has nothing more ready.
         let mut acked: Vec<u64> = Vec::new();
+        let mut written = 0u64;
         let reason = loop {
             tokio::select! {
                 biased;
                 r = events.poll() => match r {
-                    Ok(Event::Sent(pkid)) => {
-                        if let Some(seq) = sent.pop_front()
-                            && seq != 0
-                        {
+                    Ok(Event::Sent(pkid)) => match sent.pop_front() {
+                        Some(0) => written += 1,
+                        Some(seq) => {
                             pkids.insert(pkid, seq);
                         }
-                    }
+                        None => {}
+                    },
                     Ok(Event::PubAck(pkid)) => {
                         if let Some(seq) = pkids.remove(&pkid) {
                             acked.push(seq);
@@ -600,9 +604,13 @@ pub(super) async fn run(
                     Some(_) => {}
                 },
                 // Only when nothing above is ready: one report for a run of acknowledgements.
-                _ = std::future::ready(()), if !acked.is_empty() => {
+                _ = std::future::ready(()), if !acked.is_empty() || written > 0 => {
                     let seqs = std::mem::take(&mut acked);
-                    if tx.send(FromLink::Delivered { seqs }).await.is_err() {
+                    if !seqs.is_empty() && tx.send(FromLink::Delivered { seqs }).await.is_err() {
+                        return;
+                    }
+                    let count = std::mem::take(&mut written);
+                    if count > 0 && tx.send(FromLink::Written { count }).await.is_err() {
                         return;
                     }
                 }
