@@ -98,6 +98,29 @@ enum LaneTx {
 }
 
 impl Lane {
+    /// A lane that is down, with nothing handed yet. An MQTT lane counts the QoS 0 messages its
+    /// link has not yet written.
+    fn new(dir: Dir, tx: LaneTx, window: usize, backoff: Duration) -> Lane {
+        let qos0_unwritten = matches!(tx, LaneTx::Mqtt(_)).then_some(0);
+        Lane {
+            dir,
+            tx,
+            epoch: 0,
+            up: false,
+            cursor: 0,
+            ready: VecDeque::new(),
+            known: 0,
+            outstanding: 0,
+            window,
+            retry_at: None,
+            backoff,
+            node: None,
+            delivered: 0,
+            qos0: VecDeque::new(),
+            qos0_unwritten,
+        }
+    }
+
     /// Marks the lane down; returns how many waiting QoS 0 messages that dropped.
     fn down(&mut self, reason: &str, min: Duration, max: Duration) -> usize {
         if self.up {
@@ -1097,21 +1120,10 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             lane_tx.clone(),
         ));
         Lane {
-            dir,
-            tx: LaneTx::Colony(tx),
             epoch: 1,
             up: true,
-            cursor: 0,
-            ready: VecDeque::new(),
-            known: 0,
-            outstanding: 0,
-            window: COLONY_WINDOW,
-            retry_at: None,
-            backoff: min,
             node: Some(to.node().to_owned()),
-            delivered: 0,
-            qos0: VecDeque::new(),
-            qos0_unwritten: None,
+            ..Lane::new(dir, LaneTx::Colony(tx), COLONY_WINDOW, min)
         }
     };
 
@@ -1128,23 +1140,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             let (events_tx, events_rx) = mpsc::channel(4096);
             tasks.spawn(link::run(config, rx, events_tx));
             mqtt_rx = Some(events_rx);
-            let lane = Lane {
-                dir: Dir::Out,
-                tx: LaneTx::Mqtt(tx.clone()),
-                epoch: 0,
-                up: false,
-                cursor: 0,
-                ready: VecDeque::new(),
-                known: 0,
-                outstanding: 0,
-                window: settings.max_inflight as usize,
-                retry_at: None,
-                backoff: min,
-                node: None,
-                delivered: 0,
-                qos0: VecDeque::new(),
-                qos0_unwritten: Some(0),
-            };
+            let window = settings.max_inflight as usize;
+            let lane = Lane::new(Dir::Out, LaneTx::Mqtt(tx.clone()), window, min);
             (Remote::Mqtt, url.clone(), lane, Some(tx))
         }
     };
@@ -1450,21 +1447,9 @@ mod tests {
     fn mqtt_lane() -> (Lane, mpsc::Receiver<ToLink>) {
         let (tx, rx) = mpsc::channel(4096);
         let lane = Lane {
-            dir: Dir::Out,
-            tx: LaneTx::Mqtt(tx),
             epoch: 1,
             up: true,
-            cursor: 0,
-            ready: VecDeque::new(),
-            known: 0,
-            outstanding: 0,
-            window: 64,
-            retry_at: None,
-            backoff: Duration::from_millis(100),
-            node: None,
-            delivered: 0,
-            qos0: VecDeque::new(),
-            qos0_unwritten: Some(0),
+            ..Lane::new(Dir::Out, LaneTx::Mqtt(tx), 64, Duration::from_millis(100))
         };
         (lane, rx)
     }
