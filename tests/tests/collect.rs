@@ -799,6 +799,19 @@ fn reading_lines(dir: &Path, count: u64) -> PathBuf {
 
 #[test]
 fn a_node_stopped_while_its_collector_catches_up_stores_each_reading_once_with_no_duplicates() {
+    stopped_during_catch_up("actor");
+}
+
+#[test]
+fn a_node_stopped_while_its_mqtt_collector_catches_up_stores_each_reading_once_with_no_duplicates()
+{
+    stopped_during_catch_up("mqtt");
+}
+
+/// A node with a broker and a collector taking readings `via` actor or MQTT, stopped (SIGTERM)
+/// three times while the collector works through 60,000 queued readings: each is stored once,
+/// and none is counted as a duplicate.
+fn stopped_during_catch_up(via: &str) {
     const READINGS: u64 = 60_000;
     let mqtt = free_tcp_port();
     let mut c = single_node(&format!(
@@ -810,15 +823,19 @@ kind = "collector"
 database = "DB"
 batch_size = 200
 flush_ms = 20
-source = {{ broker = "core/broker", topics = ["gas/#"], via = "actor" }}
+source = {{ broker = "core/broker", topics = ["gas/#"], via = "{via}" }}
 "#,
         broker(mqtt)
     ));
     let ok = wait_for(Duration::from_secs(20), || c.work.status("core").is_some());
     assert!(ok, "the node never answered\n{}", c.node.log_text());
-    // The broker queues the readings for the collector while it is stopped. It has already sent
-    // the collector a window of them, which wait in its mailbox, and sends that window again
-    // when the collector subscribes anew: the collector recognises those notices.
+    // Over MQTT the broker queues for the collector once its session exists.
+    c.wait_detail("core/store", "subscribed", |d| {
+        via == "actor" || d["broker_connected"] == true
+    });
+    // The broker queues the readings for the collector while it is stopped. By actor it has
+    // already sent the collector a window of them, which wait in its mailbox, and sends that
+    // window again when the collector subscribes anew: the collector recognises those notices.
     c.work.ctl_ok("core", &["stop", "core/store"]);
     let lines = reading_lines(c.work.path(), READINGS);
     mqtt::publish_lines(
@@ -833,8 +850,8 @@ source = {{ broker = "core/broker", topics = ["gas/#"], via = "actor" }}
         c.work
             .try_call("core", "core/store", r#"{"query": {"counts": {}}}"#)
     };
-    // The node is stopped (SIGTERM) three times while the collector works through the queue:
-    // the collector stops first and acknowledges what it committed, and the broker handles those
+    // The node is stopped three times while the collector works through the queue: the
+    // collector stops first and acknowledges what it committed, and the broker handles those
     // acknowledgements before it stops, so nothing is sent again after the restart.
     for round in 1..=3 {
         let at = round * READINGS as i64 / 12;

@@ -8,8 +8,9 @@
 //! each batch the store changes are committed and only then are the acknowledgements sent, so a
 //! client is never acknowledged for something that is not yet on disk. A batch's QoS 0/1
 //! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]). Asked to
-//! stop, the actor first handles what is already in its mailbox (the last acknowledgements of a
-//! subscriber that stopped before it), then commits.
+//! stop, the actor first handles what is already in its mailbox and its connections' queue (the
+//! last acknowledgements of a subscriber that stopped before it), until nothing more has come
+//! for 20 ms, then commits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -423,7 +424,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         tokio::select! {
             biased;
             event = ctx.next_event() => match event {
-                ActorEvent::Shutdown => return stop(&mut shell, &mut ctx, &mut tasks),
+                ActorEvent::Shutdown => return stop(&mut shell, &mut ctx, &mut events, &mut tasks).await,
                 ActorEvent::Reconfigure(ActorSettings::Broker(s)) => {
                     shell.core.set_policy(policy(&s));
                     shell.core.set_limits(s.limits.clone());
@@ -452,7 +453,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     shell.flush(&ctx, &mut tasks)?;
                     answer(&shell, &ctx, replies);
                     if stop {
-                        return self::stop(&mut shell, &mut ctx, &mut tasks);
+                        return self::stop(&mut shell, &mut ctx, &mut events, &mut tasks).await;
                     }
                 }
             },
@@ -575,30 +576,48 @@ fn answer(shell: &Shell, ctx: &ActorContext, replies: Vec<(Delivery, Reply)>) {
     }
 }
 
-/// At most this many messages are handled after the request to stop.
+/// At most this many messages and connection events are handled after the request to stop.
 const STOP_DRAIN: usize = 16 * BATCH;
+/// How long a stopping broker waits for more once nothing is queued: the connection tasks may
+/// still be passing on what they read last (a client's acknowledgements just before it left).
+const STOP_QUIET: Duration = Duration::from_millis(20);
 
-/// Stops the broker: first handles what was already sent to it (acknowledgements above all: a
-/// subscriber that stopped just before, committing and acknowledging what it had, must not be
-/// sent it all again after the restart), then commits.
-fn stop(
+/// Stops the broker: first handles what was already sent to it, by actors and by connections,
+/// until nothing more has come for [`STOP_QUIET`] (acknowledgements above all: a subscriber
+/// that stopped just before, committing and acknowledging what it had, must not be sent it all
+/// again after the restart), then commits.
+async fn stop(
     shell: &mut Shell,
     ctx: &mut ActorContext,
+    events: &mut mpsc::Receiver<ConnEvent>,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), ActorFailure> {
     let mut handled = 0;
+    let mut quiet_since = Instant::now();
     loop {
         let mut replies = Vec::new();
         let before = handled;
         while replies.len() < BATCH && handled < STOP_DRAIN {
-            let Some(d) = ctx.queued() else { break };
+            if let Some(d) = ctx.queued() {
+                handle_message(shell, ctx, d, &mut replies);
+            } else if let Ok(ev) = events.try_recv() {
+                shell.conn_event(ev);
+            } else {
+                break;
+            }
             handled += 1;
-            handle_message(shell, ctx, d, &mut replies);
         }
         shell.flush(ctx, tasks)?;
         answer(shell, ctx, replies);
-        if handled == before || handled >= STOP_DRAIN {
+        if handled >= STOP_DRAIN {
             return Ok(());
+        }
+        if handled > before {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= STOP_QUIET {
+            return Ok(());
+        } else {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use colony_cluster::{Address, CallError, Delivery};
 use colony_config::ActorSettings;
 use colony_config::kinds::{CollectorSettings, CollectorVia};
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS};
 use serde_json::json;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -39,6 +39,8 @@ const REJECT_KEEP: usize = 4096;
 const STATUS_SOURCES: usize = 20;
 /// The sequence tracker is checkpointed with a batch at most this often while readings flow.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How long a stopping collector's MQTT session may take to write its last acknowledgements.
+const STOP_WRITE: Duration = Duration::from_secs(2);
 /// The most rows one export page holds.
 const EXPORT_PAGE_ROWS: u32 = 5_000;
 
@@ -474,7 +476,8 @@ async fn mqtt_session(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if tx.send(p).await.is_err() {
-                    return;
+                    // The collector is stopping.
+                    break;
                 }
             }
             Ok(_) => {}
@@ -487,6 +490,20 @@ async fn mqtt_session(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+    }
+    // Let the client write what the collector queued last: the acknowledgements of what it
+    // committed, then its disconnect. (A publish that comes meanwhile is not acknowledged: the
+    // broker sends it again to the next session.)
+    let written = tokio::time::timeout(STOP_WRITE, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    if written.await.is_err() {
+        debug!("the last acknowledgements were not written within {STOP_WRITE:?}");
     }
 }
 
@@ -572,6 +589,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     // The broker source.
     let mut mqtt_client = None;
     let mut mqtt_rx = None;
+    let mut mqtt_session_task = None;
     let connected = Arc::new(AtomicBool::new(false));
     let mut actor_subscribed = true;
     if let Some(broker) = &settings.source.broker {
@@ -589,14 +607,14 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 o.set_manual_acks(true);
                 let (client, events) = AsyncClient::new(o, 10_000);
                 let (tx, rx) = mpsc::channel(1024);
-                tokio::spawn(mqtt_session(
+                mqtt_session_task = Some(tokio::spawn(mqtt_session(
                     events,
                     client.clone(),
                     settings.source.topics.clone(),
                     qos,
                     tx,
                     connected.clone(),
-                ));
+                )));
                 info!(broker = %broker, ?target, "collecting from broker over MQTT");
                 mqtt_client = Some(client);
                 mqtt_rx = Some(rx);
@@ -740,7 +758,12 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     // Commit what is pending, even when failing for another reason.
     let flushed = c.flush_all(mqtt_client.as_ref()).await;
     if let Some(client) = mqtt_client {
+        // After the acknowledgements just queued; the session writes both, then ends.
         let _ = client.try_disconnect();
+        drop(mqtt_rx);
+        if let Some(task) = mqtt_session_task {
+            let _ = task.await;
+        }
     }
     ctx.stats.set_detail(c.detail(None, udp_addr));
     result.and(flushed)

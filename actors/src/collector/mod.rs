@@ -14,7 +14,9 @@
 //!   acknowledged again. By actor, a notice the collector already took (the broker sends its
 //!   window again when the collector subscribes anew, while the first copies still wait in the
 //!   mailbox) is recognised by its id, acknowledged again and not counted as a duplicate
-//!   (`notices_again` in status).
+//!   (`notices_again` in status). Stopping, the collector commits what it has, acknowledges it
+//!   and (over MQTT) waits up to 2 s for its client to write those acknowledgements and its
+//!   disconnect, so that a clean restart sends nothing again.
 //!
 //!   **Readings published before the first connect.** Over MQTT the broker queues QoS 1
 //!   readings for the collector only once its persistent session exists, that is from the
