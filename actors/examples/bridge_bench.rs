@@ -168,7 +168,11 @@ async fn main() {
     let throughput_runs = std::env::var_os("BRIDGE_BENCH_LATENCY_ONLY").is_none();
     let only_qos: Option<u8> = std::env::var("BRIDGE_BENCH_QOS")
         .ok()
-        .and_then(|q| q.parse().ok());
+        .map(|q| match q.trim() {
+            "0" => 0,
+            "1" => 1,
+            _ => panic!("BRIDGE_BENCH_QOS={q:?} is not 0 or 1"),
+        });
     println!("across one bridge, 1 publisher -> 1 subscriber, 100-byte payloads, {total} messages");
     for (label, from, to, root) in &setups {
         for qos in [QoS::AtMostOnce, QoS::AtLeastOnce]

@@ -134,7 +134,8 @@ mod tests {
         // commit (up to 3,000 × 3 pages). Past a bound of 1 MiB it starts over, and the file
         // stays at about what the log reached between two checkpoints.
         let unbounded = log_under_steady_commits(u64::MAX);
-        let bounded = log_under_steady_commits((1 << 20) / 4120);
+        // 1 MiB of frames of a 4 KiB page and its 24-byte header.
+        let bounded = log_under_steady_commits((1 << 20) / (4096 + 24));
         assert!(
             bounded < 4 << 20,
             "{bounded} (without a bound: {unbounded})"
