@@ -1386,7 +1386,8 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
 }
 
 /// Acknowledges the notices `ids` to the broker on `side`; its answer is reported when `mark`
-/// (the spool marks them acknowledged).
+/// (the spool marks them acknowledged). No call when `ids` is empty (a batch whose notices all
+/// went to the link directly: they are acknowledged once delivered).
 fn acknowledge(
     b: &Bridge,
     tasks: &mut JoinSet<()>,
@@ -1395,6 +1396,9 @@ fn acknowledge(
     ids: Vec<u64>,
     mark: bool,
 ) {
+    if ids.is_empty() {
+        return;
+    }
     let broker = match (side, &b.remote) {
         (Side::Local, _) => b.local.clone(),
         (Side::Remote, Remote::Colony(a)) => a.clone(),
