@@ -346,6 +346,7 @@ fn single_node(actors: &str) -> Single {
 }
 
 /// As [`single_node`], calling `prepare` with the test directory before the node starts.
+/// Returns once the node answers on its control socket.
 fn single_node_with(actors: &str, prepare: impl FnOnce(&Path)) -> Single {
     let quic = free_udp_port();
     let config = format!(
@@ -372,6 +373,8 @@ listen = "127.0.0.1:{quic}"
     std::fs::write(&work.config, text).unwrap();
     prepare(work.path());
     let node = work.start_node("core");
+    let ok = wait_for(Duration::from_secs(20), || work.status("core").is_some());
+    assert!(ok, "the node never answered\n{}", node.log_text());
     Single { work, node, db }
 }
 
@@ -458,8 +461,6 @@ source = {{ broker = "core/broker", topics = ["sensors/#"], via = "actor" }}
 "#,
         broker(mqtt)
     ));
-    let ok = wait_for(Duration::from_secs(20), || c.work.status("core").is_some());
-    assert!(ok, "the node never answered\n{}", c.node.log_text());
     c.work.ctl_ok("core", &["stop", "core/store"]);
     // The collector is down while the sensors publish a few thousand readings.
     c.wait_detail("core/sensors", "connected", |d| d["connected"] == 50);
@@ -827,8 +828,6 @@ source = {{ broker = "core/broker", topics = ["gas/#"], via = "{via}" }}
 "#,
         broker(mqtt)
     ));
-    let ok = wait_for(Duration::from_secs(20), || c.work.status("core").is_some());
-    assert!(ok, "the node never answered\n{}", c.node.log_text());
     // Over MQTT the broker queues for the collector once its session exists.
     c.wait_detail("core/store", "subscribed", |d| {
         via == "actor" || d["broker_connected"] == true
