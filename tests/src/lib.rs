@@ -378,9 +378,11 @@ pub fn healthy(status: &serde_json::Value) -> bool {
 }
 
 /// Runs `sqlite3 -json FILE SQL` (the CLI a user queries a collector's file with) and parses the
-/// rows.
+/// rows. It waits up to 5 s for a lock, as a reader beside a live writer should: a node that is
+/// (re)starting holds the file alone for a moment while it opens it and recovers its log.
 pub fn sqlite(db: &Path, sql: &str) -> Vec<serde_json::Value> {
     let out = Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
         .arg("-json")
         .arg(db)
         .arg(sql)
