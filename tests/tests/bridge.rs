@@ -634,7 +634,8 @@ source = {{ broker = "site/broker", topics = ["cmd/#"] }}
 }
 
 /// A site node whose bridge forwards `gas/#` out at QoS 1 to a Mosquitto with a password, and
-/// a far subscriber there with a persistent session (fields drop in order: processes first).
+/// a far subscriber there with a persistent session. Fields drop in order, processes first, so
+/// a test keeps it whole (a destructured binding would drop the directory first).
 struct ToMosquitto {
     far: Sub,
     _nodes: Vec<NodeProc>,
@@ -683,36 +684,32 @@ topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
 
 #[test]
 fn ten_thousand_messages_reach_mosquitto_after_it_was_stopped_and_the_bridge_killed() {
-    let ToMosquitto {
-        far,
-        _nodes,
-        mut m,
-        w,
-        p1,
-    } = site_bridged_to_mosquitto();
+    // Held whole, so that its fields drop in their order (processes before the directory).
+    let mut setup = site_bridged_to_mosquitto();
+    let (far, m, w, p1) = (&setup.far, &mut setup.m, &setup.w, setup.p1);
     let d = w.path();
     publish_lines(d, p1, "gas/s1", &readings(d, "a.txt", 1, 2000), &[]);
     // MQTT QoS 1 is at least once: a message in flight when the connection breaks is sent
     // again. Stop Mosquitto once the first part is through, so the rest is exactly once.
     let through = wait_for(SECS, || {
-        let b = detail(&w, "site", "site/bridge");
+        let b = detail(w, "site", "site/bridge");
         b["forwarded_out"] == 2000 && b["spool_depth"] == 0
     });
-    assert!(through, "{}", detail(&w, "site", "site/bridge"));
+    assert!(through, "{}", detail(w, "site", "site/bridge"));
     m.stop();
     publish_lines(d, p1, "gas/s1", &readings(d, "b.txt", 2001, 4000), &[]);
-    kill_actor(&w, "site", "site/bridge");
+    kill_actor(w, "site", "site/bridge");
     publish_lines(d, p1, "gas/s1", &readings(d, "c.txt", 6001, 4000), &[]);
-    wait_spooled(&w, "site", "site/bridge", 1);
+    wait_spooled(w, "site", "site/bridge", 1);
     std::thread::sleep(Duration::from_secs(2));
     m.restart();
-    let seqs = far_seqs(&far, 10_000);
+    let seqs = far_seqs(far, 10_000);
     let want: Vec<u64> = (1..=10_000).collect();
     if seqs != want {
         panic!(
             "{}; bridge {}\n{}",
             seq_report(&seqs, 10_000),
-            detail(&w, "site", "site/bridge"),
+            detail(w, "site", "site/bridge"),
             m.log_text()
         );
     }
@@ -749,13 +746,9 @@ fn seq_report(seqs: &[u64], n: u64) -> String {
 
 #[test]
 fn messages_in_flight_without_the_spool_survive_a_bridge_kill_and_a_mosquitto_crash_in_order() {
-    let ToMosquitto {
-        far,
-        _nodes,
-        mut m,
-        w,
-        p1,
-    } = site_bridged_to_mosquitto();
+    // Held whole, so that its fields drop in their order (processes before the directory).
+    let mut setup = site_bridged_to_mosquitto();
+    let (far, m, w, p1) = (&setup.far, &mut setup.m, &setup.w, setup.p1);
     let d = w.path();
     let broker_handled = || {
         let s = w.status("site").expect("status");
@@ -769,9 +762,9 @@ fn messages_in_flight_without_the_spool_survive_a_bridge_kill_and_a_mosquitto_cr
         pub1(d, p1, "gas/s1", &reading_line(n));
     }
     let direct = wait_for(SECS, || {
-        detail(&w, "site", "site/bridge")["forwarded_out"] == 20
+        detail(w, "site", "site/bridge")["forwarded_out"] == 20
     });
-    let b = detail(&w, "site", "site/bridge");
+    let b = detail(w, "site", "site/bridge");
     assert!(direct, "{b}");
     assert_eq!(b["forwarded_direct"], 20, "{b}");
     // Each message costs the broker its publish and at most one acknowledgement from the
@@ -785,8 +778,8 @@ fn messages_in_flight_without_the_spool_survive_a_bridge_kill_and_a_mosquitto_cr
     // The bridge is killed right after a burst: what it had in flight is the broker's still,
     // which sends it again.
     publish_lines(d, p1, "gas/s1", &readings(d, "a.txt", 21, 3000), &[]);
-    kill_actor(&w, "site", "site/bridge");
-    let mut seqs = far_seqs(&far, 3020);
+    kill_actor(w, "site", "site/bridge");
+    let mut seqs = far_seqs(far, 3020);
     // Mosquitto freezes with messages in flight, and is killed: the link goes down with them
     // still unacknowledged, and they go into the spool ahead of what comes next. Then again
     // with more than the bridge keeps in flight, so that it starts spooling while the link is
@@ -803,7 +796,7 @@ fn messages_in_flight_without_the_spool_survive_a_bridge_kill_and_a_mosquitto_cr
         publish_lines(d, p1, "gas/s1", &file, &[]);
         m.restart();
         next += burst + after;
-        seqs.extend(far_seqs(&far, (burst + after) as usize));
+        seqs.extend(far_seqs(far, (burst + after) as usize));
     }
     let total = next - 1;
     // At least once across the kill (what was in flight may come twice), but complete, and
@@ -815,24 +808,19 @@ fn messages_in_flight_without_the_spool_survive_a_bridge_kill_and_a_mosquitto_cr
         order == want,
         "{}; bridge {}\n{}",
         seq_report(&seqs, total),
-        detail(&w, "site", "site/bridge"),
+        detail(w, "site", "site/bridge"),
         m.log_text()
     );
     let done = wait_for(SECS, || {
-        detail(&w, "site", "site/bridge")["spool_depth"] == 0
+        detail(w, "site", "site/bridge")["spool_depth"] == 0
     });
-    assert!(done, "{}", detail(&w, "site", "site/bridge"));
+    assert!(done, "{}", detail(w, "site", "site/bridge"));
 }
 
 #[test]
 fn a_qos_0_burst_while_mosquitto_is_frozen_is_forwarded_without_drops_once_it_is_back() {
-    let ToMosquitto {
-        far: _far,
-        _nodes,
-        m,
-        w,
-        p1,
-    } = site_bridged_to_mosquitto();
+    let setup = site_bridged_to_mosquitto();
+    let (m, w, p1) = (&setup.m, &setup.w, setup.p1);
     let d = w.path();
     // Mosquitto freezes while a burst comes: the link cannot write. The bridge hands the MQTT
     // client only what it can queue, and keeps the rest in its own queue (65,536) instead of
@@ -846,7 +834,7 @@ fn a_qos_0_burst_while_mosquitto_is_frozen_is_forwarded_without_drops_once_it_is
     mqtt::publish_lines(d, p1, 60, &["-q", "0", "-t", "gas/s1"], &file);
     std::thread::sleep(Duration::from_millis(500));
     m.resume();
-    let b = || detail(&w, "site", "site/bridge");
+    let b = || detail(w, "site", "site/bridge");
     let all = wait_for(SECS, || b()["forwarded_out"] == BURST);
     assert!(all, "{}", b());
     assert_eq!(b()["dropped_qos0"], 0, "{}", b());
