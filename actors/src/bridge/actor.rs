@@ -825,6 +825,28 @@ impl Bridge {
         Ok(())
     }
 
+    /// The far side has `seqs` of direction `dir` (spool seqs, or direct tokens on the out
+    /// lane of an MQTT link).
+    fn delivered(&mut self, dir: Dir, seqs: Vec<u64>) {
+        let n = seqs.len();
+        let seqs = match dir {
+            Dir::Out => self.direct_delivered(seqs),
+            Dir::In => seqs,
+        };
+        let lane = match dir {
+            Dir::Out => &mut self.out,
+            Dir::In => &mut self.inn,
+        };
+        lane.backoff = self.reconnect_min;
+        lane.outstanding = lane.outstanding.saturating_sub(n);
+        lane.delivered += n as u64;
+        match dir {
+            Dir::Out => self.n.forwarded_out += n as u64,
+            Dir::In => self.n.forwarded_in += n as u64,
+        }
+        self.spool.delivered(dir, seqs);
+    }
+
     fn lane_event(&mut self, dir: Dir, ev: FromLink) -> Result<(), ActorFailure> {
         let (min, max) = (self.reconnect_min, self.reconnect_max);
         if dir == Dir::Out
@@ -838,23 +860,7 @@ impl Bridge {
             self.spool_direct_now()?;
         }
         if let FromLink::Delivered { seqs } = ev {
-            let n = seqs.len();
-            let seqs = match dir {
-                Dir::Out => self.direct_delivered(seqs),
-                Dir::In => seqs,
-            };
-            let lane = match dir {
-                Dir::Out => &mut self.out,
-                Dir::In => &mut self.inn,
-            };
-            lane.backoff = min;
-            lane.outstanding = lane.outstanding.saturating_sub(n);
-            lane.delivered += n as u64;
-            match dir {
-                Dir::Out => self.n.forwarded_out += n as u64,
-                Dir::In => self.n.forwarded_in += n as u64,
-            }
-            self.spool.delivered(dir, seqs);
+            self.delivered(dir, seqs);
             return Ok(());
         }
         let lane = match dir {
@@ -862,6 +868,7 @@ impl Bridge {
             Dir::In => &mut self.inn,
         };
         match ev {
+            // Handled above (it needs the whole bridge, not one lane).
             FromLink::Delivered { .. } => {}
             FromLink::Down { epoch, reason } => {
                 if epoch == lane.epoch {
