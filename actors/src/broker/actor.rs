@@ -22,7 +22,7 @@ use colony_config::ActorSettings;
 use colony_config::kinds::{BrokerListener, BrokerSettings};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -32,7 +32,9 @@ use futures::FutureExt;
 use super::auth::AccessPolicy;
 use super::core::{Action, ActorPublish, BrokerCore, StoreOp, Subscriber};
 use super::declared::declared_subscriptions;
-use super::listener::{ConnEvent, ConnLimits, ConnMeta, Ended, Outgoing, serve, tls_acceptor};
+use super::listener::{
+    ConnEvent, ConnLimits, ConnMeta, Ended, Outgoing, serve, stopped, tls_acceptor,
+};
 use super::packet::{ClientPacket, DisconnectCode, Protocol, ServerPacket};
 use super::session::Message;
 use super::store::BrokerStore;
@@ -283,10 +285,17 @@ async fn accept_loop(
     events: mpsc::Sender<ConnEvent>,
     closed: mpsc::UnboundedSender<(u64, Ended)>,
     limits: ConnLimits,
+    mut stopping: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
+            () = stopped(&mut stopping) => {
+                // Accept no more; each connection reads out what its client still sends.
+                drop(listener);
+                while conns.join_next().await.is_some() {}
+                return;
+            }
             accepted = listener.accept() => {
                 let (sock, peer) = match accepted {
                     Ok(x) => x,
@@ -298,17 +307,17 @@ async fn accept_loop(
                 };
                 let _ = sock.set_nodelay(true);
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
-                let (events, closed) = (events.clone(), closed.clone());
+                let (events, closed, stopping) = (events.clone(), closed.clone(), stopping.clone());
                 let meta = ConnMeta { peer, tls: tls.is_some() };
                 match tls.clone() {
                     None => {
-                        conns.spawn(serve(id, meta, sock, events, closed, limits));
+                        conns.spawn(serve(id, meta, sock, events, closed, limits, stopping));
                     }
                     Some(acceptor) => {
                         conns.spawn(async move {
                             let hs = tokio::time::timeout(super::listener::CONNECT_TIMEOUT, acceptor.accept(sock)).await;
                             match hs {
-                                Ok(Ok(stream)) => serve(id, meta, stream, events, closed, limits).await,
+                                Ok(Ok(stream)) => serve(id, meta, stream, events, closed, limits, stopping).await,
                                 Ok(Err(e)) => info!(%peer, "TLS handshake refused: {e}"),
                                 Err(_) => info!(%peer, "TLS handshake timed out"),
                             }
@@ -390,7 +399,10 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         outgoing_capacity: settings.limits.max_inflight as usize
             + (settings.limits.max_queued as usize).max(4096),
     };
+    // Actor notifiers.
     let mut tasks = JoinSet::new();
+    let (stopping, stopping_rx) = watch::channel(false);
+    let mut listeners = JoinSet::new();
     let mut bound = Vec::new();
     for l in settings.all_listeners() {
         let (sock, tls) = bind(&l, &ctx).await?;
@@ -399,13 +411,14 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
             if tls.is_some() { "mqtts://" } else { "mqtt://" },
             sock.local_addr().map_or(l.bind, |a| a)
         ));
-        tasks.spawn(accept_loop(
+        listeners.spawn(accept_loop(
             sock,
             tls,
             next_id.clone(),
             events_tx.clone(),
             closed_tx.clone(),
             limits,
+            stopping_rx.clone(),
         ));
     }
     info!(listeners = ?bound, "broker listening");
@@ -424,7 +437,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         tokio::select! {
             biased;
             event = ctx.next_event() => match event {
-                ActorEvent::Shutdown => return stop(&mut shell, &mut ctx, &mut events, &mut tasks).await,
+                ActorEvent::Shutdown => return stop(&mut shell, &mut ctx, &mut events, &mut tasks, &stopping, &mut listeners).await,
                 ActorEvent::Reconfigure(ActorSettings::Broker(s)) => {
                     shell.core.set_policy(policy(&s));
                     shell.core.set_limits(s.limits.clone());
@@ -453,7 +466,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     shell.flush(&ctx, &mut tasks)?;
                     answer(&shell, &ctx, replies);
                     if stop {
-                        return self::stop(&mut shell, &mut ctx, &mut events, &mut tasks).await;
+                        return self::stop(&mut shell, &mut ctx, &mut events, &mut tasks, &stopping, &mut listeners).await;
                     }
                 }
             },
@@ -509,9 +522,14 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 }
                 shell.flush(&ctx, &mut tasks)?;
             }
-            Some(done) = tasks.join_next() => {
+            Some(done) = listeners.join_next() => {
                 if let Err(e) = done && e.is_panic() {
                     return Err(ActorFailure::new("a broker listener task panicked"));
+                }
+            }
+            Some(done) = tasks.join_next() => {
+                if let Err(e) = done && e.is_panic() {
+                    return Err(ActorFailure::new("a broker notifier task panicked"));
                 }
             }
         }
@@ -576,28 +594,29 @@ fn answer(shell: &Shell, ctx: &ActorContext, replies: Vec<(Delivery, Reply)>) {
     }
 }
 
-/// At most this many messages and connection events are handled after the request to stop.
-const STOP_DRAIN: usize = 16 * BATCH;
-/// How long a stopping broker waits for more once nothing is queued: the connection tasks may
-/// still be passing on what they read last (a client's acknowledgements just before it left).
-const STOP_QUIET: Duration = Duration::from_millis(20);
+/// How long a stopping broker waits in all for its connections to read out what their clients
+/// still send (each stops after [`super::listener::STOP_QUIET`] without a byte).
+const STOP_LIMIT: Duration = Duration::from_secs(1);
 
-/// Stops the broker: first handles what was already sent to it, by actors and by connections,
-/// until nothing more has come for [`STOP_QUIET`] (acknowledgements above all: a subscriber
-/// that stopped just before, committing and acknowledging what it had, must not be sent it all
-/// again after the restart), then commits.
+/// Stops the broker. It tells every connection to stop; each reads what its client still sends
+/// (acknowledgements above all: a subscriber that stopped just before, committing and
+/// acknowledging what it had, must not be sent it all again after the restart) and ends. The
+/// broker handles all of that, and what actors already sent it, until every connection has
+/// ended (or [`STOP_LIMIT`]), then commits. A connection's end is not handled as a client going
+/// away: no will is published for a broker that stops.
 async fn stop(
     shell: &mut Shell,
     ctx: &mut ActorContext,
     events: &mut mpsc::Receiver<ConnEvent>,
     tasks: &mut JoinSet<()>,
+    stopping: &watch::Sender<bool>,
+    listeners: &mut JoinSet<()>,
 ) -> Result<(), ActorFailure> {
-    let mut handled = 0;
-    let mut quiet_since = Instant::now();
+    stopping.send_replace(true);
+    let until = tokio::time::Instant::now() + STOP_LIMIT;
     loop {
         let mut replies = Vec::new();
-        let before = handled;
-        while replies.len() < BATCH && handled < STOP_DRAIN {
+        while replies.len() < BATCH {
             if let Some(d) = ctx.queued() {
                 handle_message(shell, ctx, d, &mut replies);
             } else if let Ok(ev) = events.try_recv() {
@@ -605,19 +624,16 @@ async fn stop(
             } else {
                 break;
             }
-            handled += 1;
         }
         shell.flush(ctx, tasks)?;
         answer(shell, ctx, replies);
-        if handled >= STOP_DRAIN {
+        if listeners.is_empty() && events.is_empty() {
             return Ok(());
         }
-        if handled > before {
-            quiet_since = Instant::now();
-        } else if quiet_since.elapsed() >= STOP_QUIET {
-            return Ok(());
-        } else {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return Ok(()),
+            Some(ev) = events.recv() => shell.conn_event(ev),
+            Some(_) = listeners.join_next() => {}
         }
     }
 }

@@ -666,6 +666,7 @@ fn to_v5(p: ServerPacket, now: u64) -> v5::Packet {
                 DisconnectCode::ReceiveMaximumExceeded => R::ReceiveMaximumExceeded,
                 DisconnectCode::KeepAliveTimeout => R::KeepAliveTimeout,
                 DisconnectCode::AdministrativeAction => R::AdministrativeAction,
+                DisconnectCode::ServerShuttingDown => R::ServerShuttingDown,
             };
             v5::Packet::Disconnect(v5::Disconnect::new(reason))
         }

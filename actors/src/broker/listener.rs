@@ -6,6 +6,13 @@
 //! size limit, and keepalive (one and a half times the client's interval without a packet ends the
 //! connection). Any error ends this connection only; a drop guard tells the actor it is gone,
 //! whether the task returned, failed or was aborted.
+//!
+//! A connection never leaves unread what its client sent before it went: when a write fails
+//! (the client closed, perhaps with a reset) and when the broker stops, the task first reads
+//! what is still coming ([`STOP_QUIET`] without a byte ends that) and hands its packets to the
+//! actor. So the acknowledgements a subscriber wrote just before it left are not lost with the
+//! connection, and what they acknowledge is not sent again to its next session. A stopping
+//! broker then tells an MQTT 5 client why it goes (DISCONNECT 0x8B, server shutting down).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +24,7 @@ use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
@@ -29,6 +36,11 @@ use super::packet::{
 
 /// How long a new connection has to send CONNECT (and finish its TLS handshake).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection that is ending reads on until its client has sent nothing for this long.
+pub const STOP_QUIET: Duration = Duration::from_millis(20);
+/// ... and for at most this long in all.
+pub const STOP_READ_LIMIT: Duration = Duration::from_millis(500);
 
 /// What a connection task tells the broker actor.
 #[derive(Debug)]
@@ -155,7 +167,8 @@ pub fn tls_acceptor(
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Runs one client connection over `stream` until it ends.
+/// Runs one client connection over `stream` until it ends, or until `stopping` turns true (the
+/// broker is stopping).
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     id: ConnId,
     meta: ConnMeta,
@@ -163,13 +176,14 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     events: mpsc::Sender<ConnEvent>,
     closed: mpsc::UnboundedSender<(ConnId, Ended)>,
     limits: ConnLimits,
+    stopping: watch::Receiver<bool>,
 ) {
     let mut guard = ClosedGuard {
         id,
         how: Ended::Closed,
         closed,
     };
-    match serve_inner(id, meta, stream, events, limits).await {
+    match serve_inner(id, meta, stream, events, limits, stopping).await {
         Ok(()) => debug!(conn = id, "connection closed"),
         Err(Stop::Closed(why)) => debug!(conn = id, "connection ended: {why}"),
         Err(Stop::CutOff(code, why)) => {
@@ -220,17 +234,61 @@ async fn cut_off<S: AsyncWrite + Unpin>(stream: &mut S, protocol: Protocol, e: F
     Stop::CutOff(code, e.to_string())
 }
 
+/// Resolves once the broker is stopping (or gone).
+pub async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
+}
+
+/// Hands the actor every whole packet in `buf`. A framing error ends the hand-over quietly: the
+/// connection is ending anyway.
+async fn hand_over(
+    id: ConnId,
+    decoder: &mut Decoder,
+    buf: &mut BytesMut,
+    events: &mpsc::Sender<ConnEvent>,
+) -> Result<(), Stop> {
+    while let Ok(Some(p)) = decoder.next(buf) {
+        events
+            .send(ConnEvent::Packet(id, p))
+            .await
+            .map_err(|_| Stop::Closed("broker gone".to_owned()))?;
+    }
+    Ok(())
+}
+
+/// Reads and hands over what the client still sends, until [`STOP_QUIET`] passes without a
+/// byte, the socket ends, or [`STOP_READ_LIMIT`]. Used when the connection is ending: its last
+/// packets (acknowledgements above all) must reach the actor.
+async fn read_out<S: AsyncRead + Unpin>(
+    id: ConnId,
+    stream: &mut S,
+    decoder: &mut Decoder,
+    buf: &mut BytesMut,
+    events: &mpsc::Sender<ConnEvent>,
+) -> Result<(), Stop> {
+    let until = tokio::time::Instant::now() + STOP_READ_LIMIT;
+    loop {
+        hand_over(id, decoder, buf, events).await?;
+        let quiet = tokio::time::Instant::now() + STOP_QUIET;
+        match tokio::time::timeout_at(quiet.min(until), stream.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Ok(()),
+        }
+    }
+}
+
 async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
     id: ConnId,
     meta: ConnMeta,
     mut stream: S,
     events: mpsc::Sender<ConnEvent>,
     limits: ConnLimits,
+    mut stopping: watch::Receiver<bool>,
 ) -> Result<(), Stop> {
     let mut buf = BytesMut::with_capacity(4096);
     let mut decoder = Decoder::new(limits.max_packet_size);
-    // CONNECT first, within the timeout.
-    let connect = tokio::time::timeout(CONNECT_TIMEOUT, async {
+    // CONNECT first, within the timeout (a stopping broker waits for no CONNECT).
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, async {
         loop {
             match decoder.connect(&mut buf) {
                 Ok(Some(c)) => return Ok(c),
@@ -251,9 +309,11 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(Stop::Closed("closed before CONNECT".to_owned()));
             }
         }
-    })
-    .await
-    .map_err(|_| Stop::Closed("no CONNECT in time".to_owned()))??;
+    });
+    let connect = tokio::select! {
+        c = connecting => c.map_err(|_| Stop::Closed("no CONNECT in time".to_owned()))??,
+        () = stopped(&mut stopping) => return Err(Stop::Closed("the broker is stopping".to_owned())),
+    };
     let protocol = decoder.protocol();
     let client_max = connect.max_packet_size.map(|m| m as usize);
     let keepalive = match connect.keep_alive {
@@ -316,14 +376,37 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 if !out.is_empty() {
-                    stream.write_all(&out).await?;
-                    out.clear();
+                    // A client that reads nothing must not hold up a stopping broker.
+                    let written = tokio::select! {
+                        w = stream.write_all(&out) => Some(w),
+                        () = stopped(&mut stopping) => None,
+                    };
+                    match written {
+                        Some(Ok(())) => out.clear(),
+                        Some(Err(e)) => {
+                            // Gone (perhaps with a reset): what it sent before still counts.
+                            read_out(id, &mut stream, &mut decoder, &mut buf, &events).await?;
+                            return Err(e.into());
+                        }
+                        None => {
+                            // Cut in the middle of a packet: nothing more can be written.
+                            read_out(id, &mut stream, &mut decoder, &mut buf, &events).await?;
+                            return Ok(());
+                        }
+                    }
                 }
                 if close {
                     let _ = stream.flush().await;
                     let _ = stream.shutdown().await;
                     return Ok(());
                 }
+            }
+            () = stopped(&mut stopping) => {
+                read_out(id, &mut stream, &mut decoder, &mut buf, &events).await?;
+                let code = DisconnectCode::ServerShuttingDown;
+                let bye = write_now(&mut stream, protocol, [ServerPacket::Disconnect(code)]);
+                let _ = tokio::time::timeout(STOP_QUIET, bye).await;
+                return Ok(());
             }
             _ = sleep_until(deadline) => {
                 let code = DisconnectCode::KeepAliveTimeout;
@@ -344,6 +427,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::session::Message;
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
@@ -388,6 +472,7 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             tls: false,
         };
+        let (_stopping, stopping_rx) = watch::channel(false);
         let mut set = tokio::task::JoinSet::new();
         set.spawn(serve(
             7,
@@ -396,11 +481,12 @@ mod tests {
             events.clone(),
             closed.clone(),
             limits,
+            stopping_rx.clone(),
         ));
         // A well-behaved connection alongside: closes normally.
         let (stream, peer_end) = tokio::io::duplex(64);
         drop(peer_end);
-        set.spawn(serve(8, meta, stream, events, closed, limits));
+        set.spawn(serve(8, meta, stream, events, closed, limits, stopping_rx));
         let mut ended = Vec::new();
         while ended.len() < 2 {
             ended.push(closed_rx.recv().await.unwrap());
@@ -417,5 +503,166 @@ mod tests {
             1,
             "only the panicking task failed"
         );
+    }
+    /// A 3.1.1 CONNECT of client `t`, clean session, keepalive 60 s.
+    const CONNECT: [u8; 15] = [
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b't',
+    ];
+
+    fn limits() -> ConnLimits {
+        ConnLimits {
+            max_packet_size: 1024,
+            outgoing_capacity: 16,
+        }
+    }
+
+    /// The client acknowledges three publishes and leaves with a reset while the broker still
+    /// has packets for it: whichever the task meets first, the failing write or the reset's
+    /// data, the acknowledgements reach the broker. (The task's choice is random, so 16 rounds.)
+    #[tokio::test]
+    async fn acknowledgements_sent_just_before_a_reset_reach_the_broker_when_a_write_fails() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stopping, stopping_rx) = watch::channel(false);
+        for round in 0..16 {
+            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (server, peer) = listener.accept().await.unwrap();
+            let (events, mut events_rx) = mpsc::channel(64);
+            let (closed, mut closed_rx) = mpsc::unbounded_channel();
+            let meta = ConnMeta { peer, tls: false };
+            let task = tokio::spawn(serve(
+                round,
+                meta,
+                server,
+                events,
+                closed,
+                limits(),
+                stopping_rx.clone(),
+            ));
+            client.write_all(&CONNECT).await.unwrap();
+            let Some(ConnEvent::Connect(_, _, tx, _)) = events_rx.recv().await else {
+                panic!("no CONNECT handed over");
+            };
+            // Without yielding, so the task sees all of this at once: the acknowledgements,
+            // the reset, and packets to write.
+            client
+                .write_all(&[0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3])
+                .await
+                .unwrap();
+            client.set_zero_linger().unwrap();
+            drop(client);
+            std::thread::sleep(Duration::from_millis(10));
+            for _ in 0..4 {
+                tx.try_send(Outgoing::Packet(ServerPacket::PingResp))
+                    .unwrap();
+            }
+            let mut acked = Vec::new();
+            while let Some(ConnEvent::Packet(_, p)) = events_rx.recv().await {
+                if let ClientPacket::PubAck(id) = p {
+                    acked.push(id);
+                }
+            }
+            task.await.unwrap();
+            assert_eq!(closed_rx.recv().await, Some((round, Ended::Closed)));
+            assert_eq!(acked, [1, 2, 3], "round {round}");
+        }
+    }
+
+    /// Connects an MQTT 5 client `t` to a connection task; the task's outgoing queue, its
+    /// events and its end.
+    async fn connect5(
+        stopping: watch::Receiver<bool>,
+    ) -> (
+        tokio::net::TcpStream,
+        mpsc::Sender<Outgoing>,
+        mpsc::Receiver<ConnEvent>,
+        mpsc::UnboundedReceiver<(ConnId, Ended)>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let (events, mut events_rx) = mpsc::channel(64);
+        let (closed, closed_rx) = mpsc::unbounded_channel();
+        let meta = ConnMeta { peer, tls: false };
+        let limits = ConnLimits {
+            max_packet_size: 1 << 20,
+            outgoing_capacity: 64,
+        };
+        let task = tokio::spawn(serve(1, meta, server, events, closed, limits, stopping));
+        // No properties.
+        let connect = [
+            0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 1, b't',
+        ];
+        client.write_all(&connect).await.unwrap();
+        let Some(ConnEvent::Connect(_, _, tx, _)) = events_rx.recv().await else {
+            panic!("no CONNECT handed over");
+        };
+        (client, tx, events_rx, closed_rx, task)
+    }
+
+    /// Every acknowledgement handed over until the task lets go of its sender.
+    async fn acks(events: &mut mpsc::Receiver<ConnEvent>) -> Vec<u16> {
+        let mut acked = Vec::new();
+        while let Some(ConnEvent::Packet(_, p)) = events.recv().await {
+            if let ClientPacket::PubAck(id) = p {
+                acked.push(id);
+            }
+        }
+        acked
+    }
+
+    /// A stopping broker: the connection hands over what its client sent last, and tells an
+    /// MQTT 5 client why it goes.
+    #[tokio::test]
+    async fn a_stopping_broker_takes_what_the_client_sent_and_says_why_it_goes() {
+        let (stopping, stopping_rx) = watch::channel(false);
+        let (mut client, _tx, mut events, mut closed, task) = connect5(stopping_rx).await;
+        client.write_all(&[0x40, 2, 0, 9]).await.unwrap();
+        stopping.send_replace(true);
+        assert_eq!(acks(&mut events).await, [9]);
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the connection ended")
+            .unwrap();
+        assert_eq!(closed.recv().await, Some((1, Ended::Closed)));
+        let mut bye = Vec::new();
+        client.read_to_end(&mut bye).await.unwrap();
+        assert_eq!(
+            (bye.first(), bye.get(2)),
+            (Some(&0xE0), Some(&0x8B)),
+            "{bye:?}"
+        );
+    }
+
+    /// A connection stuck writing to a client that reads nothing does not hold up a stopping
+    /// broker, and still hands over what the client sent.
+    #[tokio::test]
+    async fn a_stopping_broker_is_not_held_up_by_a_client_that_reads_nothing() {
+        let (stopping, stopping_rx) = watch::channel(false);
+        let (mut client, tx, mut events, mut closed, task) = connect5(stopping_rx).await;
+        // Far more than the sockets hold.
+        let big = Message::new("t", vec![0u8; 512 * 1024], 0, false);
+        for _ in 0..32 {
+            let publish = ServerPacket::Publish {
+                pkid: 0,
+                dup: false,
+                message: big.clone(),
+            };
+            if tx.try_send(Outgoing::Packet(publish)).is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.write_all(&[0x40, 2, 0, 9]).await.unwrap();
+        stopping.send_replace(true);
+        assert_eq!(acks(&mut events).await, [9]);
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the connection ended")
+            .unwrap();
+        assert_eq!(closed.recv().await, Some((1, Ended::Closed)));
     }
 }

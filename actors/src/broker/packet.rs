@@ -244,6 +244,8 @@ pub enum DisconnectCode {
     KeepAliveTimeout,
     /// An operator cut the client off.
     AdministrativeAction,
+    /// The broker is stopping.
+    ServerShuttingDown,
 }
 
 /// CONNACK.
