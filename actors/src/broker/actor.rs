@@ -8,9 +8,9 @@
 //! each batch the store changes are committed and only then are the acknowledgements sent, so a
 //! client is never acknowledged for something that is not yet on disk. A batch's QoS 0/1
 //! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]). Asked to
-//! stop, the actor first handles what is already in its mailbox and its connections' queue (the
-//! last acknowledgements of a subscriber that stopped before it), until nothing more has come
-//! for 20 ms, then commits.
+//! stop, the actor accepts no more connections and has each connection read out what its client
+//! still sends (the last acknowledgements of a subscriber that stopped before it); it handles
+//! that and its mailbox until every connection has ended (at most a second), then commits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
