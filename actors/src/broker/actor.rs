@@ -8,9 +8,10 @@
 //! each batch the store changes are committed and only then are the acknowledgements sent, so a
 //! client is never acknowledged for something that is not yet on disk. A batch's QoS 0/1
 //! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]). Asked to
-//! stop, the actor accepts no more connections and has each connection read out what its client
-//! still sends (the last acknowledgements of a subscriber that stopped before it); it handles
-//! that and its mailbox until every connection has ended (at most a second), then commits.
+//! stop, the actor accepts no more connections, and each connection goes on until its client is
+//! quiet (taking the last acknowledgements of a subscriber that stopped before the broker); the
+//! actor handles and answers all that, and its mailbox, until every connection has ended (at
+//! most a second), then commits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -598,7 +599,7 @@ fn answer(shell: &Shell, ctx: &ActorContext, replies: Vec<(Delivery, Reply)>) {
 /// still send (each stops after [`super::listener::STOP_QUIET`] without a byte).
 const STOP_LIMIT: Duration = Duration::from_secs(1);
 
-/// Stops the broker. It tells every connection to stop; each reads what its client still sends
+/// Stops the broker. It tells every connection to stop; each goes on until its client is quiet
 /// (acknowledgements above all: a subscriber that stopped just before, committing and
 /// acknowledging what it had, must not be sent it all again after the restart) and ends. The
 /// broker handles all of that, and what actors already sent it, until every connection has

@@ -7,12 +7,16 @@
 //! connection). Any error ends this connection only; a drop guard tells the actor it is gone,
 //! whether the task returned, failed or was aborted.
 //!
-//! A connection never leaves unread what its client sent before it went: when a write fails
-//! (the client closed, perhaps with a reset) and when the broker stops, the task first reads
-//! what is still coming ([`STOP_QUIET`] without a byte ends that) and hands its packets to the
-//! actor. So the acknowledgements a subscriber wrote just before it left are not lost with the
-//! connection, and what they acknowledge is not sent again to its next session. A stopping
-//! broker then tells an MQTT 5 client why it goes (DISCONNECT 0x8B, server shutting down).
+//! A connection never leaves unread what its client sent before it went. When a write fails
+//! (the client closed, perhaps with a reset), the task first reads what is still coming
+//! ([`STOP_QUIET`] without a byte ends that) and hands its packets to the actor. When the broker
+//! stops, the connection goes on as before, the broker answering what it reads, until its client
+//! has been quiet for [`STOP_QUIET`] (at most [`STOP_READ_LIMIT`]); then it writes what the
+//! broker answered last, tells an MQTT 5 client why it goes (DISCONNECT 0x8B, server shutting
+//! down) and ends. So the acknowledgements a subscriber wrote just before it left are not lost
+//! with the connection, and what they acknowledge is not sent again to its next session; and a
+//! publisher that goes on publishing while the broker stops is acknowledged for what the broker
+//! took, so it does not send that again either.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,7 +41,7 @@ use super::packet::{
 /// How long a new connection has to send CONNECT (and finish its TLS handshake).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connection that is ending reads on until its client has sent nothing for this long.
+/// A connection that is ending reads on until its client has sent nothing for this long...
 pub const STOP_QUIET: Duration = Duration::from_millis(20);
 /// ... and for at most this long in all.
 pub const STOP_READ_LIMIT: Duration = Duration::from_millis(500);
@@ -327,6 +331,10 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| Stop::Closed("broker gone".to_owned()))?;
     let mut out = BytesMut::with_capacity(4096);
     let mut last_read = tokio::time::Instant::now();
+    // Set once the broker is stopping: by when the connection goes at the latest. Until then it
+    // goes on as before (the broker still answers what it reads), and goes once its client has
+    // been quiet for `STOP_QUIET`.
+    let mut stop_by: Option<tokio::time::Instant> = None;
     loop {
         // Packets already buffered go first.
         loop {
@@ -342,7 +350,10 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(e) => return Err(cut_off(&mut stream, protocol, e).await),
             }
         }
-        let deadline = keepalive.map(|k| last_read + k);
+        let deadline = match stop_by {
+            Some(by) => Some((last_read + STOP_QUIET).min(by)),
+            None => keepalive.map(|k| last_read + k),
+        };
         tokio::select! {
             r = stream.read_buf(&mut buf) => {
                 if r? == 0 {
@@ -357,16 +368,7 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                 // Batch everything queued into one write.
                 loop {
                     match next {
-                        Some(Outgoing::Packet(p)) => {
-                            let before = out.len();
-                            if let Err(e) = encode(p, protocol, now, &mut out) {
-                                return Err(Stop::Closed(format!("could not encode a packet: {e}")));
-                            }
-                            if client_max.is_some_and(|m| out.len() - before > m) {
-                                // Larger than the client takes (MQTT 5): not sent.
-                                out.truncate(before);
-                            }
-                        }
+                        Some(Outgoing::Packet(p)) => encode_for(p, protocol, now, client_max, &mut out)?,
                         Some(Outgoing::Close) | None => { close = true; break; }
                     }
                     if out.len() > 64 * 1024 { break; }
@@ -379,7 +381,7 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                     // A client that reads nothing must not hold up a stopping broker.
                     let written = tokio::select! {
                         w = stream.write_all(&out) => Some(w),
-                        () = stopped(&mut stopping) => None,
+                        () = write_cut(&mut stopping, stop_by) => None,
                     };
                     match written {
                         Some(Ok(())) => out.clear(),
@@ -401,18 +403,62 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(());
                 }
             }
-            () = stopped(&mut stopping) => {
-                read_out(id, &mut stream, &mut decoder, &mut buf, &events).await?;
-                let code = DisconnectCode::ServerShuttingDown;
-                let bye = write_now(&mut stream, protocol, [ServerPacket::Disconnect(code)]);
-                let _ = tokio::time::timeout(STOP_QUIET, bye).await;
-                return Ok(());
+            () = stopped(&mut stopping), if stop_by.is_none() => {
+                let now = tokio::time::Instant::now();
+                stop_by = Some(now + STOP_READ_LIMIT);
+                last_read = now;
             }
             _ = sleep_until(deadline) => {
-                let code = DisconnectCode::KeepAliveTimeout;
-                let _ = write_now(&mut stream, protocol, [ServerPacket::Disconnect(code)]).await;
-                return Err(Stop::CutOff(code, "keepalive expired".to_owned()));
+                if stop_by.is_none() {
+                    let code = DisconnectCode::KeepAliveTimeout;
+                    let _ = write_now(&mut stream, protocol, [ServerPacket::Disconnect(code)]).await;
+                    return Err(Stop::CutOff(code, "keepalive expired".to_owned()));
+                }
+                // The broker is stopping and the client has gone quiet: take what is still
+                // coming, write what the broker has answered, say why, and go.
+                read_out(id, &mut stream, &mut decoder, &mut buf, &events).await?;
+                let now = unix_now();
+                while let Ok(Outgoing::Packet(p)) = rx.try_recv() {
+                    encode_for(p, protocol, now, client_max, &mut out)?;
+                }
+                let _ = encode(ServerPacket::Disconnect(DisconnectCode::ServerShuttingDown), protocol, now, &mut out);
+                let last = async {
+                    stream.write_all(&out).await?;
+                    stream.flush().await
+                };
+                let _ = tokio::time::timeout(STOP_QUIET, last).await;
+                return Ok(());
             }
+        }
+    }
+}
+
+/// Adds `p` to `out`, unless it is larger than the client takes (MQTT 5): then it is not sent.
+fn encode_for(
+    p: ServerPacket,
+    protocol: Protocol,
+    now: u64,
+    client_max: Option<usize>,
+    out: &mut BytesMut,
+) -> Result<(), Stop> {
+    let before = out.len();
+    if let Err(e) = encode(p, protocol, now, out) {
+        return Err(Stop::Closed(format!("could not encode a packet: {e}")));
+    }
+    if client_max.is_some_and(|m| out.len() - before > m) {
+        out.truncate(before);
+    }
+    Ok(())
+}
+
+/// Resolves when a write must be given up: [`STOP_READ_LIMIT`] after the broker began to stop
+/// (`stop_by`, once the connection knows).
+async fn write_cut(stopping: &mut watch::Receiver<bool>, stop_by: Option<tokio::time::Instant>) {
+    match stop_by {
+        Some(by) => tokio::time::sleep_until(by).await,
+        None => {
+            stopped(stopping).await;
+            tokio::time::sleep(STOP_READ_LIMIT).await;
         }
     }
 }
@@ -427,6 +473,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::packet::AckCode;
     use crate::broker::session::Message;
     use std::pin::Pin;
     use std::task::{Context, Poll};
@@ -635,6 +682,36 @@ mod tests {
             (Some(&0xE0), Some(&0x8B)),
             "{bye:?}"
         );
+    }
+
+    /// A publisher that goes on while the broker stops: what the broker took is acknowledged
+    /// before the connection goes, so the client has nothing to send again.
+    #[tokio::test]
+    async fn a_publisher_is_acknowledged_for_what_a_stopping_broker_took() {
+        let (stopping, stopping_rx) = watch::channel(false);
+        let (mut client, tx, mut events, _closed, task) = connect5(stopping_rx).await;
+        stopping.send_replace(true);
+        // QoS 1 PUBLISH, packet id 5, topic `t`, payload `x`, no properties.
+        client
+            .write_all(&[0x32, 7, 0, 1, b't', 0, 5, 0, b'x'])
+            .await
+            .unwrap();
+        let Some(ConnEvent::Packet(_, ClientPacket::Publish(p))) = events.recv().await else {
+            panic!("the publish was not handed over");
+        };
+        assert_eq!((p.topic.as_str(), p.pkid), ("t", 5));
+        tx.send(Outgoing::Packet(ServerPacket::PubAck(5, AckCode::Success)))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the connection ended")
+            .unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        // PUBACK 5 (4 bytes with MQTT 5's success code left out), then DISCONNECT 0x8B.
+        assert_eq!(&got[..4], [0x40, 2, 0, 5], "{got:?}");
+        assert_eq!((got[4], got[6]), (0xE0, 0x8B), "{got:?}");
     }
 
     /// A connection stuck writing to a client that reads nothing does not hold up a stopping
