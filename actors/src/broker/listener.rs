@@ -661,20 +661,33 @@ mod tests {
         acked
     }
 
+    /// The client acknowledges publish 9 and the broker stops: the acknowledgement is handed
+    /// over and the connection ends, within 2 s.
+    async fn acknowledge_as_the_broker_stops(
+        client: &mut tokio::net::TcpStream,
+        stopping: &watch::Sender<bool>,
+        events: &mut mpsc::Receiver<ConnEvent>,
+        closed: &mut mpsc::UnboundedReceiver<(ConnId, Ended)>,
+        task: tokio::task::JoinHandle<()>,
+    ) {
+        client.write_all(&[0x40, 2, 0, 9]).await.unwrap();
+        stopping.send_replace(true);
+        assert_eq!(acks(events).await, [9]);
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the connection ended")
+            .unwrap();
+        assert_eq!(closed.recv().await, Some((1, Ended::Closed)));
+    }
+
     /// A stopping broker: the connection hands over what its client sent last, and tells an
     /// MQTT 5 client why it goes.
     #[tokio::test]
     async fn a_stopping_broker_takes_what_the_client_sent_and_says_why_it_goes() {
         let (stopping, stopping_rx) = watch::channel(false);
         let (mut client, _tx, mut events, mut closed, task) = connect5(stopping_rx).await;
-        client.write_all(&[0x40, 2, 0, 9]).await.unwrap();
-        stopping.send_replace(true);
-        assert_eq!(acks(&mut events).await, [9]);
-        tokio::time::timeout(Duration::from_secs(2), task)
-            .await
-            .expect("the connection ended")
-            .unwrap();
-        assert_eq!(closed.recv().await, Some((1, Ended::Closed)));
+        acknowledge_as_the_broker_stops(&mut client, &stopping, &mut events, &mut closed, task)
+            .await;
         let mut bye = Vec::new();
         client.read_to_end(&mut bye).await.unwrap();
         assert_eq!(
@@ -733,13 +746,7 @@ mod tests {
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        client.write_all(&[0x40, 2, 0, 9]).await.unwrap();
-        stopping.send_replace(true);
-        assert_eq!(acks(&mut events).await, [9]);
-        tokio::time::timeout(Duration::from_secs(2), task)
-            .await
-            .expect("the connection ended")
-            .unwrap();
-        assert_eq!(closed.recv().await, Some((1, Ended::Closed)));
+        acknowledge_as_the_broker_stops(&mut client, &stopping, &mut events, &mut closed, task)
+            .await;
     }
 }
