@@ -308,7 +308,7 @@ fn ping_once_each(lab: &TunnelLab, counter: &EchoCounter, count: u32, what: &str
 }
 
 #[test]
-fn redundant_mode_loses_nothing_and_duplicates_nothing_when_a_router_dies() {
+fn redundant_mode_loses_nothing_and_answers_each_ping_once_when_a_router_dies() {
     if !root() {
         return;
     }
@@ -345,9 +345,12 @@ fn redundant_mode_loses_nothing_and_duplicates_nothing_when_a_router_dies() {
     assert_eq!(gap, 0, "{out}");
     assert!(replies >= 399, "{out}");
     assert!(!out.contains("DUP!"), "duplicates:\n{out}");
+    // A request the dying router forwarded just before its notice of it could leave reaches
+    // the server again from the other router (its first answer went back to the dead router):
+    // at most one such, as the kill comes at one instant.
     let reached = counter.requests(&lab.ns) - before;
     assert!(
-        (399..=400).contains(&reached),
+        (399..=401).contains(&reached),
         "{reached} echo requests reached the server for 400 sent"
     );
 

@@ -14,9 +14,13 @@
 //! 100 ms); when the endpoint moves here (the active router died), the held copies the old one
 //! never reported go out after a short grace for late notices (at least 10 ms and four round
 //! trips to the partner; doubled, up to 1 s, whenever a late notice shows a packet went out
-//! twice). So the network behind the routers sees each packet once, nothing is lost when the
-//! active router dies, and a flow never leaks through the standby router's NAT (which would reset
-//! a TCP connection). The rules are the pure [`Redundancy`] core, one per endpoint, whose window
+//! twice). So nothing is lost when the active router dies, the network behind the routers sees
+//! each packet once but for one exception, and a flow never leaks through the standby router's NAT
+//! (which would reset a TCP connection). The exception: a packet the active router forwarded in
+//! the instant it was killed, before the notice naming it left the process (the notice goes out
+//! just after its burst of packets), goes out again from the other router. The network then sees
+//! it twice; its answer, if any, came back to the dead router and was lost, so the endpoint sees
+//! it once. The rules are the pure [`Redundancy`] core, one per endpoint, whose window
 //! also drops repeated datagrams and starts afresh when the endpoint restarts (a new epoch). The
 //! routers of an endpoint need a direct cluster link for the notices; without one, the copies
 //! held when the endpoint moves all go out (no loss, some duplicates), and status counts the
