@@ -78,9 +78,13 @@ struct Shell {
 
 impl Shell {
     /// Commits the batch's store changes and carries out its actions (see [`Shell::deliver`]).
-    fn flush(&mut self, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> Result<(), ActorFailure> {
-        let ops = self.deliver(ctx, tasks);
-        self.commit(&ops, ctx, tasks)
+    fn flush(
+        &mut self,
+        ctx: &ActorContext,
+        notifier_tasks: &mut JoinSet<()>,
+    ) -> Result<(), ActorFailure> {
+        let ops = self.deliver(ctx, notifier_tasks);
+        self.commit(&ops, ctx, notifier_tasks)
     }
 
     /// Takes the batch's store changes and actions and carries out the deliveries that may go
@@ -88,7 +92,7 @@ impl Shell {
     /// [`BrokerCore::may_deliver_before_commit`]), in order per destination: once one action
     /// for a connection or an actor has to wait, the rest for it wait too. Acknowledgements
     /// always wait for the commit ([`Shell::commit`]). Returns the store changes.
-    fn deliver(&mut self, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> Vec<StoreOp> {
+    fn deliver(&mut self, ctx: &ActorContext, notifier_tasks: &mut JoinSet<()>) -> Vec<StoreOp> {
         let ops = self.core.take_store_ops();
         let early = self.core.may_deliver_before_commit();
         let mut actions = std::mem::take(&mut self.actions);
@@ -97,7 +101,7 @@ impl Shell {
         if early && !ops.is_empty() {
             let mut held = Held::default();
             for action in actions.extract_if(.., |a| held.lets_through(a)) {
-                dropped += self.act(action, ctx, tasks);
+                dropped += self.act(action, ctx, notifier_tasks);
             }
         }
         self.actions = actions;
@@ -110,7 +114,7 @@ impl Shell {
         &mut self,
         ops: &[StoreOp],
         ctx: &ActorContext,
-        tasks: &mut JoinSet<()>,
+        notifier_tasks: &mut JoinSet<()>,
     ) -> Result<(), ActorFailure> {
         self.store
             .apply(ops)
@@ -118,7 +122,7 @@ impl Shell {
         let mut actions = std::mem::take(&mut self.actions);
         let mut dropped = 0;
         for action in actions.drain(..) {
-            dropped += self.act(action, ctx, tasks);
+            dropped += self.act(action, ctx, notifier_tasks);
         }
         self.actions = actions;
         self.core.count_dropped(dropped);
@@ -126,7 +130,7 @@ impl Shell {
     }
 
     /// Carries out one action; returns how many QoS 0 messages it dropped (1 or 0).
-    fn act(&mut self, action: Action, ctx: &ActorContext, tasks: &mut JoinSet<()>) -> u64 {
+    fn act(&mut self, action: Action, ctx: &ActorContext, notifier_tasks: &mut JoinSet<()>) -> u64 {
         match action {
             Action::Send(id, packet) => {
                 let Some(tx) = self.conns.get(&id) else {
@@ -160,7 +164,7 @@ impl Shell {
                 let (tx, _) = self.notifiers.entry(to.clone()).or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(NOTICE_CHANNEL + self.notice_queue);
                     let handed = Arc::new(AtomicU64::new(0));
-                    tasks.spawn(notify_actor(
+                    notifier_tasks.spawn(notify_actor(
                         ctx.cluster.clone(),
                         ctx.address.clone(),
                         to.clone(),
@@ -292,7 +296,7 @@ async fn accept_loop(
     loop {
         tokio::select! {
             () = stopped(&mut stopping) => {
-                // Accept no more; each connection reads out what its client still sends.
+                // Accept no more; each connection goes on until its client is quiet.
                 drop(listener);
                 while conns.join_next().await.is_some() {}
                 return;
@@ -400,8 +404,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         outgoing_capacity: settings.limits.max_inflight as usize
             + (settings.limits.max_queued as usize).max(4096),
     };
-    // Actor notifiers.
-    let mut tasks = JoinSet::new();
+    let mut notifier_tasks = JoinSet::new();
     let (stopping, stopping_rx) = watch::channel(false);
     let mut listeners = JoinSet::new();
     let mut bound = Vec::new();
@@ -424,7 +427,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     }
     info!(listeners = ?bound, "broker listening");
     shell.core.start();
-    shell.flush(&ctx, &mut tasks)?;
+    shell.flush(&ctx, &mut notifier_tasks)?;
     ctx.started();
 
     let started = Instant::now();
@@ -438,7 +441,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         tokio::select! {
             biased;
             event = ctx.next_event() => match event {
-                ActorEvent::Shutdown => return stop(&mut shell, &mut ctx, &mut events, &mut tasks, &stopping, &mut listeners).await,
+                ActorEvent::Shutdown => return stop(&mut shell, &mut ctx, &mut events, &mut notifier_tasks, &stopping, &mut listeners).await,
                 ActorEvent::Reconfigure(ActorSettings::Broker(s)) => {
                     shell.core.set_policy(policy(&s));
                     shell.core.set_limits(s.limits.clone());
@@ -464,10 +467,10 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                             None => break,
                         }
                     }
-                    shell.flush(&ctx, &mut tasks)?;
+                    shell.flush(&ctx, &mut notifier_tasks)?;
                     answer(&shell, &ctx, replies);
                     if stop {
-                        return self::stop(&mut shell, &mut ctx, &mut events, &mut tasks, &stopping, &mut listeners).await;
+                        return self::stop(&mut shell, &mut ctx, &mut events, &mut notifier_tasks, &stopping, &mut listeners).await;
                     }
                 }
             },
@@ -500,7 +503,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 if ticks % 10 == 1 {
                     publish_sys(&mut shell.core, started.elapsed());
                 }
-                shell.flush(&ctx, &mut tasks)?;
+                shell.flush(&ctx, &mut notifier_tasks)?;
             }
             Some(ev) = events.recv() => {
                 let mut n = 0;
@@ -513,7 +516,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     n += 1;
                     next = if n < BATCH { events.try_recv().ok() } else { None };
                 }
-                shell.flush(&ctx, &mut tasks)?;
+                shell.flush(&ctx, &mut notifier_tasks)?;
             }
             Some(first) = closed.recv() => {
                 let mut next = Some(first);
@@ -521,14 +524,14 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     shell.conn_ended(id, how);
                     next = closed.try_recv().ok();
                 }
-                shell.flush(&ctx, &mut tasks)?;
+                shell.flush(&ctx, &mut notifier_tasks)?;
             }
             Some(done) = listeners.join_next() => {
                 if let Err(e) = done && e.is_panic() {
                     return Err(ActorFailure::new("a broker listener task panicked"));
                 }
             }
-            Some(done) = tasks.join_next() => {
+            Some(done) = notifier_tasks.join_next() => {
                 if let Err(e) = done && e.is_panic() {
                     return Err(ActorFailure::new("a broker notifier task panicked"));
                 }
@@ -595,8 +598,9 @@ fn answer(shell: &Shell, ctx: &ActorContext, replies: Vec<(Delivery, Reply)>) {
     }
 }
 
-/// How long a stopping broker waits in all for its connections to read out what their clients
-/// still send (each stops after [`super::listener::STOP_QUIET`] without a byte).
+/// How long a stopping broker waits in all for its connections to end (each ends once its
+/// client has been quiet for [`super::listener::STOP_QUIET`], at most half a second after the
+/// stop, and then takes one more quiet spell at most).
 const STOP_LIMIT: Duration = Duration::from_secs(1);
 
 /// Stops the broker. It tells every connection to stop; each goes on until its client is quiet
@@ -609,15 +613,17 @@ async fn stop(
     shell: &mut Shell,
     ctx: &mut ActorContext,
     events: &mut mpsc::Receiver<ConnEvent>,
-    tasks: &mut JoinSet<()>,
+    notifier_tasks: &mut JoinSet<()>,
     stopping: &watch::Sender<bool>,
     listeners: &mut JoinSet<()>,
 ) -> Result<(), ActorFailure> {
     stopping.send_replace(true);
     let until = tokio::time::Instant::now() + STOP_LIMIT;
     loop {
+        // A batch at a time, as while running, so that each is committed and answered.
         let mut replies = Vec::new();
-        while replies.len() < BATCH {
+        let mut handled = 0;
+        while handled < BATCH {
             if let Some(d) = ctx.queued() {
                 handle_message(shell, ctx, d, &mut replies);
             } else if let Ok(ev) = events.try_recv() {
@@ -625,9 +631,16 @@ async fn stop(
             } else {
                 break;
             }
+            handled += 1;
         }
-        shell.flush(ctx, tasks)?;
+        shell.flush(ctx, notifier_tasks)?;
         answer(shell, ctx, replies);
+        if tokio::time::Instant::now() >= until {
+            return Ok(());
+        }
+        if handled == BATCH {
+            continue;
+        }
         if listeners.is_empty() && events.is_empty() {
             return Ok(());
         }

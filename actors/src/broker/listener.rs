@@ -11,7 +11,7 @@
 //! (the client closed, perhaps with a reset), the task first reads what is still coming
 //! ([`STOP_QUIET`] without a byte ends that) and hands its packets to the actor. When the broker
 //! stops, the connection goes on as before, the broker answering what it reads, until its client
-//! has been quiet for [`STOP_QUIET`] (at most [`STOP_READ_LIMIT`]); then it writes what the
+//! has been quiet for [`STOP_QUIET`] (at most [`CONN_STOP_LIMIT`]); then it writes what the
 //! broker answered last, tells an MQTT 5 client why it goes (DISCONNECT 0x8B, server shutting
 //! down) and ends. So the acknowledgements a subscriber wrote just before it left are not lost
 //! with the connection, and what they acknowledge is not sent again to its next session; and a
@@ -41,10 +41,11 @@ use super::packet::{
 /// How long a new connection has to send CONNECT (and finish its TLS handshake).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connection that is ending reads on until its client has sent nothing for this long...
+/// A connection that is ending (its broker stopping, or its write failed) goes on reading
+/// until its client has sent nothing for this long...
 pub const STOP_QUIET: Duration = Duration::from_millis(20);
-/// ... and for at most this long in all.
-pub const STOP_READ_LIMIT: Duration = Duration::from_millis(500);
+/// ... and for at most this long after the stop (or the failed write).
+const CONN_STOP_LIMIT: Duration = Duration::from_millis(500);
 
 /// What a connection task tells the broker actor.
 #[derive(Debug)]
@@ -261,16 +262,16 @@ async fn hand_over(
 }
 
 /// Reads and hands over what the client still sends, until [`STOP_QUIET`] passes without a
-/// byte, the socket ends, or [`STOP_READ_LIMIT`]. Used when the connection is ending: its last
-/// packets (acknowledgements above all) must reach the actor.
+/// byte, the socket ends, or `until` (what is readable then is still taken). Used when the
+/// connection is ending: its last packets (acknowledgements above all) must reach the actor.
 async fn read_out<S: AsyncRead + Unpin>(
     id: ConnId,
     stream: &mut S,
     decoder: &mut Decoder,
     buf: &mut BytesMut,
     events: &mpsc::Sender<ConnEvent>,
+    until: tokio::time::Instant,
 ) -> Result<(), Stop> {
-    let until = tokio::time::Instant::now() + STOP_READ_LIMIT;
     loop {
         hand_over(id, decoder, buf, events).await?;
         let quiet = tokio::time::Instant::now() + STOP_QUIET;
@@ -387,12 +388,15 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                         Some(Ok(())) => out.clear(),
                         Some(Err(e)) => {
                             // Gone (perhaps with a reset): what it sent before still counts.
-                            read_out(id, &mut stream, &mut decoder, &mut buf, &events).await?;
+                            let until = stop_by.unwrap_or_else(|| tokio::time::Instant::now() + CONN_STOP_LIMIT);
+                            read_out(id, &mut stream, &mut decoder, &mut buf, &events, until).await?;
                             return Err(e.into());
                         }
                         None => {
-                            // Cut in the middle of a packet: nothing more can be written.
-                            read_out(id, &mut stream, &mut decoder, &mut buf, &events).await?;
+                            // Cut in the middle of a packet, its time up: nothing more can be
+                            // written, and what the client sent is taken for one quiet spell.
+                            let until = tokio::time::Instant::now() + STOP_QUIET;
+                            read_out(id, &mut stream, &mut decoder, &mut buf, &events, until).await?;
                             return Ok(());
                         }
                     }
@@ -405,7 +409,7 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
             }
             () = stopped(&mut stopping), if stop_by.is_none() => {
                 let now = tokio::time::Instant::now();
-                stop_by = Some(now + STOP_READ_LIMIT);
+                stop_by = Some(now + CONN_STOP_LIMIT);
                 last_read = now;
             }
             _ = sleep_until(deadline) => {
@@ -414,9 +418,10 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                     let _ = write_now(&mut stream, protocol, [ServerPacket::Disconnect(code)]).await;
                     return Err(Stop::CutOff(code, "keepalive expired".to_owned()));
                 }
-                // The broker is stopping and the client has gone quiet: take what is still
-                // coming, write what the broker has answered, say why, and go.
-                read_out(id, &mut stream, &mut decoder, &mut buf, &events).await?;
+                // The broker is stopping and the client has gone quiet (or its time is up):
+                // take what is still coming, write what the broker has answered, say why, go.
+                let until = stop_by.unwrap_or_else(tokio::time::Instant::now);
+                read_out(id, &mut stream, &mut decoder, &mut buf, &events, until).await?;
                 let now = unix_now();
                 while let Ok(Outgoing::Packet(p)) = rx.try_recv() {
                     encode_for(p, protocol, now, client_max, &mut out)?;
@@ -451,14 +456,14 @@ fn encode_for(
     Ok(())
 }
 
-/// Resolves when a write must be given up: [`STOP_READ_LIMIT`] after the broker began to stop
+/// Resolves when a write must be given up: [`CONN_STOP_LIMIT`] after the broker began to stop
 /// (`stop_by`, once the connection knows).
 async fn write_cut(stopping: &mut watch::Receiver<bool>, stop_by: Option<tokio::time::Instant>) {
     match stop_by {
         Some(by) => tokio::time::sleep_until(by).await,
         None => {
             stopped(stopping).await;
-            tokio::time::sleep(STOP_READ_LIMIT).await;
+            tokio::time::sleep(CONN_STOP_LIMIT).await;
         }
     }
 }
