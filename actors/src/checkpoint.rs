@@ -11,9 +11,14 @@
 //! rewinds the log only when the last checkpoint copied all of it), so under a steady stream
 //! the log would grow by every commit, without end (about 8 KB per message at 1,000 messages a
 //! second). Once it holds more than [`LOG_MAX`] bytes, the thread checkpoints in RESTART mode
-//! instead: the writer waits for that one checkpoint (it copies only what came since the last,
-//! and syncs), and its next commit writes the log from the start again. The file keeps its
-//! size (truncating it would cost the writer far longer).
+//! instead: the writer waits for that one checkpoint (it copies only what came since the
+//! passive one just before, and syncs: well under a millisecond on a disk whose sync is fast),
+//! and its next commit writes the log from the start again. The file keeps its size
+//! (truncating it would cost the writer far longer).
+//!
+//! The bound is small on purpose. A log that starts over early is written into pages the
+//! kernel already caches; one that grows has every commit extend the file, which costs the
+//! writer a page allocation per frame and leaves a file of [`LOG_MAX`] beside each store.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,8 +29,9 @@ use rusqlite::Connection;
 
 /// How often the log is copied into the database.
 const EVERY: Duration = Duration::from_millis(250);
-/// The log size past which it is checkpointed in RESTART mode (the writer waits for that one).
-const LOG_MAX: u64 = 64 << 20;
+/// The log size past which it is checkpointed in RESTART mode (the writer waits for that one):
+/// about half a second of commits at 1,000 messages a second.
+const LOG_MAX: u64 = 4 << 20;
 /// How long a RESTART checkpoint waits for the writer's transaction, or for a reader, before it
 /// gives up until the next round (it holds the writer off meanwhile).
 const RESTART_WAIT: Duration = Duration::from_secs(1);
