@@ -992,3 +992,59 @@ fn mqtt5_session_and_message_properties_survive_a_broker_kill() {
     let left = m["properties"]["message-expiry-interval"].as_u64().unwrap();
     assert!((500..=600).contains(&left), "{left}");
 }
+
+/// A subscriber's PUBACK only forgets a message: it waits for the broker's next commit (a
+/// publish's) rather than costing a commit of its own, and it is on disk soon after, so that
+/// nothing acknowledged comes back after the broker is killed.
+#[test]
+fn acknowledgements_ride_with_the_next_commit_and_do_not_come_back() {
+    let b = start();
+    let commits = || b.detail()["store_commits"].as_u64().expect("store_commits");
+    let before = commits();
+    let out = paho(
+        b.dir(),
+        &format!(
+            r#"
+import os, time, paho.mqtt.client as mqtt
+got = []
+sub = mqtt.Client(client_id="acker", clean_session=False)
+sub.on_message = lambda c, u, m: got.append(m.payload.decode())
+sub.connect("127.0.0.1", {port})
+sub.loop_start()
+sub.subscribe("p/acked", qos=1)[1]
+time.sleep(0.3)
+pub = mqtt.Client(client_id="acked-pub")
+pub.connect("127.0.0.1", {port})
+pub.loop_start()
+for i in range(20):
+    pub.publish("p/acked", str(i), qos=1).wait_for_publish()
+    time.sleep(0.005)
+end = time.time() + 5
+while len(got) < 20 and time.time() < end:
+    time.sleep(0.01)
+print(",".join(got))
+time.sleep(0.3)
+os._exit(0)
+"#,
+            port = b.tcp
+        ),
+    );
+    let want: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    assert_eq!(out.trim(), want.join(","));
+    // The status is refreshed each second.
+    std::thread::sleep(Duration::from_millis(1200));
+    let spent = commits() - before;
+    // 20 publishes at QoS 1 to a persistent session: a commit each, plus the sessions' own
+    // (connects, the subscription, the ends) and the last acknowledgement's. One commit per
+    // acknowledgement as well would make it at least 40.
+    assert!(spent <= 30, "{spent} commits for 20 messages");
+    b.kill_and_wait_back();
+    let s = Sub::spawn(
+        b.dir(),
+        b.tcp,
+        &["-c", "-i", "acker", "-q", "1", "-t", "p/acked"],
+    );
+    s.wait_ready();
+    let back = s.quiet(Duration::from_millis(500));
+    assert!(back.is_empty(), "acknowledged messages came back: {back:?}");
+}

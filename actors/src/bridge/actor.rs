@@ -1392,9 +1392,10 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     }
 }
 
-/// Acknowledges the notices `ids` to the broker on `side`; its answer is reported when `mark`
-/// (the spool marks them acknowledged). No call when `ids` is empty (a batch whose notices all
-/// went to the link directly: they are acknowledged once delivered).
+/// Acknowledges the notices `ids` to the broker on `side`: by a call whose answer is reported
+/// when `mark` (the spool marks them acknowledged), otherwise by a message that asks for no
+/// answer. Nothing when `ids` is empty (a batch whose notices all went to the link directly:
+/// they are acknowledged once delivered).
 fn acknowledge(
     b: &Bridge,
     tasks: &mut JoinSet<()>,
@@ -1417,11 +1418,17 @@ fn acknowledge(
             ids: ids.clone(),
             subscriber: None,
         };
+        if !mark {
+            // Nothing waits for the broker to have it: a lost ack costs a notice sent again.
+            if let Err(e) = cluster.send(&broker, Some(&me), &m).await {
+                debug!(%broker, "ack not delivered: {e}");
+            }
+            return;
+        }
         if cluster
             .call::<_, ()>(&broker, Some(&me), &m, Some(CALL_TIMEOUT))
             .await
             .is_ok()
-            && mark
         {
             let source = broker.to_string();
             let _ = tx.send(Report::Acked { source, ids }).await;

@@ -7,7 +7,8 @@
 //! connection failing touches no other. Events from connections are handled in batches; after
 //! each batch the store changes are committed and only then are the acknowledgements sent, so a
 //! client is never acknowledged for something that is not yet on disk. A batch's QoS 0/1
-//! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]). Asked to
+//! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]); a batch
+//! of acknowledgements alone waits for the next commit (see [`Shell::settle`]). Asked to
 //! stop, the actor accepts no more connections, and each connection goes on until its client is
 //! quiet (taking the last acknowledgements of a subscriber that stopped before the broker); the
 //! actor handles and answers all that, and its mailbox, until every connection has ended (at
@@ -55,6 +56,9 @@ const NOTICE_QUEUE: usize = 4096;
 const NOTICE_CHANNEL: usize = 2 * super::ACTOR_WINDOW_MAX as usize;
 /// Notices sent to an actor subscriber in one `send_batch`.
 const NOTICE_BATCH: usize = 1024;
+/// How long a batch of acknowledgements alone may wait to be committed with the next batch
+/// (see [`Shell::settle`]).
+const DEFER_LIMIT: Duration = Duration::from_millis(50);
 
 fn policy(s: &BrokerSettings) -> AccessPolicy {
     AccessPolicy::new(s.allow_anonymous, s.users.clone(), s.acl.clone())
@@ -73,10 +77,50 @@ struct Shell {
     /// this QoS 0 ones are dropped and counted, as for a client connection.
     notice_queue: usize,
     actions: Vec<Action>,
+    /// Acknowledgements held for the next commit (see [`Shell::settle`]).
+    deferred: Deferred,
     panics: u64,
 }
 
+/// Batches of acknowledgements alone, not yet committed, and the replies that wait for them.
+#[derive(Default)]
+struct Deferred {
+    ops: Vec<StoreOp>,
+    replies: Vec<(Delivery, Reply)>,
+    /// When they are committed at the latest.
+    until: Option<tokio::time::Instant>,
+}
+
 impl Shell {
+    /// Like [`Shell::flush`], then replies; but a batch whose store changes only forget what
+    /// subscribers acknowledged (a bridge's or a collector's acks, a client's PUBACK), and
+    /// whose actions have all gone, is not committed on its own: it waits, with its replies,
+    /// for the next commit, at most [`DEFER_LIMIT`]. Under a steady stream each message then
+    /// costs one commit, not two (its notice's insert and, once acknowledged, its delete). A
+    /// crash in between forgets nothing anyone was told is safe: the acknowledged messages
+    /// come back from disk and go again (QoS 1, at least once), and the calls held have no
+    /// reply yet.
+    fn settle(
+        &mut self,
+        ctx: &ActorContext,
+        notifier_tasks: &mut JoinSet<()>,
+        replies: Vec<(Delivery, Reply)>,
+    ) -> Result<(), ActorFailure> {
+        let ops = self.deliver(ctx, notifier_tasks);
+        if !ops.is_empty() && self.actions.is_empty() && ops.iter().all(StoreOp::is_acknowledgement)
+        {
+            self.deferred.ops.extend(ops);
+            self.deferred.replies.extend(replies);
+            self.deferred
+                .until
+                .get_or_insert_with(|| tokio::time::Instant::now() + DEFER_LIMIT);
+            return Ok(());
+        }
+        self.commit(ops, ctx, notifier_tasks)?;
+        answer(self, ctx, replies);
+        Ok(())
+    }
+
     /// Commits the batch's store changes and carries out its actions (see [`Shell::deliver`]).
     fn flush(
         &mut self,
@@ -84,7 +128,7 @@ impl Shell {
         notifier_tasks: &mut JoinSet<()>,
     ) -> Result<(), ActorFailure> {
         let ops = self.deliver(ctx, notifier_tasks);
-        self.commit(&ops, ctx, notifier_tasks)
+        self.commit(ops, ctx, notifier_tasks)
     }
 
     /// Takes the batch's store changes and actions and carries out the deliveries that may go
@@ -109,16 +153,27 @@ impl Shell {
         ops
     }
 
-    /// Commits `ops`, then carries out the actions still waiting.
+    /// Commits the deferred acknowledgements and `ops`, then carries out the actions still
+    /// waiting and answers the deferred replies.
     fn commit(
         &mut self,
-        ops: &[StoreOp],
+        ops: Vec<StoreOp>,
         ctx: &ActorContext,
         notifier_tasks: &mut JoinSet<()>,
     ) -> Result<(), ActorFailure> {
+        let ops = if self.deferred.ops.is_empty() {
+            ops
+        } else {
+            let mut all = std::mem::take(&mut self.deferred.ops);
+            all.extend(ops);
+            all
+        };
         self.store
-            .apply(ops)
+            .apply(&ops)
             .map_err(|e| ActorFailure::new(e.to_string()))?;
+        self.deferred.until = None;
+        let replies = std::mem::take(&mut self.deferred.replies);
+        answer(self, ctx, replies);
         let mut actions = std::mem::take(&mut self.actions);
         let mut dropped = 0;
         for action in actions.drain(..) {
@@ -391,6 +446,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         notice_queue: settings.limits.max_inflight as usize
             + (settings.limits.max_queued as usize).max(NOTICE_QUEUE),
         actions: Vec::new(),
+        deferred: Deferred::default(),
         panics: 0,
     };
 
@@ -467,8 +523,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                             None => break,
                         }
                     }
-                    shell.flush(&ctx, &mut notifier_tasks)?;
-                    answer(&shell, &ctx, replies);
+                    shell.settle(&ctx, &mut notifier_tasks, replies)?;
                     if stop {
                         return self::stop(&mut shell, &mut ctx, &mut events, &mut notifier_tasks, &stopping, &mut listeners).await;
                     }
@@ -495,6 +550,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     "auth_failures": now.auth_failures,
                     "protocol_errors": now.protocol_errors,
                     "connection_panics": shell.panics,
+                    "store_commits": shell.store.commits(),
                     "children": shell.children(&ctx.address),
                     "children_total": shell.core.connections(),
                 });
@@ -516,8 +572,9 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     n += 1;
                     next = if n < BATCH { events.try_recv().ok() } else { None };
                 }
-                shell.flush(&ctx, &mut notifier_tasks)?;
+                shell.settle(&ctx, &mut notifier_tasks, Vec::new())?;
             }
+            _ = deadline(shell.deferred.until) => shell.flush(&ctx, &mut notifier_tasks)?,
             Some(first) = closed.recv() => {
                 let mut next = Some(first);
                 while let Some((id, how)) = next {
@@ -537,6 +594,14 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                 }
             }
         }
+    }
+}
+
+/// Resolves at `at`; never when there is none.
+async fn deadline(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -176,6 +176,17 @@ pub enum StoreOp {
     },
 }
 
+impl StoreOp {
+    /// True for a change that only forgets what a subscriber has acknowledged: left undone by a
+    /// crash, it costs a delivery again, never a loss.
+    pub fn is_acknowledgement(&self) -> bool {
+        matches!(
+            self,
+            StoreOp::DeleteMessage { .. } | StoreOp::DeleteActorMessages { .. }
+        )
+    }
+}
+
 /// Running totals, for status and `$SYS`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {

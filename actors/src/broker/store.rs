@@ -28,6 +28,8 @@ type SessionMessages = (Vec<InFlight>, Vec<(u64, Message)>);
 /// The SQLite file.
 pub struct BrokerStore {
     db: Connection,
+    /// Transactions committed since the store was opened.
+    commits: u64,
     /// Checkpoints the write-ahead log from a thread of its own, so no commit waits for fsync.
     _checkpoints: crate::checkpoint::Checkpointer,
 }
@@ -197,6 +199,7 @@ impl BrokerStore {
         let checkpoints = crate::checkpoint::Checkpointer::start(&db, path, "broker-checkpoint")?;
         Ok(BrokerStore {
             db,
+            commits: 0,
             _checkpoints: checkpoints,
         })
     }
@@ -501,7 +504,13 @@ impl BrokerStore {
             }
         }
         tx.commit()?;
+        self.commits += 1;
         Ok(())
+    }
+
+    /// Transactions committed since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.commits
     }
 }
 
