@@ -1035,9 +1035,10 @@ os._exit(0)
     std::thread::sleep(Duration::from_millis(1200));
     let spent = commits() - before;
     // 20 publishes at QoS 1 to a persistent session: a commit each, plus the sessions' own
-    // (connects, the subscription, the ends) and the last acknowledgement's. One commit per
-    // acknowledgement as well would make it at least 40.
-    assert!(spent <= 30, "{spent} commits for 20 messages");
+    // (connects, the subscription, the ends) and the last acknowledgement's: 23 here, with
+    // room for a few acknowledgements that waited out the limit on a loaded machine. One
+    // commit per acknowledgement as well makes it at least 40 (42 here).
+    assert!(spent <= 34, "{spent} commits for 20 messages");
     b.kill_and_wait_back();
     let s = Sub::spawn(
         b.dir(),
