@@ -496,6 +496,57 @@ fn wait_spooled(w: &Workdir, node: &str, address: &str, at_least: u64) {
     );
 }
 
+/// A far broker drops a publish at or below its stream's mark as a repeat: a bridge whose
+/// spool is made afresh (its data directory cleared) numbers from 1 again, so it must not go
+/// on under the old stream, or its messages would vanish until they passed the old mark.
+#[test]
+fn a_bridge_whose_data_directory_was_cleared_is_not_taken_for_a_repeat() {
+    let (p1, p2) = (free_tcp_port(), free_tcp_port());
+    let config = format!(
+        r##"{}
+[[actor]]
+name = "bridge"
+node = "site"
+kind = "bridge"
+local = "site/broker"
+remote = "cloud/broker"
+topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
+"##,
+        cluster(&[("site", p1), ("cloud", p2)]),
+    );
+    let w = Workdir::new(&config);
+    let mut nodes = start_all(&w, &["site", "cloud"]);
+    wait_connected(&w, "site", "site/bridge");
+    let d = w.path();
+    let far = Sub::spawn(d, p2, &["-q", "1", "-t", "gas/#"]);
+    far.wait_ready();
+    for n in 1..=5 {
+        pub1(d, p1, "gas/s1", &format!("before-{n}"));
+    }
+    assert_eq!(far.take(5, SECS).len(), 5);
+    nodes[0].signal(15);
+    assert!(nodes[0].wait_exit(SECS).is_some(), "site did not stop");
+    let data = d.join(".colony/br/site/bridge");
+    assert!(
+        data.join("spool.sqlite").exists(),
+        "no spool in {}",
+        data.display()
+    );
+    std::fs::remove_dir_all(&data).unwrap();
+    nodes[0] = w.start_node("site");
+    wait_connected(&w, "site", "site/bridge");
+    for n in 1..=3 {
+        pub1(d, p1, "gas/s1", &format!("after-{n}"));
+    }
+    let got = receive(&far, 3, SECS, Duration::from_millis(500));
+    assert_eq!(
+        tally(&got),
+        expect(&["gas/s1 after-1", "gas/s1 after-2", "gas/s1 after-3"]),
+        "bridge: {}",
+        detail(&w, "site", "site/bridge")
+    );
+}
+
 #[test]
 fn ten_thousand_messages_survive_a_remote_outage_a_bridge_kill_and_a_node_restart() {
     let (p1, p2) = (free_tcp_port(), free_tcp_port());

@@ -1115,13 +1115,20 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
     let min = Duration::from_millis(settings.reconnect_min_ms);
     let max = Duration::from_millis(settings.reconnect_max_ms);
 
+    // The far broker keeps a high-water mark per stream: a spool made afresh numbers from 1
+    // again, so its streams take its own name (see `Spool::numbering`).
+    let numbering = spool.numbering().to_owned();
+    let stream_of = |dir: Dir| match numbering.as_str() {
+        "" => format!("bridge:{me}:{}", dir.as_str()),
+        n => format!("bridge:{me}:{}:{n}", dir.as_str()),
+    };
     let colony_lane_for = |tasks: &mut JoinSet<()>, to: &Address, dir: Dir| {
         let (tx, rx) = mpsc::channel(COLONY_WINDOW);
         tasks.spawn(colony_lane(
             cluster.clone(),
             me.clone(),
             to.clone(),
-            format!("bridge:{me}:{}", dir.as_str()),
+            stream_of(dir),
             dir,
             rx,
             lane_tx.clone(),

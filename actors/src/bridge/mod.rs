@@ -8,7 +8,8 @@
 //! (acknowledged only once spooled); QoS 1/2 ones go through the [`spool`] on disk and leave it
 //! in order once the far side has them: a Colony broker acknowledges a publish once it is
 //! committed, and drops a repeat of one it already has (each direction is a publish stream
-//! numbered by the spool), so Colony to Colony forwarding is exactly once across restarts and
+//! numbered by the spool, and named after the spool file so that a spool made afresh starts a
+//! stream of its own), so Colony to Colony forwarding is exactly once across restarts and
 //! outages; an external broker acknowledges with PUBACK/PUBREC, and what was in flight when the
 //! connection broke is sent again (at least once). While an external broker keeps up, the local
 //! broker's messages go to it without the spool: the local broker holds each on disk until the

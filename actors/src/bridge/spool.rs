@@ -130,6 +130,8 @@ pub struct Spool {
     done: [Vec<u64>; 2],
     /// A transaction is open with staged appends ([`Spool::stage`]).
     open: bool,
+    /// Names this spool file's numbering (see [`Spool::numbering`]).
+    numbering: String,
     _checkpoints: crate::checkpoint::Checkpointer,
 }
 
@@ -172,10 +174,42 @@ CREATE TABLE IF NOT EXISTS counters (
     dropped_full INTEGER NOT NULL,
     dropped_expired INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 ";
 
 /// How long a notice is remembered after its acknowledgement reached the broker.
 const SEEN_AFTER_ACK_MS: u64 = 60_000;
+
+/// The file's numbering name (see [`Spool::numbering`]), made and saved on first use: random for
+/// a new file, empty for one that numbered messages before it had a name.
+fn numbering(conn: &Connection) -> Result<String, rusqlite::Error> {
+    let saved: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'numbering'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if let Some(name) = saved {
+        return Ok(name);
+    }
+    let numbered_before: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'spool')",
+        [],
+        |r| r.get(0),
+    )?;
+    let name = if numbered_before {
+        String::new()
+    } else {
+        format!("{:016x}", rand::random::<u64>())
+    };
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('numbering', ?1)",
+        [&name],
+    )?;
+    Ok(name)
+}
 
 fn size(topic: &str, payload: &[u8]) -> u64 {
     (topic.len() + payload.len()) as u64
@@ -196,8 +230,10 @@ impl Spool {
             last: [0; 2],
             done: [Vec::new(), Vec::new()],
             open: false,
+            numbering: String::new(),
             _checkpoints: checkpoints,
         };
+        s.numbering = numbering(&s.conn)?;
         for dir in [Dir::Out, Dir::In] {
             let (messages, bytes): (u64, u64) = s.conn.query_row(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool WHERE dir = ?1",
@@ -226,6 +262,16 @@ impl Spool {
             };
         }
         Ok(s)
+    }
+
+    /// A name for this file's numbering of messages, chosen when the file was created: a far
+    /// broker keeps the highest seq it accepted per stream, so a spool made afresh (its file
+    /// lost, or its data directory cleared), which numbers from 1 again, must not go on under
+    /// the same stream name, or every message up to the old mark would be taken for a repeat
+    /// and dropped. Empty for a file made before spools named their numbering (it goes on
+    /// under the name it had).
+    pub fn numbering(&self) -> &str {
+        &self.numbering
     }
 
     /// New bounds (applied at the next append or expiry).
@@ -602,6 +648,38 @@ mod tests {
             max_bytes: 1 << 20,
             max_age_ms: 60_000,
         }
+    }
+
+    #[test]
+    fn a_spool_made_afresh_numbers_under_a_name_of_its_own_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.sqlite");
+        let first = Spool::open(&path, bounds()).unwrap().numbering().to_owned();
+        assert_eq!(first.len(), 16, "{first:?}");
+        assert_eq!(Spool::open(&path, bounds()).unwrap().numbering(), first);
+        // The file lost: the new one numbers from 1 again, under another name.
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        let mut s = Spool::open(&path, bounds()).unwrap();
+        assert_ne!(s.numbering(), first);
+        let appended = s.append(Dir::Out, &[entry("t/0", None)], 1000).unwrap();
+        assert_eq!(appended.rows[0].seq, 1);
+    }
+
+    #[test]
+    fn a_spool_that_numbered_before_it_had_a_name_goes_on_under_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.sqlite");
+        let mut s = Spool::open(&path, bounds()).unwrap();
+        s.append(Dir::Out, &[entry("t/0", None)], 1000).unwrap();
+        drop(s);
+        // As a file from before: numbered, with no name saved.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM meta", []).unwrap();
+        drop(conn);
+        assert_eq!(Spool::open(&path, bounds()).unwrap().numbering(), "");
+        assert_eq!(Spool::open(&path, bounds()).unwrap().numbering(), "");
     }
 
     #[test]
