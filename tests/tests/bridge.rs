@@ -41,6 +41,21 @@ fn cluster(sites: &[(&str, u16)]) -> String {
     text
 }
 
+/// Two nodes, `site` and `cloud`, each with a broker (on MQTT ports `p1` and `p2`), and the
+/// bridge `site/bridge` between them with its `topics` and an `extra` setting (or none).
+fn site_and_cloud(p1: u16, p2: u16, topics: &str, extra: &str) -> String {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!("{extra}\n")
+    };
+    format!(
+        "{}[[actor]]\nname = \"bridge\"\nnode = \"site\"\nkind = \"bridge\"\n\
+         local = \"site/broker\"\nremote = \"cloud/broker\"\n{extra}topics = {topics}\n",
+        cluster(&[("site", p1), ("cloud", p2)])
+    )
+}
+
 /// Starts every node of `w` and waits until all are healthy.
 fn start_all(w: &Workdir, names: &[&str]) -> Vec<NodeProc> {
     let nodes: Vec<_> = names.iter().map(|n| w.start_node(n)).collect();
@@ -99,23 +114,17 @@ fn pub1(dir: &Path, port: u16, topic: &str, payload: &str) {
 #[test]
 fn two_nodes_out_in_both_and_prefixes_deliver_what_they_should_and_nothing_else() {
     let (p1, p2) = (free_tcp_port(), free_tcp_port());
-    let config = format!(
-        r##"{}
-[[actor]]
-name = "bridge"
-node = "site"
-kind = "bridge"
-local = "site/broker"
-remote = "cloud/broker"
-topics = [
-  {{ pattern = "up/#", direction = "out", qos = 1 }},
-  {{ pattern = "down/#", direction = "in", qos = 1 }},
-  {{ pattern = "sync/#", direction = "both", qos = 1 }},
-  {{ pattern = "#", direction = "out", qos = 1, local_prefix = "site/", remote_prefix = "sites/s1/" }},
-  {{ pattern = "cmd/#", direction = "in", qos = 0, local_prefix = "ctl/", remote_prefix = "sites/s1/" }},
-]
-"##,
-        cluster(&[("site", p1), ("cloud", p2)]),
+    let config = site_and_cloud(
+        p1,
+        p2,
+        r##"[
+  { pattern = "up/#", direction = "out", qos = 1 },
+  { pattern = "down/#", direction = "in", qos = 1 },
+  { pattern = "sync/#", direction = "both", qos = 1 },
+  { pattern = "#", direction = "out", qos = 1, local_prefix = "site/", remote_prefix = "sites/s1/" },
+  { pattern = "cmd/#", direction = "in", qos = 0, local_prefix = "ctl/", remote_prefix = "sites/s1/" },
+]"##,
+        "",
     );
     let w = Workdir::new(&config);
     let _nodes = start_all(&w, &["site", "cloud"]);
@@ -502,17 +511,11 @@ fn wait_spooled(w: &Workdir, node: &str, address: &str, at_least: u64) {
 #[test]
 fn a_bridge_whose_data_directory_was_cleared_is_not_taken_for_a_repeat() {
     let (p1, p2) = (free_tcp_port(), free_tcp_port());
-    let config = format!(
-        r##"{}
-[[actor]]
-name = "bridge"
-node = "site"
-kind = "bridge"
-local = "site/broker"
-remote = "cloud/broker"
-topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
-"##,
-        cluster(&[("site", p1), ("cloud", p2)]),
+    let config = site_and_cloud(
+        p1,
+        p2,
+        r##"[ { pattern = "gas/#", direction = "out", qos = 1 } ]"##,
+        "",
     );
     let w = Workdir::new(&config);
     let mut nodes = start_all(&w, &["site", "cloud"]);
@@ -553,21 +556,18 @@ fn ten_thousand_messages_survive_a_remote_outage_a_bridge_kill_and_a_node_restar
     let config = format!(
         r##"{}
 [[actor]]
-name = "bridge"
-node = "site"
-kind = "bridge"
-local = "site/broker"
-remote = "cloud/broker"
-topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
-
-[[actor]]
 name = "collector"
 node = "cloud"
 kind = "collector"
 database = "readings.sqlite"
 source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
 "##,
-        cluster(&[("site", p1), ("cloud", p2)]),
+        site_and_cloud(
+            p1,
+            p2,
+            r##"[ { pattern = "gas/#", direction = "out", qos = 1 } ]"##,
+            ""
+        ),
     );
     let w = Workdir::new(&config);
     let mut nodes = start_all(&w, &["site", "cloud"]);
@@ -628,21 +628,18 @@ fn ten_thousand_messages_come_in_from_a_colony_remote_across_a_local_outage_and_
     let config = format!(
         r##"{}
 [[actor]]
-name = "bridge"
-node = "site"
-kind = "bridge"
-local = "site/broker"
-remote = "cloud/broker"
-topics = [ {{ pattern = "cmd/#", direction = "in", qos = 1 }} ]
-
-[[actor]]
 name = "collector"
 node = "site"
 kind = "collector"
 database = "commands.sqlite"
 source = {{ broker = "site/broker", topics = ["cmd/#"] }}
 "##,
-        cluster(&[("site", p1), ("cloud", p2)]),
+        site_and_cloud(
+            p1,
+            p2,
+            r##"[ { pattern = "cmd/#", direction = "in", qos = 1 } ]"##,
+            ""
+        ),
     );
     let w = Workdir::new(&config);
     let mut nodes = start_all(&w, &["site", "cloud"]);
@@ -956,22 +953,18 @@ fn a_full_spool_drops_the_oldest_and_counts_them() {
     let config = format!(
         r##"{}
 [[actor]]
-name = "bridge"
-node = "site"
-kind = "bridge"
-local = "site/broker"
-remote = "cloud/broker"
-spool_max_messages = 100
-topics = [ {{ pattern = "gas/#", direction = "out", qos = 1 }} ]
-
-[[actor]]
 name = "collector"
 node = "cloud"
 kind = "collector"
 database = "readings.sqlite"
 source = {{ broker = "cloud/broker", topics = ["gas/#"], via = "actor" }}
 "##,
-        cluster(&[("site", p1), ("cloud", p2)]),
+        site_and_cloud(
+            p1,
+            p2,
+            r##"[ { pattern = "gas/#", direction = "out", qos = 1 } ]"##,
+            "spool_max_messages = 100"
+        ),
     );
     let w = Workdir::new(&config);
     // Only the site runs: the far side is unreachable from the start.
