@@ -6,7 +6,8 @@
 //! starting anything: unique names, references between actors, listen addresses, files, ranges.
 //! Every error carries the file, line and column it concerns, and all errors are reported at once.
 //!
-//! It also computes the [`diff`] between two valid configs, which hot reload turns into a plan.
+//! It also computes the difference between two valid configs ([`ConfigDiff`]), which hot reload
+//! turns into a plan.
 //!
 //! It does no I/O beyond reading the config file and checking that files it names exist, and knows
 //! nothing of QUIC, MQTT or actors at run time.

@@ -22,7 +22,7 @@
 //! `colony-hops` on an external broker), so a message never goes back to a broker it has been in
 //! — bridges in both directions, chains and rings forward each message a bounded number of times.
 //! MQTT 3.1.1 has neither no-local nor properties: there the link recognises its own publishes
-//! coming back (see [`link`]), and hops end at that broker.
+//! coming back (see the `link` module), and hops end at that broker.
 //!
 //! Connection state is published retained on `notification_topic` on the local broker and shown
 //! in status with spool depth and drops, messages forwarded each way per second and reconnects.

@@ -493,7 +493,7 @@ impl Spool {
 
     /// Notes that the broker `source` has the acknowledgement of `ids`: they are forgotten a
     /// minute later (at an [`Spool::expire`]). The marks are written with the next removal or
-    /// expiry (or on their own once [`ACKS_HELD`] wait): a mark lost in a crash only means the
+    /// expiry (or on their own once `ACKS_HELD` wait): a mark lost in a crash only means the
     /// notice is remembered until the age bound instead.
     pub fn acked(&mut self, source: &str, ids: &[u64], now_ms: u64) -> Result<(), SpoolError> {
         self.acks

@@ -11,9 +11,9 @@
 //! (the client closed, perhaps with a reset), the task first reads what is still coming
 //! ([`STOP_QUIET`] without a byte ends that) and hands its packets to the actor. When the broker
 //! stops, the connection goes on as before, the broker answering what it reads, until its client
-//! has been quiet for [`STOP_QUIET`] (at most [`CONN_STOP_LIMIT`]); then it writes what the
-//! broker answered last, tells an MQTT 5 client why it goes (DISCONNECT 0x8B, server shutting
-//! down) and ends. So the acknowledgements a subscriber wrote just before it left are not lost
+//! has been quiet for [`STOP_QUIET`] (at most `CONN_STOP_LIMIT`, half a second); then it writes
+//! what the broker answered last, tells an MQTT 5 client why it goes (DISCONNECT 0x8B, server
+//! shutting down) and ends. So the acknowledgements a subscriber wrote just before it left are not lost
 //! with the connection, and what they acknowledge is not sent again to its next session; and a
 //! publisher that goes on publishing while the broker stops is acknowledged for what the broker
 //! took, so it does not send that again either.
