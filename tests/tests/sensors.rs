@@ -520,3 +520,26 @@ fn killing_the_collector_loses_nothing_acknowledged_at_qos_1() {
     eprintln!("200 sensors, {total} readings, every sequence number stored exactly once");
     assert_eq!(counts(&c)["gaps"], 0);
 }
+
+/// Sensors listed before their broker start with it (a node starts its actors together), but
+/// connect only once it listens: no refused connection counts as a send error.
+#[test]
+fn sensors_started_with_their_broker_wait_for_it_and_count_no_errors() {
+    let mqtt = free_tcp_port();
+    let actors = sensors_actor("count = 20\ninterval_ms = 200\ntopic = \"sensors/{group}/{id}\"")
+        + &broker_actor(mqtt);
+    let c = start(COLLECT, &actors);
+    let sensors = || {
+        c.work
+            .status("core")
+            .and_then(|s| actor(&s, "core/sensors").map(|a| a["detail"].clone()))
+            .unwrap_or_default()
+    };
+    let ok = wait_for(Duration::from_secs(10), || {
+        let d = sensors();
+        d["connected"] == 20 && d["readings_sent"].as_u64() >= Some(40)
+    });
+    assert!(ok, "{}", sensors());
+    let d = sensors();
+    assert_eq!(d["send_errors"], 0, "{d}");
+}

@@ -162,6 +162,34 @@ impl Group {
     }
 }
 
+/// How long simulated sensors wait for their Colony broker to answer before they connect
+/// anyway (and count what is refused).
+const BROKER_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until the Colony broker at `broker` answers a status call, at most [`BROKER_WAIT`]. A
+/// node starts its actors together, and a broker answers only once its listeners are bound:
+/// sensors that connected before that would be refused and count send errors for it.
+async fn broker_answers(ctx: &ActorContext, broker: &colony_cluster::Address) {
+    let deadline = Instant::now() + BROKER_WAIT;
+    let status = crate::broker::BrokerMessage::Status {};
+    while Instant::now() < deadline {
+        let asked = ctx
+            .cluster
+            .call::<_, serde_json::Value>(
+                broker,
+                Some(&ctx.address),
+                &status,
+                Some(Duration::from_secs(1)),
+            )
+            .await;
+        match asked {
+            Ok(_) => return,
+            Err(e) => debug!(%broker, "waiting for the broker: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs `count` simulated sensors.
 pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), ActorFailure> {
     let fail = ActorFailure::new;
@@ -200,6 +228,9 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
         sent_at_tick: 0,
         s,
     };
+    if let Some(broker) = &g.s.broker {
+        broker_answers(&ctx, broker).await;
+    }
     info!(sensors = count, broker = ?target, "starting simulated sensors");
     let (tx, mut rx) = mpsc::channel::<ConnEvent>(4096);
     let mut tasks = JoinSet::new();
