@@ -137,17 +137,19 @@ mod tests {
     #[test]
     fn under_steady_commits_the_log_stays_near_its_bound() {
         // Passive checkpoints alone (a bound never reached) let the log grow with nearly every
-        // commit (up to 3,000 × 3 pages). Past a bound of 1 MiB it starts over, and the file
-        // stays at about what the log reached between two checkpoints.
+        // commit (up to 3,000 × 3 pages; 20–38 MB here, 10 MB or more with the cores busy).
+        // Past a bound of 1 MiB it starts over, and the file stays at about what the log
+        // reached between two checkpoints (1.1–1.5 MB here; 4.8 MB once under a full test
+        // run, when the checkpoint thread waited long for a core).
         let unbounded = log_under_steady_commits(u64::MAX);
         // 1 MiB of frames of a 4 KiB page and its 24-byte header.
         let bounded = log_under_steady_commits((1 << 20) / (4096 + 24));
         assert!(
-            bounded < 4 << 20,
+            bounded < 16 << 20,
             "{bounded} (without a bound: {unbounded})"
         );
         assert!(
-            unbounded > 4 * bounded,
+            unbounded > 2 * bounded,
             "{unbounded} without a bound, {bounded} with one"
         );
     }
