@@ -13,10 +13,10 @@
 //! stops, the connection goes on as before, the broker answering what it reads, until its client
 //! has been quiet for [`STOP_QUIET`] (at most `CONN_STOP_LIMIT`, half a second); then it writes
 //! what the broker answered last, tells an MQTT 5 client why it goes (DISCONNECT 0x8B, server
-//! shutting down) and ends. So the acknowledgements a subscriber wrote just before it left are not lost
-//! with the connection, and what they acknowledge is not sent again to its next session; and a
-//! publisher that goes on publishing while the broker stops is acknowledged for what the broker
-//! took, so it does not send that again either.
+//! shutting down) and ends. So the acknowledgements a subscriber wrote just before it left are
+//! not lost with the connection, and what they acknowledge is not sent again to its next
+//! session; and a publisher that goes on publishing while the broker stops is acknowledged for
+//! what the broker took, so it does not send that again either.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -413,14 +413,13 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin>(
                 last_read = now;
             }
             _ = sleep_until(deadline) => {
-                if stop_by.is_none() {
+                let Some(until) = stop_by else {
                     let code = DisconnectCode::KeepAliveTimeout;
                     let _ = write_now(&mut stream, protocol, [ServerPacket::Disconnect(code)]).await;
                     return Err(Stop::CutOff(code, "keepalive expired".to_owned()));
-                }
+                };
                 // The broker is stopping and the client has gone quiet (or its time is up):
                 // take what is still coming, write what the broker has answered, say why, go.
-                let until = stop_by.unwrap_or_else(tokio::time::Instant::now);
                 read_out(id, &mut stream, &mut decoder, &mut buf, &events, until).await?;
                 let now = unix_now();
                 while let Ok(Outgoing::Packet(p)) = rx.try_recv() {

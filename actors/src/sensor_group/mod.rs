@@ -5,9 +5,10 @@
 //!   id, `client_id` template) of a Colony broker (`broker`, by address) or any broker (`url`,
 //!   `mqtt://` or `mqtts://` with `ca`; `username`/`password`). A group on a Colony broker
 //!   waits (at most 5 s) until that broker answers, so that sensors started with it are not
-//!   refused before it listens. Connections ramp up at `ramp_per_sec`. Each sensor publishes a reading every `interval_ms` ± `jitter_ms` to `topic`
-//!   (`{id}`, `{group}`, `{node}`) at `qos`, in `format` (JSON, CBOR, gas text) padded to
-//!   `payload_size`, or as `payload_template`. Every reading carries the sensor's sequence number
+//!   refused before it listens. Connections ramp up at `ramp_per_sec`. Each sensor publishes a
+//!   reading every `interval_ms` ± `jitter_ms` to `topic` (`{id}`, `{group}`, `{node}`) at
+//!   `qos`, in `format` (JSON, CBOR, gas text) padded to `payload_size`, or as
+//!   `payload_template`. Every reading carries the sensor's sequence number
 //!   (from 1 at each start) and the send time. Each sensor also subscribes to `command_topic`.
 //!   A sensor's connection is a small task of its own ([`conn`], a few KiB: 10,000 sensors at
 //!   one reading a second take some 40 MiB and a sixth of a core, see the README's benchmarks);
