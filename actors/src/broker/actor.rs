@@ -7,8 +7,9 @@
 //! connection failing touches no other. Events from connections are handled in batches; after
 //! each batch the store changes are committed and only then are the acknowledgements sent, so a
 //! client is never acknowledged for something that is not yet on disk. A batch's QoS 0/1
-//! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]); a batch
-//! of acknowledgements alone waits for the next commit (see [`Shell::settle`]). Asked to
+//! deliveries may go before its commit (see [`BrokerCore::may_deliver_before_commit`]), and
+//! those of a message arriving alone leave before the commit starts; a batch of
+//! acknowledgements alone waits for the next commit (see [`Shell::settle`]). Asked to
 //! stop, the actor accepts no more connections, and each connection goes on until its client is
 //! quiet (taking the last acknowledgements of a subscriber that stopped before the broker); the
 //! actor handles and answers all that, and its mailbox, until every connection has ended (at
@@ -100,13 +101,24 @@ impl Shell {
     /// crash in between forgets nothing anyone was told is safe: the acknowledged messages
     /// come back from disk and go again (QoS 1, at least once), and the calls held have no
     /// reply yet.
-    fn settle(
+    ///
+    /// When the batch is one event (`lone`: a message arriving on its own, not in a burst)
+    /// and some of its deliveries went before the commit, the broker yields once before it
+    /// commits. The tasks those deliveries woke (a connection's writer, an actor's notifier
+    /// and the actor behind it, a bridge's MQTT client) then run first, or on another worker
+    /// while this one commits, so a lone message leaves the node without waiting for the
+    /// disk. A burst's commit is shared by its whole batch, and is not put off.
+    async fn settle(
         &mut self,
         ctx: &ActorContext,
         notifier_tasks: &mut JoinSet<()>,
         replies: Vec<(Delivery, Reply)>,
+        lone: bool,
     ) -> Result<(), ActorFailure> {
-        let ops = self.deliver(ctx, notifier_tasks);
+        let (ops, went_early) = self.deliver(ctx, notifier_tasks);
+        if went_early && lone {
+            tokio::task::yield_now().await;
+        }
         if !ops.is_empty() && self.actions.is_empty() && ops.iter().all(StoreOp::is_acknowledgement)
         {
             self.deferred.ops.extend(ops);
@@ -127,7 +139,7 @@ impl Shell {
         ctx: &ActorContext,
         notifier_tasks: &mut JoinSet<()>,
     ) -> Result<(), ActorFailure> {
-        let ops = self.deliver(ctx, notifier_tasks);
+        let (ops, _) = self.deliver(ctx, notifier_tasks);
         self.commit(ops, ctx, notifier_tasks)
     }
 
@@ -135,22 +147,29 @@ impl Shell {
     /// before the commit, when the core says the batch allows (see
     /// [`BrokerCore::may_deliver_before_commit`]), in order per destination: once one action
     /// for a connection or an actor has to wait, the rest for it wait too. Acknowledgements
-    /// always wait for the commit ([`Shell::commit`]). Returns the store changes.
-    fn deliver(&mut self, ctx: &ActorContext, notifier_tasks: &mut JoinSet<()>) -> Vec<StoreOp> {
+    /// always wait for the commit ([`Shell::commit`]). Returns the store changes, and whether
+    /// any action went.
+    fn deliver(
+        &mut self,
+        ctx: &ActorContext,
+        notifier_tasks: &mut JoinSet<()>,
+    ) -> (Vec<StoreOp>, bool) {
         let ops = self.core.take_store_ops();
         let early = self.core.may_deliver_before_commit();
         let mut actions = std::mem::take(&mut self.actions);
         self.core.drain_actions_into(&mut actions);
         let mut dropped = 0;
+        let mut went = false;
         if early && !ops.is_empty() {
             let mut held = Held::default();
             for action in actions.extract_if(.., |a| held.lets_through(a)) {
                 dropped += self.act(action, ctx, notifier_tasks);
+                went = true;
             }
         }
         self.actions = actions;
         self.core.count_dropped(dropped);
-        ops
+        (ops, went)
     }
 
     /// Commits the deferred acknowledgements and `ops`, then carries out the actions still
@@ -511,9 +530,13 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     let mut replies = Vec::new();
                     handle_message(&mut shell, &ctx, d, &mut replies);
                     let mut stop = false;
+                    let mut messages = 1;
                     while replies.len() < BATCH {
                         match ctx.next_event().now_or_never() {
-                            Some(ActorEvent::Message(d)) => handle_message(&mut shell, &ctx, d, &mut replies),
+                            Some(ActorEvent::Message(d)) => {
+                                messages += 1;
+                                handle_message(&mut shell, &ctx, d, &mut replies);
+                            }
                             Some(ActorEvent::Reconfigure(ActorSettings::Broker(s))) => {
                                 shell.core.set_policy(policy(&s));
                                 shell.core.set_limits(s.limits.clone());
@@ -523,7 +546,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                             None => break,
                         }
                     }
-                    shell.settle(&ctx, &mut notifier_tasks, replies)?;
+                    shell.settle(&ctx, &mut notifier_tasks, replies, messages == 1).await?;
                     if stop {
                         return self::stop(&mut shell, &mut ctx, &mut events, &mut notifier_tasks, &stopping, &mut listeners).await;
                     }
@@ -572,7 +595,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
                     n += 1;
                     next = if n < BATCH { events.try_recv().ok() } else { None };
                 }
-                shell.settle(&ctx, &mut notifier_tasks, Vec::new())?;
+                shell.settle(&ctx, &mut notifier_tasks, Vec::new(), n == 1).await?;
             }
             _ = deadline(shell.deferred.until) => shell.flush(&ctx, &mut notifier_tasks)?,
             Some(first) = closed.recv() => {
