@@ -339,6 +339,21 @@ impl Cluster {
         }
     }
 
+    /// Sends an already encoded body to an actor on this node if its mailbox has room now, as
+    /// [`Cluster::send_raw`] would without waiting; false (nothing sent) when `to` is on another
+    /// node, is not there, or has no room.
+    pub fn try_send_local(&self, to: &Address, from: Option<&Address>, body: Bytes) -> bool {
+        to.node() == &*self.inner.name
+            && self.inner.registry.try_deliver(
+                &to.path().join("/"),
+                Delivery {
+                    from: from.cloned(),
+                    body,
+                    reply: None,
+                },
+            )
+    }
+
     /// Sends already encoded bodies to `to`, in order, as [`Cluster::send_raw`] would one by one
     /// but with one queue operation per [`BATCH_CHUNK`] bytes of frames rather than per message.
     ///

@@ -213,6 +213,15 @@ impl Registry {
         tx.is_some_and(|tx| tx.try_send(datagram).is_ok())
     }
 
+    /// Delivers to `path` if its mailbox has room now; false when it has none or there is no
+    /// such actor.
+    pub fn try_deliver(&self, path: &str, delivery: Delivery) -> bool {
+        let mailboxes = self.mailboxes.read().unwrap_or_else(|e| e.into_inner());
+        mailboxes
+            .get(path)
+            .is_some_and(|tx| tx.try_send(delivery).is_ok())
+    }
+
     /// Delivers to `path`, waiting while its mailbox is full (that wait is the back-pressure).
     pub async fn deliver(
         &self,

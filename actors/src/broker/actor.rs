@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use colony_cluster::Address;
@@ -71,13 +71,14 @@ struct Shell {
     conns: HashMap<u64, mpsc::Sender<Outgoing>>,
     /// Where each connection comes from and since when.
     meta: HashMap<u64, (ConnMeta, Instant)>,
-    /// Per actor subscriber: its outbound queue, and the highest notice id its sending task
-    /// has handed to the cluster.
-    notifiers: HashMap<Arc<str>, (mpsc::Sender<BrokerNotice>, Arc<AtomicU64>)>,
+    /// Per actor subscriber: how its notices leave.
+    notifiers: HashMap<Arc<str>, Notifier>,
     /// Notices queued for one actor subscriber (a bridge, a collector) while it is busy; past
     /// this QoS 0 ones are dropped and counted, as for a client connection.
     notice_queue: usize,
     actions: Vec<Action>,
+    /// The batch being delivered is one event (see [`Shell::settle`]).
+    lone: bool,
     /// Acknowledgements held for the next commit (see [`Shell::settle`]).
     deferred: Deferred,
     panics: u64,
@@ -107,7 +108,9 @@ impl Shell {
     /// commits. The tasks those deliveries woke (a connection's writer, an actor's notifier
     /// and the actor behind it, a bridge's MQTT client) then run first, or on another worker
     /// while this one commits, so a lone message leaves the node without waiting for the
-    /// disk. A burst's commit is shared by its whole batch, and is not put off.
+    /// disk. Its notices for actors on this node skip their notifier task's hop too (see
+    /// [`Notifier`]). A burst's commit is shared by its whole batch, and is not put off, and
+    /// its notices are encoded and handed over by the notifier tasks, beside the broker.
     async fn settle(
         &mut self,
         ctx: &ActorContext,
@@ -115,7 +118,9 @@ impl Shell {
         replies: Vec<(Delivery, Reply)>,
         lone: bool,
     ) -> Result<(), ActorFailure> {
+        self.lone = lone;
         let (ops, went_early) = self.deliver(ctx, notifier_tasks);
+        self.lone = false;
         if went_early && lone {
             tokio::task::yield_now().await;
         }
@@ -235,23 +240,22 @@ impl Shell {
                 id,
                 dup,
             } => {
-                let (tx, _) = self.notifiers.entry(to.clone()).or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(NOTICE_CHANNEL + self.notice_queue);
-                    let handed = Arc::new(AtomicU64::new(0));
-                    notifier_tasks.spawn(notify_actor(
-                        ctx.cluster.clone(),
-                        ctx.address.clone(),
-                        to.clone(),
-                        rx,
-                        handed.clone(),
-                    ));
-                    (tx, handed)
-                });
+                let capacity = NOTICE_CHANNEL + self.notice_queue;
+                let notifier = self
+                    .notifiers
+                    .entry(to.clone())
+                    .or_insert_with(|| Notifier::start(ctx, &to, capacity, notifier_tasks));
+                let mut notice = BrokerNotice::publish(message, id, dup);
+                if self.lone {
+                    match notifier.send_direct(ctx, notice) {
+                        Ok(()) => return 0,
+                        Err(back) => notice = back,
+                    }
+                }
                 // A QoS 0 notice for an actor that reads too slowly is dropped; a QoS 1/2
                 // notice that does not fit stays unacknowledged and goes again later.
-                let backlog = tx.max_capacity() - tx.capacity();
-                let sent = (id.is_some() || backlog < self.notice_queue)
-                    && tx.try_send(BrokerNotice::publish(message, id, dup)).is_ok();
+                let sent = (id.is_some() || notifier.backlog() < self.notice_queue)
+                    && notifier.queue(notice);
                 u64::from(!sent && id.is_none())
             }
         }
@@ -259,8 +263,9 @@ impl Shell {
 
     /// Tells the core how far each actor subscriber's notices have left the broker.
     fn sync_handed(&mut self) {
-        for (to, (_, handed)) in &self.notifiers {
-            self.core.actor_handed(to, handed.load(Ordering::Relaxed));
+        for (to, notifier) in &self.notifiers {
+            self.core
+                .actor_handed(to, notifier.handed.load(Ordering::Relaxed));
         }
     }
 
@@ -328,11 +333,95 @@ impl Shell {
 /// Sends notices to one actor subscriber, in order, in batches of what is waiting, and
 /// records in `handed` the highest id it has handed to the cluster (delivered into a mailbox on
 /// this node, sent on a link, or failed: either way no longer waiting here).
+/// How an actor subscriber's notices leave the broker. A task of its own takes them from a
+/// queue and hands them to the cluster in batches, waiting while the subscriber is full. When
+/// nothing is queued and the subscriber is on this node, a notice goes straight into its mailbox
+/// instead if there is room, without that task's hop: it cannot overtake one queued before it,
+/// since the task counts a notice as queued until the cluster has taken it.
+struct Notifier {
+    tx: mpsc::Sender<BrokerNotice>,
+    /// Notices queued and not yet handed to the cluster.
+    queued: Arc<AtomicUsize>,
+    /// The highest notice id handed to the cluster.
+    handed: Arc<AtomicU64>,
+    /// The subscriber's address when it is on this node.
+    local: Option<Address>,
+}
+
+impl Notifier {
+    fn start(
+        ctx: &ActorContext,
+        to: &Arc<str>,
+        capacity: usize,
+        tasks: &mut JoinSet<()>,
+    ) -> Notifier {
+        let (tx, rx) = mpsc::channel(capacity);
+        let notifier = Notifier {
+            tx,
+            queued: Arc::default(),
+            handed: Arc::default(),
+            local: to
+                .parse::<Address>()
+                .ok()
+                .filter(|a| a.node() == ctx.cluster.node_name()),
+        };
+        tasks.spawn(notify_actor(
+            ctx.cluster.clone(),
+            ctx.address.clone(),
+            to.clone(),
+            rx,
+            notifier.queued.clone(),
+            notifier.handed.clone(),
+        ));
+        notifier
+    }
+
+    /// Puts `notice` straight into the mailbox of a subscriber on this node when nothing is
+    /// queued before it and the mailbox has room; otherwise gives it back.
+    fn send_direct(&self, ctx: &ActorContext, notice: BrokerNotice) -> Result<(), BrokerNotice> {
+        let Some(to) = &self.local else {
+            return Err(notice);
+        };
+        if self.queued.load(Ordering::Acquire) != 0 {
+            return Err(notice);
+        }
+        let Ok(body) = colony_cluster::encode_body(&notice) else {
+            return Err(notice);
+        };
+        if !ctx
+            .cluster
+            .try_send_local(to, Some(&ctx.address), bytes::Bytes::from(body))
+        {
+            return Err(notice);
+        }
+        if let Some(id) = notice.id() {
+            self.handed.fetch_max(id, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Notices queued for the task.
+    fn backlog(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Queues `notice` for the task; false when the queue is full.
+    fn queue(&self, notice: BrokerNotice) -> bool {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let queued = self.tx.try_send(notice).is_ok();
+        if !queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        queued
+    }
+}
+
 async fn notify_actor(
     cluster: colony_cluster::Cluster,
     from: Address,
     to: Arc<str>,
     mut rx: mpsc::Receiver<BrokerNotice>,
+    queued: Arc<AtomicUsize>,
     handed: Arc<AtomicU64>,
 ) {
     let Ok(address) = to.parse::<Address>() else {
@@ -341,6 +430,7 @@ async fn notify_actor(
     };
     let mut notices = Vec::with_capacity(NOTICE_BATCH);
     while rx.recv_many(&mut notices, NOTICE_BATCH).await > 0 {
+        let taken = notices.len();
         let highest = notices.iter().filter_map(BrokerNotice::id).max();
         let bodies: Vec<bytes::Bytes> = notices
             .drain(..)
@@ -354,6 +444,7 @@ async fn notify_actor(
         if let Some(id) = highest {
             handed.fetch_max(id, Ordering::Relaxed);
         }
+        queued.fetch_sub(taken, Ordering::AcqRel);
     }
 }
 
@@ -461,6 +552,7 @@ pub async fn run(mut ctx: ActorContext) -> Result<(), ActorFailure> {
         conns: HashMap::new(),
         meta: HashMap::new(),
         notifiers: HashMap::new(),
+        lone: false,
         // Like a client connection's queue: `max_inflight` + `max_queued`, at least 4096.
         notice_queue: settings.limits.max_inflight as usize
             + (settings.limits.max_queued as usize).max(NOTICE_QUEUE),
