@@ -1,5 +1,5 @@
 //! `Cluster::send_batch`: order with other sends, frames too large, relays, local targets and
-//! back-pressure.
+//! back-pressure; and `Cluster::try_send_local`, which never waits.
 
 mod common;
 
@@ -189,4 +189,47 @@ fn a_slow_receiver_pushes_back_on_batches() {
         first < 100_000,
         "{first} messages buffered for a receiver that reads nothing"
     );
+}
+
+#[test]
+fn try_send_local_takes_only_what_fits_now_and_only_for_this_node() {
+    let pki = Pki::new();
+    let specs = [spec("a", true), spec("b", true)];
+    let a = TestNode::start(settings(&specs[0], &specs), pki.issue("a"));
+    let b = TestNode::start(settings(&specs[1], &specs), pki.issue("b"));
+    let mut inbox = a.cluster.registry().register("inbox", 2);
+    let _far = b.cluster.registry().register("inbox", 8);
+    assert!(wait_for(Duration::from_secs(10), || both_up(&a, &b)));
+    let body = |i: u32| Bytes::from(encode_body(&i).unwrap());
+    let from = addr("a/sender");
+
+    // Room for two: the third is refused, not queued, and nothing waits.
+    assert!(
+        a.cluster
+            .try_send_local(&addr("a/inbox"), Some(&from), body(1))
+    );
+    assert!(
+        a.cluster
+            .try_send_local(&addr("a/inbox"), Some(&from), body(2))
+    );
+    assert!(
+        !a.cluster
+            .try_send_local(&addr("a/inbox"), Some(&from), body(3))
+    );
+    // No such actor here, and an actor on another node: refused.
+    assert!(!a.cluster.try_send_local(&addr("a/nobody"), None, body(4)));
+    assert!(!a.cluster.try_send_local(&addr("b/inbox"), None, body(5)));
+
+    a.block_on(async {
+        let first = inbox.recv().await.unwrap();
+        assert_eq!(first.from.as_ref(), Some(&from));
+        assert_eq!(first.decode::<u32>().unwrap(), 1);
+    });
+    // Room again after one was read.
+    assert!(a.cluster.try_send_local(&addr("a/inbox"), None, body(6)));
+    expect_in_order(&a, &mut inbox, &[2, 6]);
+    a.block_on(async {
+        let more = tokio::time::timeout(Duration::from_millis(200), inbox.recv()).await;
+        assert!(more.is_err(), "nothing else was taken");
+    });
 }
