@@ -69,8 +69,28 @@ async fn subscriber(
             }
         }
     });
-    let _ = tokio::time::timeout(Duration::from_secs(10), ready.recv()).await;
+    if tokio::time::timeout(STALL, ready.recv()).await.is_err() {
+        panic!("no SUBACK from {addr} within {STALL:?}: is its broker up?");
+    }
     (count, samples, handle)
+}
+
+/// How long a client may make no progress before the bench gives up on its setup.
+const STALL: Duration = Duration::from_secs(10);
+
+/// Publishes one message; false when the client's event loop is gone. Fails the bench when the
+/// publisher's queue has not moved for [`STALL`] (its broker is gone or never answered).
+async fn publish(
+    client: &AsyncClient,
+    from: &str,
+    topic: &str,
+    qos: QoS,
+    payload: Vec<u8>,
+) -> bool {
+    match tokio::time::timeout(STALL, client.publish(topic, qos, false, payload)).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => panic!("publishing to {from} made no progress for {STALL:?}: is its broker up?"),
+    }
 }
 
 /// A publisher on `addr`, its event loop polled in the background.
@@ -88,9 +108,7 @@ async fn throughput(from: &str, to: &str, root: &str, qos: QoS, total: u64) -> (
     // Warm up the path (and the bridge's subscription) with a few messages.
     let topic = format!("{root}/t");
     for _ in 0..10 {
-        let _ = client
-            .publish(&topic, qos, false, vec![b'w'; PAYLOAD])
-            .await;
+        publish(&client, from, &topic, qos, vec![b'w'; PAYLOAD]).await;
     }
     let warm = Instant::now();
     while count.load(Ordering::Relaxed) < 10 && warm.elapsed() < Duration::from_secs(10) {
@@ -99,8 +117,7 @@ async fn throughput(from: &str, to: &str, root: &str, qos: QoS, total: u64) -> (
     count.store(0, Ordering::Relaxed);
     let start = Instant::now();
     for _ in 0..total {
-        let payload = stamped_payload(epoch);
-        if client.publish(&topic, qos, false, payload).await.is_err() {
+        if !publish(&client, from, &topic, qos, stamped_payload(epoch)).await {
             break;
         }
     }
@@ -130,12 +147,11 @@ async fn latency(from: &str, to: &str, root: &str, qos: QoS, rate: u64, secs: u6
     // publisher still connects, and a path's first message, would otherwise count.
     for _ in 0..rate / 5 {
         tick.tick().await;
-        let _ = client.publish(&topic, qos, false, b"warm".to_vec()).await;
+        publish(&client, from, &topic, qos, b"warm".to_vec()).await;
     }
     for _ in 0..rate * secs {
         tick.tick().await;
-        let payload = stamped_payload(epoch);
-        let _ = client.publish(&topic, qos, false, payload).await;
+        publish(&client, from, &topic, qos, stamped_payload(epoch)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     poll.abort();
