@@ -34,6 +34,16 @@ fn expect_in_order(node: &TestNode, mailbox: &mut MailboxReceiver, expected: &[u
     });
 }
 
+/// Nodes `a` and `b`, linked.
+fn two_nodes() -> (TestNode, TestNode) {
+    let pki = Pki::new();
+    let specs = [spec("a", true), spec("b", true)];
+    let a = TestNode::start(settings(&specs[0], &specs), pki.issue("a"));
+    let b = TestNode::start(settings(&specs[1], &specs), pki.issue("b"));
+    assert!(wait_for(Duration::from_secs(10), || both_up(&a, &b)));
+    (a, b)
+}
+
 fn both_up(a: &TestNode, b: &TestNode) -> bool {
     [a, b].iter().all(|n| {
         n.cluster
@@ -45,12 +55,8 @@ fn both_up(a: &TestNode, b: &TestNode) -> bool {
 
 #[test]
 fn batches_keep_order_with_single_sends() {
-    let pki = Pki::new();
-    let specs = [spec("a", true), spec("b", true)];
-    let a = TestNode::start(settings(&specs[0], &specs), pki.issue("a"));
-    let b = TestNode::start(settings(&specs[1], &specs), pki.issue("b"));
+    let (a, b) = two_nodes();
     let mut inbox = b.cluster.registry().register("inbox", 64);
-    assert!(wait_for(Duration::from_secs(10), || both_up(&a, &b)));
 
     // Batches of 1, a few, and many more than one 32 KiB chunk (max_frame is 64 KiB here),
     // between single sends; one batch has a 20 KB body that must travel in a chunk of its own.
@@ -96,12 +102,8 @@ fn batches_keep_order_with_single_sends() {
 
 #[test]
 fn a_body_too_large_stops_the_batch_where_it_is() {
-    let pki = Pki::new();
-    let specs = [spec("a", true), spec("b", true)];
-    let a = TestNode::start(settings(&specs[0], &specs), pki.issue("a"));
-    let b = TestNode::start(settings(&specs[1], &specs), pki.issue("b"));
+    let (a, b) = two_nodes();
     let mut inbox = b.cluster.registry().register("inbox", 64);
-    assert!(wait_for(Duration::from_secs(10), || both_up(&a, &b)));
 
     let to = addr("b/inbox");
     let mut bodies = numbered(0..4);
@@ -153,12 +155,8 @@ fn batches_go_through_relays_and_to_local_actors_in_order() {
 
 #[test]
 fn a_slow_receiver_pushes_back_on_batches() {
-    let pki = Pki::new();
-    let specs = [spec("a", true), spec("b", true)];
-    let a = TestNode::start(settings(&specs[0], &specs), pki.issue("a"));
-    let b = TestNode::start(settings(&specs[1], &specs), pki.issue("b"));
+    let (a, b) = two_nodes();
     let _stuck = b.cluster.registry().register("stuck", 4);
-    assert!(wait_for(Duration::from_secs(10), || both_up(&a, &b)));
 
     // Nobody reads "stuck": once its mailbox, the link's queue and QUIC's windows are full,
     // the sender waits instead of buffering without bound.
@@ -193,13 +191,9 @@ fn a_slow_receiver_pushes_back_on_batches() {
 
 #[test]
 fn try_send_local_takes_only_what_fits_now_and_only_for_this_node() {
-    let pki = Pki::new();
-    let specs = [spec("a", true), spec("b", true)];
-    let a = TestNode::start(settings(&specs[0], &specs), pki.issue("a"));
-    let b = TestNode::start(settings(&specs[1], &specs), pki.issue("b"));
+    let (a, b) = two_nodes();
     let mut inbox = a.cluster.registry().register("inbox", 2);
     let _far = b.cluster.registry().register("inbox", 8);
-    assert!(wait_for(Duration::from_secs(10), || both_up(&a, &b)));
     let body = |i: u32| Bytes::from(encode_body(&i).unwrap());
     let from = addr("a/sender");
 
