@@ -543,3 +543,52 @@ fn sensors_started_with_their_broker_wait_for_it_and_count_no_errors() {
     let d = sensors();
     assert_eq!(d["send_errors"], 0, "{d}");
 }
+
+/// A group whose Colony broker is not up is started at once: while it waits for the broker it
+/// answers calls and says so, rather than holding up its node's start.
+#[test]
+fn sensors_whose_broker_is_not_up_answer_while_they_wait_for_it() {
+    let (core, edge, mqtt) = (free_udp_port(), free_udp_port(), free_tcp_port());
+    let config = format!(
+        r#"
+[cluster]
+name = "sensors"
+
+[[node]]
+name = "core"
+listen = "127.0.0.1:{core}"
+
+[[node]]
+name = "edge"
+listen = "127.0.0.1:{edge}"
+
+[[actor]]
+name = "broker"
+node = "edge"
+kind = "broker"
+listen = "127.0.0.1:{mqtt}"
+allow_anonymous = true
+
+[[actor]]
+name = "sensors"
+node = "core"
+kind = "sensor_group"
+broker = "edge/broker"
+count = 5
+interval_ms = 200
+topic = "sensors/{{id}}"
+"#
+    );
+    // The node "edge", and with it the broker, is never started.
+    let work = Workdir::new(&config);
+    let node = work.start_node("core");
+    let mut detail = serde_json::Value::Null;
+    let answered = wait_for(Duration::from_secs(10), || {
+        detail = work.try_call("core", "core/sensors", r#"{"status": {}}"#);
+        !detail.is_null()
+    });
+    assert!(answered, "no answer:\n{}", node.log_text());
+    assert_eq!(detail["waiting_for_broker"], true, "{detail}");
+    assert_eq!(detail["connections_started"], 0, "{detail}");
+    assert_eq!(detail["send_errors"], 0, "{detail}");
+}

@@ -3,9 +3,10 @@
 //!
 //! - `source = "simulated"`: every sensor is its own MQTT client (its own connection and client
 //!   id, `client_id` template) of a Colony broker (`broker`, by address) or any broker (`url`,
-//!   `mqtt://` or `mqtts://` with `ca`; `username`/`password`). A group on a Colony broker
-//!   waits (at most 5 s) until that broker answers, so that sensors started with it are not
-//!   refused before it listens. Connections ramp up at `ramp_per_sec`. Each sensor publishes a
+//!   `mqtt://` or `mqtts://` with `ca`; `username`/`password`). The sensors of a group on a
+//!   Colony broker wait (at most 5 s) until that broker answers before they connect, so that
+//!   sensors started with it are not refused before it listens; the group itself is started
+//!   meanwhile, and its status says `waiting_for_broker`. Connections ramp up at `ramp_per_sec`. Each sensor publishes a
 //!   reading every `interval_ms` ± `jitter_ms` to `topic` (`{id}`, `{group}`, `{node}`) at
 //!   `qos`, in `format` (JSON, CBOR, gas text) padded to `payload_size`, or as
 //!   `payload_template`. Every reading carries the sensor's sequence number

@@ -118,6 +118,8 @@ struct Group {
     last_error: Option<String>,
     rate: u64,
     sent_at_tick: u64,
+    /// The sensors wait for their Colony broker to answer before they connect.
+    waiting_for_broker: bool,
 }
 
 impl Group {
@@ -158,6 +160,7 @@ impl Group {
             "commands_received": self.commands,
             "bad_commands": self.bad_commands,
             "last_error": self.last_error,
+            "waiting_for_broker": self.waiting_for_broker,
         })
     }
 }
@@ -169,18 +172,16 @@ const BROKER_WAIT: Duration = Duration::from_secs(5);
 /// Waits until the Colony broker at `broker` answers a status call, at most [`BROKER_WAIT`]. A
 /// node starts its actors together, and a broker answers only once its listeners are bound:
 /// sensors that connected before that would be refused and count send errors for it.
-async fn broker_answers(ctx: &ActorContext, broker: &colony_cluster::Address) {
+async fn broker_answers(
+    cluster: colony_cluster::Cluster,
+    me: colony_cluster::Address,
+    broker: colony_cluster::Address,
+) {
     let deadline = Instant::now() + BROKER_WAIT;
     let status = crate::broker::BrokerMessage::Status {};
     while Instant::now() < deadline {
-        let asked = ctx
-            .cluster
-            .call::<_, serde_json::Value>(
-                broker,
-                Some(&ctx.address),
-                &status,
-                Some(Duration::from_secs(1)),
-            )
+        let asked = cluster
+            .call::<_, serde_json::Value>(&broker, Some(&me), &status, Some(Duration::from_secs(1)))
             .await;
         match asked {
             Ok(_) => return,
@@ -226,11 +227,18 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
         last_error: None,
         rate: 0,
         sent_at_tick: 0,
+        waiting_for_broker: s.broker.is_some(),
         s,
     };
-    if let Some(broker) = &g.s.broker {
-        broker_answers(&ctx, broker).await;
-    }
+    // The group is started (it answers calls and stops when told) while it waits for its
+    // broker; its sensors connect once the broker answers.
+    let mut broker_ready = g.s.broker.clone().map(|broker| {
+        Box::pin(broker_answers(
+            ctx.cluster.clone(),
+            ctx.address.clone(),
+            broker,
+        ))
+    });
     info!(sensors = count, broker = ?target, "starting simulated sensors");
     let (tx, mut rx) = mpsc::channel::<ConnEvent>(4096);
     let mut tasks = JoinSet::new();
@@ -249,7 +257,7 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
     let mut ramp_at = Instant::now();
     loop {
         let now = Instant::now();
-        let ramp_next = (!ramp.is_done()).then_some(ramp_at);
+        let ramp_next = (broker_ready.is_none() && !ramp.is_done()).then_some(ramp_at);
         let due = sched.next_due(now);
         tokio::select! {
             event = ctx.next_event() => match event {
@@ -313,6 +321,12 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
                 for f in fires.drain(..) {
                     g.publish(f);
                 }
+            }
+            () = async { broker_ready.as_mut().expect("waiting").await }, if broker_ready.is_some() => {
+                broker_ready = None;
+                g.waiting_for_broker = false;
+                ramp = Ramp::new(Instant::now(), g.s.ramp_per_sec, count);
+                ramp_at = Instant::now();
             }
             _ = sleep_until(ramp_next) => {
                 ramp_at = Instant::now() + Duration::from_millis(10);
