@@ -232,7 +232,7 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
     };
     // The group is started (it answers calls and stops when told) while it waits for its
     // broker; its sensors connect once the broker answers.
-    let mut broker_ready = g.s.broker.clone().map(|broker| {
+    let mut broker_wait = g.s.broker.clone().map(|broker| {
         Box::pin(broker_answers(
             ctx.cluster.clone(),
             ctx.address.clone(),
@@ -257,7 +257,7 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
     let mut ramp_at = Instant::now();
     loop {
         let now = Instant::now();
-        let ramp_next = (broker_ready.is_none() && !ramp.is_done()).then_some(ramp_at);
+        let ramp_next = (broker_wait.is_none() && !ramp.is_done()).then_some(ramp_at);
         let due = sched.next_due(now);
         tokio::select! {
             event = ctx.next_event() => match event {
@@ -322,8 +322,8 @@ pub async fn run(mut ctx: ActorContext, s: SensorGroupSettings) -> Result<(), Ac
                     g.publish(f);
                 }
             }
-            () = async { broker_ready.as_mut().expect("waiting").await }, if broker_ready.is_some() => {
-                broker_ready = None;
+            () = async { broker_wait.as_mut().expect("waiting").await }, if broker_wait.is_some() => {
+                broker_wait = None;
                 g.waiting_for_broker = false;
                 ramp = Ramp::new(Instant::now(), g.s.ramp_per_sec, count);
                 ramp_at = Instant::now();
