@@ -10,7 +10,9 @@
 //! committed, and drops a repeat of one it already has (each direction is a publish stream
 //! numbered by the spool, and named after the spool file so that a spool made afresh starts a
 //! stream of its own), so Colony to Colony forwarding is exactly once across restarts and
-//! outages; an external broker acknowledges with PUBACK/PUBREC, and what was in flight when the
+//! outages (into the far broker, and on to its actors and QoS 2 subscribers; a QoS 0/1 client
+//! there gets its copy before the far broker's commit, so a crash of that node in between can
+//! give it a repeat, as QoS 1 allows); an external broker acknowledges with PUBACK/PUBREC, and what was in flight when the
 //! connection broke is sent again (at least once). While an external broker keeps up, the local
 //! broker's messages go to it without the spool: the local broker holds each on disk until the
 //! far broker has acknowledged it (see `Bridge::take`). QoS 0 messages are forwarded while the far

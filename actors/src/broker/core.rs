@@ -83,6 +83,18 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// True for a delivery its receiver takes exactly once: a QoS 2 publish to a client, or a
+    /// notice an actor acknowledges by id (and recognises again by it).
+    fn is_exactly_once(&self) -> bool {
+        match self {
+            Action::Send(_, ServerPacket::Publish { message, .. }) => message.qos == 2,
+            Action::Notify { id, .. } => id.is_some(),
+            _ => false,
+        }
+    }
+}
+
 /// A change to persist.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreOp {
@@ -378,9 +390,13 @@ impl BrokerCore {
     /// out before its store operations are committed (and acknowledgements only after): a
     /// crash in between then costs a QoS 0/1 duplicate at worst, never a loss, since the
     /// publisher was not acknowledged and sends again. Not so when the batch took a QoS 2
-    /// publish or a publish on a stream (exactly once: the mark that recognises a repeat must
-    /// be on disk first), or used an id beyond the reservation. Call after taking the store
-    /// operations; it starts the next batch.
+    /// publish, or a publish on a stream that reached a receiver taking it exactly once (a
+    /// QoS 2 delivery, or an actor's notice, which the actor recognises again by its id): the
+    /// mark that recognises a repeat must be on disk first. A stream publish delivered only at
+    /// QoS 0/1 to clients goes first: a crash before the commit then gives such a subscriber a
+    /// repeat at worst, as QoS 1 allows (a persistent one would get the message again after
+    /// the same crash just after the commit, too). Nor when the batch used an id beyond the
+    /// reservation. Call after taking the store operations; it starts the next batch.
     pub fn may_deliver_before_commit(&mut self) -> bool {
         !std::mem::take(&mut self.hold)
     }
@@ -939,16 +955,21 @@ impl BrokerCore {
         if !is_valid_topic_name(&message.topic) {
             return ActorPublish::InvalidTopic;
         }
+        let on_stream = stream.is_some();
         if let Some((id, seq)) = stream {
             if self.streams.get(&id).is_some_and(|&hw| seq <= hw) {
                 return ActorPublish::Duplicate;
             }
             self.streams.insert(id.clone(), seq);
             self.store.push(StoreOp::PutStream { id, seq });
-            self.hold = true;
         }
         self.counters.messages_in += 1;
+        let first = self.actions.len();
         self.route(message);
+        if on_stream && self.actions[first..].iter().any(Action::is_exactly_once) {
+            // The mark that recognises a repeat goes to disk before these deliveries.
+            self.hold = true;
+        }
         ActorPublish::Routed
     }
 

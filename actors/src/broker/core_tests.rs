@@ -842,7 +842,7 @@ fn an_actor_subscriber_gets_the_window_it_asks_for_up_to_the_bound() {
 }
 
 #[test]
-fn deliveries_precede_the_commit_only_with_reserved_ids_and_no_exactly_once() {
+fn deliveries_precede_the_commit_only_with_reserved_ids_and_no_exactly_once_receiver() {
     let mut c = core();
     c.actor_subscribe("n/c", &["s/#".into()], qos(1));
     let mut ops = c.take_store_ops();
@@ -869,13 +869,38 @@ fn deliveries_precede_the_commit_only_with_reserved_ids_and_no_exactly_once() {
     ops.extend(batch);
     let handed = notices(&c.take_actions());
     assert_eq!(handed.len(), 2);
-    // A publish on a stream waits: the mark that recognises its repeat must be on disk first.
-    c.publish(
-        Message::new("s/c", Bytes::from_static(b"v"), 1, false),
-        Some(("bridge:x".into(), 1)),
-    );
+    // A publish on a stream that reaches an actor waits: the actor recognises a repeat by its
+    // notice's id, so the mark that recognises the stream's repeat must be on disk first.
+    let stream_publish = |c: &mut BrokerCore, topic: &str, qos: u8, seq: u64| {
+        c.publish(
+            Message::new(topic, Bytes::from_static(b"v"), qos, false),
+            Some(("bridge:x".into(), seq)),
+        );
+        c.take_store_ops();
+        let early = c.may_deliver_before_commit();
+        c.take_actions();
+        early
+    };
+    assert!(!stream_publish(&mut c, "s/c", 1, 1));
+    // One that reaches only QoS 0/1 client subscriptions goes first: a crash before the
+    // commit gives such a subscriber a repeat at worst, which QoS 1 allows.
+    connect(&mut c, 2, "sub1", true);
+    sub(&mut c, 2, "q/#", QoS::AtLeastOnce);
+    connect(&mut c, 3, "sub0", true);
+    sub(&mut c, 3, "q/#", QoS::AtMostOnce);
     c.take_store_ops();
-    assert!(!c.may_deliver_before_commit());
+    c.may_deliver_before_commit();
+    c.take_actions();
+    assert!(stream_publish(&mut c, "q/a", 2, 2));
+    // With a QoS 2 subscription there too, a QoS 1 publish still goes first; a QoS 2 one,
+    // delivered to it at QoS 2, waits.
+    connect(&mut c, 4, "sub2", true);
+    sub(&mut c, 4, "q/#", QoS::ExactlyOnce);
+    c.take_store_ops();
+    c.may_deliver_before_commit();
+    c.take_actions();
+    assert!(stream_publish(&mut c, "q/b", 1, 3));
+    assert!(!stream_publish(&mut c, "q/c", 2, 4));
     // So does a QoS 2 publish from a client (exactly once).
     connect(&mut c, 1, "pub", true);
     c.take_store_ops();
